@@ -1,0 +1,119 @@
+"""Quantization receipts: perplexity FP16 vs RTN vs AWQ (and AWQ ablations), wall time, peak RSS.
+
+Each variant runs `quantkit quantize` in its own process (so its wall time and peak RSS are
+its own), then the artifact is dequantized and scored with the WikiText-2 protocol of
+quantkit/perplexity.py. Prints a table and writes JSON.
+
+    python benchmarks/quantize.py                       # all variants, 16 windows of 2048
+    python benchmarks/quantize.py --variants rtn,awq --windows 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from quantkit.artifact import load_artifact, load_dequantized_model  # noqa: E402
+from quantkit.perplexity import perplexity, wikitext_windows  # noqa: E402
+from quantkit.sources import load_model, load_tokenizer, resolve_model  # noqa: E402
+
+# name -> (extra `quantkit quantize` arguments, extra environment)
+VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "rtn": (["--method", "rtn"], {}),
+    "awq": ([], {}),  # the defaults: 128 x 512 calibration, statistics on all, search loss on 16
+    "awq-search4": (["--search-samples", "4"], {}),
+    "awq-search64": (["--search-samples", "64"], {}),
+    "awq-stats16": (["--samples", "16"], {}),  # statistics from the 16 search samples only
+    "awq-duo": (["--duo-scaling"], {}),
+    "awq-noclip": (["--no-clip"], {}),
+    "awq-omp-active": ([], {"OMP_WAIT_POLICY": "ACTIVE"}),  # same work, spinning OpenMP waits
+}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def run_variant(name: str, model: str, workdir: Path, group_size: int) -> dict:
+    args, env = VARIANTS[name]
+    out = workdir / name
+    cmd = ["quantkit", "quantize", model, "-o", str(out), "--force", "--group-size", str(group_size), *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(f"{name}: quantize failed\n{proc.stderr[-2000:]}")
+    manifest = load_artifact(out).manifest
+    return {"command": " ".join(cmd), "wall_s": wall, "peak_rss_bytes": manifest["peak_rss_bytes"], "timings": manifest["timings"], "artifact": str(out)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--windows", type=int, default=16, help="2048-token WikiText-2 windows scored")
+    parser.add_argument("--workdir", type=Path, default=Path("benchmarks/results/artifacts"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/quantize.json"))
+    opts = parser.parse_args()
+    names = opts.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        sys.exit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+
+    model_dir = resolve_model(opts.model)
+    windows = wikitext_windows(load_tokenizer(model_dir), 2048, opts.windows)
+    baseline = perplexity(load_model(model_dir, torch.float16).float(), windows)
+    print(f"fp16 perplexity {baseline.perplexity:.3f} ({baseline.windows} x {baseline.window} tokens, {baseline.seconds:.0f} s)", flush=True)
+
+    rows = {"fp16": {"perplexity": baseline.perplexity, "eval_s": baseline.seconds}}
+    for name in names:
+        row = run_variant(name, opts.model, opts.workdir, opts.group_size)
+        result = perplexity(load_dequantized_model(load_artifact(Path(row["artifact"]))), windows)
+        row.update(perplexity=result.perplexity, eval_s=result.seconds, increase_pct=100 * (result.perplexity / baseline.perplexity - 1))
+        rows[name] = row
+        print(f"{name:16} ppl {result.perplexity:8.3f}  +{row['increase_pct']:5.2f}%  quantize {row['wall_s']:6.1f} s  "
+              f"peak RSS {row['peak_rss_bytes'] / 2**20:6.0f} MiB", flush=True)
+
+    print()
+    print(f"{'variant':16}{'perplexity':>12}{'vs fp16':>10}{'wall s':>9}{'peak RSS':>11}")
+    print(f"{'fp16':16}{baseline.perplexity:>12.3f}{'':>10}{'':>9}{'':>11}")
+    for name in names:
+        r = rows[name]
+        print(f"{name:16}{r['perplexity']:>12.3f}{r['increase_pct']:>+9.2f}%{r['wall_s']:>9.1f}{r['peak_rss_bytes'] / 2**20:>8.0f} MiB")
+    if "rtn" in rows and "awq" in rows:
+        ratio = rows["awq"]["increase_pct"] / rows["rtn"]["increase_pct"]
+        print(f"\nAWQ's perplexity increase is {ratio:.2f}x RTN's (target: at most 0.5x)")
+        rows["awq_over_rtn_increase"] = ratio
+
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "model": opts.model,
+        "group_size": opts.group_size,
+        "protocol": f"WikiText-2 raw test, first {baseline.windows} windows of {baseline.window} tokens, fp32 compute",
+        "results": rows,
+    }
+    opts.json.parent.mkdir(parents=True, exist_ok=True)
+    opts.json.write_text(json.dumps(report, indent=2))
+    print(f"wrote {opts.json}")
+
+
+if __name__ == "__main__":
+    main()

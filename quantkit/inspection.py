@@ -1,0 +1,115 @@
+"""`quantkit inspect`: what an artifact holds, what it saves, and whether its files verify."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from .artifact import read_manifest, verify_artifact
+from .errors import QuantkitError
+
+
+def size_summary(tensors_meta: dict[str, tuple[list[int], int]]) -> dict[str, int]:
+    """Bytes of the artifact's tensors vs the same model stored densely in fp16.
+
+    tensors_meta maps tensor name -> (shape, bytes per element).
+    """
+    packed_linear = dense_linear = other = 0
+    for name, (shape, itemsize) in tensors_meta.items():
+        nbytes = itemsize * _numel(shape)
+        if name.endswith(".qweight"):
+            in_features, words = shape
+            dense_linear += in_features * words * 8 * 2  # eight fp16 weights per int32 word
+            packed_linear += nbytes
+        elif name.endswith((".qzeros", ".scales")):
+            packed_linear += nbytes
+        else:
+            other += nbytes
+    return {
+        "linear_fp16_bytes": dense_linear,
+        "linear_packed_bytes": packed_linear,
+        "other_fp16_bytes": other,
+        "model_fp16_bytes": dense_linear + other,
+        "model_packed_bytes": packed_linear + other,
+    }
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _tensor_meta(path: Path) -> dict[str, tuple[list[int], int]]:
+    from safetensors import safe_open
+
+    itemsize = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
+    meta = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            for name in handle.keys():
+                sl = handle.get_slice(name)
+                meta[name] = (list(sl.get_shape()), itemsize[sl.get_dtype()])
+    return meta
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def inspect_artifact(path: Path, show_layers: bool = True, echo: Callable[[str], None] = print) -> bool:
+    """Print the report; returns False when any file fails hash verification."""
+    import json
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise QuantkitError(f"{path}/config.json is missing or unreadable ({e}); the artifact is damaged: quantize again.") from None
+    q = config.get("quantization_config", {})
+    echo(f"artifact      {path}")
+    echo(f"model         {config.get('model_type')} ({config.get('architectures', ['?'])[0]}), "
+         f"{config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}, "
+         f"{config.get('num_attention_heads')} heads / {config.get('num_key_value_heads')} kv heads")
+    echo(f"quantization  {q.get('quant_method')} {q.get('bits')}-bit, group {q.get('group_size')}, "
+         f"zero_point={q.get('zero_point')}, version={q.get('version')}, not converted: {q.get('modules_to_not_convert')}")
+    recipe = manifest.get("recipe", {}).get("quantization", {})
+    echo(f"method        {recipe.get('method')}  (source {manifest.get('source', {}).get('spec')}, "
+         f"weights sha256 {manifest.get('source', {}).get('weights_sha256', '')[:16]}...)")
+    calib = manifest.get("calibration")
+    if calib:
+        echo(f"calibration   {calib['source']}: {calib['samples']} x {calib['seqlen']} tokens, seed {calib['seed']}")
+    timings = manifest.get("timings", {})
+    if timings:
+        echo(f"time          {timings.get('total_s', 0):.1f} s total, {timings.get('quantize_s', 0):.1f} s quantizing; "
+             f"peak RSS {_mib(manifest.get('peak_rss_bytes', 0))}")
+
+    sizes = size_summary(_tensor_meta(path))
+    echo("")
+    echo(f"{'':14}{'fp16':>14}{'packed':>14}{'ratio':>8}")
+    echo(f"{'linears':14}{_mib(sizes['linear_fp16_bytes']):>14}{_mib(sizes['linear_packed_bytes']):>14}"
+         f"{sizes['linear_fp16_bytes'] / max(sizes['linear_packed_bytes'], 1):>7.2f}x")
+    echo(f"{'whole model':14}{_mib(sizes['model_fp16_bytes']):>14}{_mib(sizes['model_packed_bytes']):>14}"
+         f"{sizes['model_fp16_bytes'] / max(sizes['model_packed_bytes'], 1):>7.2f}x")
+    echo("  (embeddings, norms and lm_head stay fp16)")
+
+    layers = manifest.get("layers", {})
+    if show_layers and layers:
+        echo("")
+        echo(f"{'layer':48}{'shape':>14}{'weight err':>12}{'output err':>12}")
+        for name, row in layers.items():
+            out_err = row.get("output_rel_err")
+            echo(f"{name:48}{'x'.join(map(str, row['shape'])):>14}{row['weight_rel_err']:>12.2e}"
+                 f"{(f'{out_err:.2e}' if out_err is not None else '-'):>12}")
+        echo("  (relative squared error ||W_q - W||^2/||W||^2; output err on calibration tokens)")
+
+    checks = verify_artifact(path)
+    echo("")
+    for c in checks:
+        status = "ok" if c.ok else ("MISSING" if c.actual is None else "MISMATCH")
+        echo(f"sha256 {status:9}{c.name}")
+    ok = bool(checks) and all(c.ok for c in checks)
+    echo(f"verification  {'passed' if ok else 'FAILED'} ({sum(c.ok for c in checks)}/{len(checks)} files)")
+    return ok

@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny random Llama built offline in seconds, and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import os
+
+# Before torch loads OpenMP: passive waits (see quantkit/cli.py), and never reach for the hub.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_VOCAB = 512
+TINY_EOS = "</s>"
+
+
+def _train_tiny_tokenizer(lines: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Byte-level: every string is encodable, so tests never hit an unknown token.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=[TINY_EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=TINY_EOS, model_max_length=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama (GQA 4/2 heads, tied embeddings) with a 512-token BPE, fp32 safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from quantkit.calibration import load_calibration_texts
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    docs, _ = load_calibration_texts(None)
+    tokenizer = _train_tiny_tokenizer(docs[:500])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    model.save_pretrained(out)  # transformers writes safetensors
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct; converted once into the user cache, then reused."""
+    from quantkit.sources import resolve_model
+
+    return resolve_model("smollm2-135m")

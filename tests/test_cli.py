@@ -1,0 +1,113 @@
+"""`quantkit quantize` and `quantkit inspect` from the command line, including bad input."""
+
+import json
+import shutil
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from quantkit.cli import main
+
+FAST = ["--samples", "8", "--seqlen", "64", "--search-samples", "4"]
+
+
+def run(*args: str):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output + (result.stderr if result.stderr_bytes else "")
+
+
+def assert_clean_error(code: int, output: str, *fragments: str):
+    assert code == 2, output
+    assert "Traceback" not in output
+    for fragment in fragments:
+        assert fragment in output, output
+
+
+def test_quantize_then_inspect_a_tiny_model_in_seconds(tiny_model_dir, tmp_path):
+    out = tmp_path / "tiny-awq"
+    start = time.perf_counter()
+    code, output = run("quantize", tiny_model_dir, "-o", out, "--group-size", "32", *FAST)
+    assert code == 0, output
+    assert time.perf_counter() - start < 60
+    manifest = json.loads((out / "quantkit.json").read_text())
+    assert manifest["recipe"]["quantization"]["method"] == "awq"
+    assert manifest["calibration"]["samples"] == 8 and len(manifest["calibration"]["tokens_sha256"]) == 64
+    assert len(manifest["layers"]) == 2 * 7 and manifest["peak_rss_bytes"] > 0
+    assert manifest["source"]["weights_sha256"]
+
+    code, output = run("inspect", out)
+    assert code == 0, output
+    assert "awq 4-bit, group 32" in output
+    assert "model.layers.1.mlp.down_proj" in output
+    assert "verification  passed" in output
+
+
+def test_rtn_needs_no_calibration_and_uses_the_same_packing(tiny_model_dir, tmp_path):
+    code, output = run("quantize", tiny_model_dir, "-o", tmp_path / "rtn", "--method", "rtn", "--group-size", "64")
+    assert code == 0, output
+    manifest = json.loads((tmp_path / "rtn" / "quantkit.json").read_text())
+    assert manifest["calibration"] is None
+    assert json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization_config"]["group_size"] == 64
+
+
+def test_inspect_reports_a_damaged_artifact_and_fails(tiny_model_dir, tmp_path):
+    out = tmp_path / "rtn"
+    assert run("quantize", tiny_model_dir, "-o", out, "--method", "rtn", "--group-size", "32")[0] == 0
+    (out / "config.json").write_text((out / "config.json").read_text() + " ")
+    code, output = run("inspect", out)
+    assert code == 1
+    assert "MISMATCH config.json" in output and "verification  FAILED" in output
+
+
+def test_missing_model(tmp_path):
+    code, output = run("quantize", tmp_path / "nope", "-o", tmp_path / "out")
+    assert_clean_error(code, output, "nope")
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tiny_model_dir, tmp_path):
+    model = tmp_path / "gpt2ish"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (model / "config.json").write_text(json.dumps(config))
+    code, output = run("quantize", model, "-o", tmp_path / "out")
+    assert_clean_error(code, output, "'gpt2' is not supported", "llama", "mistral")
+
+
+def test_group_size_that_does_not_divide_names_the_layer(tiny_model_dir, tmp_path):
+    code, output = run("quantize", tiny_model_dir, "-o", tmp_path / "out", "--group-size", "128")
+    assert_clean_error(code, output, "model.layers.0.self_attn.q_proj", "64 input features", "[32, 64]")
+
+
+def test_empty_calibration_file(tiny_model_dir, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    code, output = run("quantize", tiny_model_dir, "-o", tmp_path / "out", "--group-size", "32", "--calib", empty)
+    assert_clean_error(code, output, "empty.txt")
+
+
+def test_too_short_calibration_set_says_how_many_tokens(tiny_model_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words of calibration text\n")
+    code, output = run("quantize", tiny_model_dir, "-o", tmp_path / "out", "--group-size", "32", "--calib", short)
+    assert_clean_error(code, output, "tokens")
+
+
+def test_existing_output_without_force(tiny_model_dir, tmp_path):
+    out = tmp_path / "exists"
+    out.mkdir()
+    code, output = run("quantize", tiny_model_dir, "-o", out, "--method", "rtn", "--group-size", "32")
+    assert_clean_error(code, output, "already exists", "--force")
+
+
+def test_bad_recipe_key(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quantization:\n  group_sise: 64\n")
+    code, output = run("quantize", tiny_model_dir, "-o", tmp_path / "out", "--recipe", recipe)
+    assert_clean_error(code, output, "group_sise", "known keys")
+
+
+def test_inspect_of_something_that_is_not_an_artifact(tmp_path):
+    code, output = run("inspect", tmp_path)
+    assert_clean_error(code, output, "not a quantkit artifact")
