@@ -23,21 +23,26 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from quantkit.artifact import load_artifact, load_dequantized_model  # noqa: E402
 from quantkit.perplexity import perplexity, wikitext_windows  # noqa: E402
 from quantkit.sources import load_model, load_tokenizer, resolve_model  # noqa: E402
 
-# name -> (extra `quantkit quantize` arguments, extra environment)
-VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
-    "rtn": (["--method", "rtn"], {}),
-    "awq": ([], {}),  # the defaults: 128 x 512 calibration, statistics on all, search loss on 16
-    "awq-search4": (["--search-samples", "4"], {}),
-    "awq-search64": (["--search-samples", "64"], {}),
-    "awq-stats16": (["--samples", "16"], {}),  # statistics from the 16 search samples only
-    "awq-duo": (["--duo-scaling"], {}),
-    "awq-noclip": (["--no-clip"], {}),
-    "awq-omp-active": ([], {"OMP_WAIT_POLICY": "ACTIVE"}),  # same work, spinning OpenMP waits
+# name -> (recipe overrides of the quantization section, extra environment). Every AWQ
+# variant calibrates on the default 128 x 512 tokens unless it says otherwise.
+VARIANTS: dict[str, tuple[dict, dict[str, str]]] = {
+    "rtn": ({"method": "rtn"}, {}),
+    "awq": ({}, {}),  # quantkit's defaults: AutoAWQ's order (every search on the fp block), symmetric clip
+    "awq-sequential": ({"sequential": True}, {}),  # later groups searched on the quantized earlier ones
+    "awq-range-clip": ({"clip_style": "range"}, {}),
+    "awq-noclip": ({"clip": False}, {}),
+    "awq-search4": ({"search_samples": 4}, {}),
+    "awq-search64": ({"search_samples": 64}, {}),
+    "awq-stats16": ({"calibration": {"samples": 16}}, {}),  # statistics from the 16 search samples only
+    "awq-duo": ({"duo_scaling": True}, {}),
+    "awq-sink1": ({"sink_tokens": 1}, {}),
+    "awq-omp-active": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}),  # same work, spinning OpenMP waits
 }
 
 
@@ -51,16 +56,29 @@ def machine() -> dict:
 
 
 def run_variant(name: str, model: str, workdir: Path, group_size: int) -> dict:
-    args, env = VARIANTS[name]
+    overrides, env = VARIANTS[name]
+    overrides = dict(overrides)
+    calibration = overrides.pop("calibration", {})
+    recipe = workdir / f"{name}.yaml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
+    recipe.write_text(yaml.safe_dump({"name": name, "quantization": {"group_size": group_size, **overrides}, "calibration": calibration}))
     out = workdir / name
-    cmd = ["quantkit", "quantize", model, "-o", str(out), "--force", "--group-size", str(group_size), *args]
+    cmd = ["quantkit", "quantize", model, "-o", str(out), "--force", "--recipe", str(recipe)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode:
         sys.exit(f"{name}: quantize failed\n{proc.stderr[-2000:]}")
     manifest = load_artifact(out).manifest
-    return {"command": " ".join(cmd), "wall_s": wall, "peak_rss_bytes": manifest["peak_rss_bytes"], "timings": manifest["timings"], "artifact": str(out)}
+    return {
+        "recipe": {"quantization": overrides, "calibration": calibration},
+        "env": env,
+        "command": " ".join(cmd),
+        "wall_s": wall,
+        "peak_rss_bytes": manifest["peak_rss_bytes"],
+        "timings": manifest["timings"],
+        "artifact": str(out),
+    }
 
 
 def main() -> None:

@@ -35,9 +35,15 @@ class AWQSettings:
     duo_scaling: bool = False  # scale = x^alpha / w^(1-alpha) (AutoAWQ's 'duo') instead of x^alpha
     clip: bool = True
     max_shrink: float = 0.5  # clipping search shrinks a group's range by at most this fraction
+    clip_style: str = "symmetric"  # "symmetric" [-m, m] (AutoAWQ) or "range" (shrink [min, max])
     clip_tokens: int = 512  # tokens (strided subsample) that score the clipping candidates
     search_samples: int = 16  # calibration samples whose outputs form the scale-search loss
+    # Leading tokens of each sample kept out of statistics and losses. The first position is an
+    # attention sink whose activations reach ~100x the others' and dominate every MSE; leaving
+    # it out was measured to hurt badly (BENCHMARKS.md), so all tokens count by default.
+    sink_tokens: int = 0
     batch_samples: int = 8  # samples per forward chunk (bounds activation memory)
+    sequential: bool = False  # search later groups on outputs of the block's quantized earlier linears
     compute_dtype: str = "bfloat16"
 
     @property
@@ -49,7 +55,7 @@ class AWQSettings:
 class QuantizedLinear:
     """One quantized linear: integer codes and group params in nn.Linear layout [out, in]."""
 
-    q: torch.Tensor
+    q: torch.Tensor  # uint8 codes
     params: QuantParams
     bias: torch.Tensor | None
     weight_rel_err: float  # ||W_q - W||^2 / ||W||^2 in the original (unscaled) weight space
@@ -108,7 +114,10 @@ def quantize_model(
     for i, block in enumerate(blocks):
         start = time.perf_counter()
         prefix = adapter.block_prefix(i)
+        storage = next(block.parameters()).dtype
+        block.float()  # fp32 masters for this block only: the rest of the model stays as stored
         linears, searches = quantize_block(block, adapter, hidden, block_kwargs, settings)
+        block.to(storage)  # what the artifact stores (its norms are fp16) is what the next block sees
         result.linears.update({prefix + name: ql for name, ql in linears.items()})
         result.searches[prefix] = searches
         _propagate(block, adapter, hidden, block_kwargs, settings)
@@ -219,9 +228,10 @@ def collect_features(working: nn.Module, adapter: ArchAdapter, names: list[str],
         def hook(_module, args, _output):
             x = args[0]
             if id(x) not in memo:
-                memo[id(x)] = (x, x.abs().float().reshape(-1, x.shape[-1]).sum(0))
+                stats_part = x[:, settings.sink_tokens :]
+                memo[id(x)] = (x, stats_part.abs().float().reshape(-1, x.shape[-1]).sum(0))
             sums[name] += memo[id(x)][1]
-            counted[name] += x.numel() // x.shape[-1]
+            counted[name] += x.shape[0] * max(0, x.shape[1] - settings.sink_tokens)
             if state["in_search"]:
                 search[name].append(x.detach())
 
@@ -299,7 +309,8 @@ def search_group_scales(
     slices = list(_chunks(len(x), settings.batch_samples))
 
     with torch.no_grad():
-        reference = [adapter.run_inspected(inspected, x[sl], kwargs) for sl in slices]
+        skip = settings.sink_tokens
+        reference = [adapter.run_inspected(inspected, x[sl], kwargs)[:, skip:].float() for sl in slices]
         best: tuple[float, float, torch.Tensor] | None = None
         losses = []
         for step in range(settings.n_grid):
@@ -309,8 +320,8 @@ def search_group_scales(
                 _set_weight(working, name, fake_quantize(w * scales, settings.group_size, settings.bits) / scales)
             sq_err, count = 0.0, 0
             for sl, ref in zip(slices, reference):
-                out = adapter.run_inspected(inspected, x[sl], kwargs)
-                sq_err += float((out.float() - ref.float()).pow(2).sum())
+                out = adapter.run_inspected(inspected, x[sl], kwargs)[:, skip:]
+                sq_err += float((out.float() - ref).pow(2).sum())
                 count += ref.numel()
             loss = sq_err / count
             losses.append(loss)
@@ -321,41 +332,49 @@ def search_group_scales(
     return GroupSearch(group=group, alpha=best[1], scales=best[2], losses=losses)
 
 
-def search_clip(w: torch.Tensor, x: torch.Tensor, settings: AWQSettings, rows_per_batch: int = 256) -> torch.Tensor:
-    """Per-group clipping bound [out, n_groups] minimizing the group-wise output error.
+def search_clip(w: torch.Tensor, x: torch.Tensor, settings: AWQSettings, rows_per_batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group clipping bounds (low, high), each [out, n_groups], minimizing group-wise output error.
 
-    For each group the candidate ranges are [-m, m] with m = max|w| * (1 - i / n_grid) for
-    shrinks up to max_shrink; each is scored by the MSE of that group's partial dot products
-    with the calibration tokens x [tokens, in].
+    Candidates shrink the range by 1 - i / n_grid for shrinks up to max_shrink: 'symmetric'
+    clips to [-m, m] with m = max|w| (AutoAWQ's), 'range' shrinks both ends of [min, max]
+    (which suits an asymmetric grid: the symmetric bound only ever cuts the longer side).
+    Each candidate is scored by the MSE of the group's partial dot products with x [tokens, in].
     """
     gs = settings.group_size
     out_features, in_features = w.shape
     n_groups = in_features // gs
     xg = x.float().reshape(-1, n_groups, gs).permute(1, 2, 0)  # [G, gs, T]
-    best_max = torch.empty(n_groups, out_features)
+    best_low = torch.empty(n_groups, out_features)
+    best_high = torch.empty(n_groups, out_features)
     steps = int(settings.max_shrink * settings.n_grid)
     for start in range(0, out_features, rows_per_batch):
-        wg = w[start : start + rows_per_batch].float().reshape(-1, n_groups, gs).permute(1, 0, 2)  # [G, o, gs]
+        rows = slice(start, start + rows_per_batch)
+        wg = w[rows].float().reshape(-1, n_groups, gs).permute(1, 0, 2)  # [G, o, gs]
         reference = torch.bmm(wg, xg)
-        org_max = wg.abs().amax(dim=-1, keepdim=True)
-        batch_best = org_max.clone()
-        min_err = torch.full(org_max.shape, float("inf"))
+        if settings.clip_style == "range":
+            low0, high0 = wg.amin(dim=-1, keepdim=True).clamp(max=0), wg.amax(dim=-1, keepdim=True).clamp(min=0)
+        else:
+            high0 = wg.abs().amax(dim=-1, keepdim=True)
+            low0 = -high0
+        low, high = low0.clone(), high0.clone()
+        min_err = torch.full(high0.shape, float("inf"))
         for i in range(steps):
-            bound = org_max * (1 - i / settings.n_grid)
-            clipped = torch.maximum(torch.minimum(wg, bound), -bound)
+            shrink = 1 - i / settings.n_grid
+            clipped = torch.maximum(torch.minimum(wg, high0 * shrink), low0 * shrink)
             q = fake_quantize(clipped.reshape(-1, gs), gs, settings.bits).reshape(clipped.shape)
             err = (torch.bmm(q, xg) - reference).pow(2).mean(dim=-1, keepdim=True)
             better = err < min_err
             min_err = torch.where(better, err, min_err)
-            batch_best = torch.where(better, bound, batch_best)
-        best_max[:, start : start + rows_per_batch] = batch_best.squeeze(-1)
-    return best_max.t().contiguous()
+            low = torch.where(better, low0 * shrink, low)
+            high = torch.where(better, high0 * shrink, high)
+        best_low[:, rows] = low.squeeze(-1)
+        best_high[:, rows] = high.squeeze(-1)
+    return best_low.t().contiguous(), best_high.t().contiguous()
 
 
-def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
+def apply_clip(w: torch.Tensor, low: torch.Tensor, high: torch.Tensor, group_size: int) -> torch.Tensor:
     g = w.reshape(w.shape[0], -1, group_size)
-    bound = max_val[..., None].to(w.dtype)
-    return torch.maximum(torch.minimum(g, bound), -bound).reshape(w.shape)
+    return torch.maximum(torch.minimum(g, high[..., None].to(w.dtype)), low[..., None].to(w.dtype)).reshape(w.shape)
 
 
 def _strided_tokens(x: torch.Tensor, n_tokens: int) -> torch.Tensor:
@@ -370,36 +389,64 @@ def _strided_tokens(x: torch.Tensor, n_tokens: int) -> torch.Tensor:
 def quantize_block(
     block: nn.Module, adapter: ArchAdapter, hidden: torch.Tensor, block_kwargs: dict, settings: AWQSettings
 ) -> tuple[dict[str, QuantizedLinear], list[GroupSearch]]:
-    """Search, fold, clip and quantize one block in place; returns its quantized linears."""
+    """Search, fold, clip and quantize one block in place; returns its quantized linears.
+
+    With `settings.sequential`, each linear is quantized as soon as no later scaling group
+    still has to fold into it, and the features are collected again before the next group's
+    search, so that (for Llama) the MLP's scales are searched on the outputs of the already
+    quantized attention. Otherwise every search sees the full-precision block (AutoAWQ's order).
+    """
     names = adapter.quantized_linears(block)
+    order = {name: i for i, name in enumerate(names)}
+    groups = adapter.scaling_groups(block)
     working = copy.deepcopy(block).to(settings.dtype)
     features = collect_features(working, adapter, names, hidden, block_kwargs, settings)
-
-    searches = [
-        search_group_scales(group, block, working, adapter, features, block_kwargs, settings)
-        for group in adapter.scaling_groups(block)
-    ]
+    searches: list[GroupSearch] = []
     input_scales: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for search in searches:
-            adapter.fold_into_prev(block.get_submodule(search.group.prev), search.scales)
-            for name in search.group.linears:
+    quantized: dict[str, QuantizedLinear] = {}
+    for index, group in enumerate(groups):
+        search = search_group_scales(group, block, working, adapter, features, block_kwargs, settings)
+        searches.append(search)
+        with torch.no_grad():
+            adapter.fold_into_prev(block.get_submodule(group.prev), search.scales)
+            for name in group.linears:
                 block.get_submodule(name).weight.data.mul_(search.scales.view(1, -1))
                 input_scales[name] = search.scales
                 # Inputs of the scaled linears are now divided by the scales.
                 features.inputs[name] = features.inputs[name] / search.scales.to(features.inputs[name].dtype)
+        later = groups[index + 1 :]
+        if not settings.sequential or not later:
+            continue
+        still_folded_into = {g.prev for g in later}
+        later_linears = {n for g in later for n in g.linears}
+        ready = [
+            n for n in names
+            if n not in quantized and n not in still_folded_into and n not in later_linears
+            and order[n] < order[later[0].linears[0]]
+        ]
+        for name in ready:
+            quantized[name] = _clip_and_finalize(block, adapter, name, features, input_scales.get(name), settings)
+        working = copy.deepcopy(block).to(settings.dtype)
+        pending = [n for n in names if n not in quantized]
+        features = collect_features(working, adapter, pending, hidden, block_kwargs, settings)
 
-    quantized = {}
     for name in names:
-        linear = block.get_submodule(name)
-        tokens = _strided_tokens(features.inputs[name], settings.clip_tokens)
-        unclipped = linear.weight.data.clone()
-        if settings.clip and name not in adapter.no_clip:
-            with torch.no_grad():
-                max_val = search_clip(linear.weight.data, tokens, settings)
-                linear.weight.data.copy_(apply_clip(linear.weight.data, max_val, settings.group_size))
-        quantized[name] = _finalize_linear(linear, settings, unclipped, input_scales.get(name), tokens)
-    return quantized, searches
+        if name not in quantized:
+            quantized[name] = _clip_and_finalize(block, adapter, name, features, input_scales.get(name), settings)
+    return {name: quantized[name] for name in names}, searches
+
+
+def _clip_and_finalize(
+    block: nn.Module, adapter: ArchAdapter, name: str, features: BlockFeatures, input_scales: torch.Tensor | None, settings: AWQSettings
+) -> QuantizedLinear:
+    linear = block.get_submodule(name)
+    tokens = _strided_tokens(features.inputs[name][:, settings.sink_tokens :], settings.clip_tokens)
+    unclipped = linear.weight.data.clone()
+    if settings.clip and name not in adapter.no_clip:
+        with torch.no_grad():
+            low, high = search_clip(linear.weight.data, tokens, settings)
+            linear.weight.data.copy_(apply_clip(linear.weight.data, low, high, settings.group_size))
+    return _finalize_linear(linear, settings, unclipped, input_scales, tokens)
 
 
 def _finalize_linear(
@@ -425,7 +472,7 @@ def _finalize_linear(
         output_err = relative_error(t @ w_q.t(), t @ reference.t())
     linear.weight.data.copy_(w_q.to(linear.weight.dtype))
     return QuantizedLinear(
-        q=q,
+        q=q.to(torch.uint8),  # 1 byte a code until packing: int32 would hold 4x the memory
         params=params,
         bias=None if linear.bias is None else linear.bias.data.clone(),
         weight_rel_err=relative_error(w_q / unscale, reference / unscale),

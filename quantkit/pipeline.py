@@ -47,6 +47,8 @@ def quantize(
         raise QuantkitError(f"unknown method '{settings.method}'; use 'awq' or 'rtn'.")
     if settings.compute_dtype not in ("bfloat16", "float16", "float32"):
         raise QuantkitError(f"compute_dtype '{settings.compute_dtype}' is not supported; use bfloat16, float16 or float32.")
+    if settings.clip_style not in ("symmetric", "range"):
+        raise QuantkitError(f"clip_style '{settings.clip_style}' is not supported; use symmetric or range.")
     if settings.bits not in SUPPORTED_BITS:
         raise QuantkitError(f"{settings.bits}-bit quantization is not supported; use bits: 4.")
     out = Path(out)
@@ -56,7 +58,9 @@ def quantize(
 
     model_dir = resolve_model(model_spec)
     adapter = get_adapter(read_model_type(model_dir))  # before loading weights: fail fast
-    model = load_model(model_dir, torch.float32)
+    # Kept in its checkpoint dtype (fp16 for the default model: half the memory of fp32);
+    # each block is raised to fp32 only while it is being quantized.
+    model = load_model(model_dir, "auto")
     tokenizer = load_tokenizer(model_dir)
     check_group_sizes(adapter.blocks(model), adapter, settings.group_size)  # before calibrating
     timings["load_s"] = time.perf_counter() - start

@@ -108,7 +108,7 @@ def check_model_dir(path: Path) -> Path:
     return path
 
 
-def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+def load_model(model_dir: Path, dtype: torch.dtype | str = torch.float32) -> transformers.PreTrainedModel:
     """Load a causal LM from safetensors only (never pickle), in eval mode."""
     model_dir = check_model_dir(Path(model_dir))
     try:

@@ -14,10 +14,12 @@ from quantkit.awq import (
     collect_features,
     quantize_block,
     quantize_model,
+    apply_clip,
+    search_clip,
     search_group_scales,
 )
 from quantkit.models import get_adapter
-from quantkit.quantizer import fake_quantize
+from quantkit.quantizer import dequantize, fake_quantize
 
 ADAPTER = get_adapter("llama")
 
@@ -118,7 +120,8 @@ def test_value_to_output_group_only_when_shapes_match():
     assert "self_attn.o_proj" in [g.inspect for g in without_gqa]
 
 
-def test_awq_beats_rtn_on_a_tiny_model_end_to_end():
+@pytest.mark.parametrize("sequential", [False, True])
+def test_awq_beats_rtn_on_a_tiny_model_end_to_end(sequential):
     reference = tiny_llama()
     ids = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -126,7 +129,8 @@ def test_awq_beats_rtn_on_a_tiny_model_end_to_end():
     errors = {}
     for method in ("rtn", "awq"):
         model = copy.deepcopy(reference)
-        result = quantize_model(model, ADAPTER, AWQSettings(method=method, compute_dtype="float32", search_samples=8), ids)
+        settings = AWQSettings(method=method, compute_dtype="float32", search_samples=8, sequential=sequential)
+        result = quantize_model(model, ADAPTER, settings, ids)
         assert len(result.linears) == 2 * 7
         with torch.no_grad():
             errors[method] = (model(ids).logits - expected).pow(2).mean().item()
@@ -159,3 +163,36 @@ def test_awq_lowers_a_real_block_output_error_against_rtn(smollm2_model, calibra
         rtn_err = (ADAPTER.run_block(rtn, x_held, kwargs) - expected).pow(2).mean().item()
         awq_err = (ADAPTER.run_block(awq, x_held, kwargs) - expected).pow(2).mean().item()
     assert awq_err < rtn_err, (awq_err, rtn_err)
+
+
+@pytest.mark.parametrize("style", ["symmetric", "range"])
+def test_clip_search_never_increases_the_output_error_it_scores(style):
+    torch.manual_seed(4)
+    w = torch.randn(32, 128)
+    w[:, 5] *= 8  # an outlier column: clipping it should pay off somewhere
+    x = torch.randn(256, 128)
+    settings = AWQSettings(group_size=32, clip_style=style)
+    low, high = search_clip(w, x, settings)
+    assert low.shape == high.shape == (32, 4)
+    assert (low <= 0).all() and (high >= 0).all()
+    clipped = apply_clip(w, low, high, 32)
+
+    def group_errors(weight):
+        q = fake_quantize(weight, 32)
+        diff = (q - w).view(32, 4, 32)
+        return torch.einsum("ogk,tgk->ogt", diff, x.view(256, 4, 32)).pow(2).mean(-1)
+
+    assert (group_errors(clipped) <= group_errors(w) * (1 + 1e-5)).all()
+    assert (group_errors(clipped) < group_errors(w)).any()
+
+
+def test_the_model_keeps_its_storage_dtype_and_only_the_codes_are_kept():
+    model = tiny_llama().half()
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(6))
+    result = quantize_model(model, ADAPTER, AWQSettings(search_samples=2), ids)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    ql = result.linears["model.layers.0.mlp.down_proj"]
+    assert ql.q.dtype == torch.uint8 and ql.q.shape == (128, 256)
+    # The model holds exactly what the codes dequantize to (rounded to its storage dtype).
+    expected = dequantize(ql.q, ql.params).half()
+    assert torch.equal(ADAPTER.blocks(model)[0].mlp.down_proj.weight, expected)
