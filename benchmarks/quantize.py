@@ -63,7 +63,7 @@ def run_variant(name: str, model: str, workdir: Path, group_size: int) -> dict:
     recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(yaml.safe_dump({"name": name, "quantization": {"group_size": group_size, **overrides}, "calibration": calibration}))
     out = workdir / name
-    cmd = ["quantkit", "quantize", model, "-o", str(out), "--force", "--recipe", str(recipe)]
+    cmd = [sys.executable, "-m", "quantkit.cli", "quantize", model, "-o", str(out), "--force", "--recipe", str(recipe)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -95,19 +95,23 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
 
+    # Quantize everything first, while this process is still small: its memory must not
+    # compete with the children's, whose wall time and peak RSS are measured.
+    rows: dict = {}
+    for name in names:
+        rows[name] = run_variant(name, opts.model, opts.workdir, opts.group_size)
+        print(f"{name:16} quantize {rows[name]['wall_s']:6.1f} s  peak RSS {rows[name]['peak_rss_bytes'] / 2**20:6.0f} MiB", flush=True)
+
     model_dir = resolve_model(opts.model)
     windows = wikitext_windows(load_tokenizer(model_dir), 2048, opts.windows)
     baseline = perplexity(load_model(model_dir, torch.float16).float(), windows)
     print(f"fp16 perplexity {baseline.perplexity:.3f} ({baseline.windows} x {baseline.window} tokens, {baseline.seconds:.0f} s)", flush=True)
-
-    rows = {"fp16": {"perplexity": baseline.perplexity, "eval_s": baseline.seconds}}
+    rows["fp16"] = {"perplexity": baseline.perplexity, "eval_s": baseline.seconds}
     for name in names:
-        row = run_variant(name, opts.model, opts.workdir, opts.group_size)
+        row = rows[name]
         result = perplexity(load_dequantized_model(load_artifact(Path(row["artifact"]))), windows)
         row.update(perplexity=result.perplexity, eval_s=result.seconds, increase_pct=100 * (result.perplexity / baseline.perplexity - 1))
-        rows[name] = row
-        print(f"{name:16} ppl {result.perplexity:8.3f}  +{row['increase_pct']:5.2f}%  quantize {row['wall_s']:6.1f} s  "
-              f"peak RSS {row['peak_rss_bytes'] / 2**20:6.0f} MiB", flush=True)
+        print(f"{name:16} ppl {result.perplexity:8.3f}  {row['increase_pct']:+6.2f}%", flush=True)
 
     print()
     print(f"{'variant':16}{'perplexity':>12}{'vs fp16':>10}{'wall s':>9}{'peak RSS':>11}")

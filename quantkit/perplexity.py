@@ -33,7 +33,8 @@ def wikitext_windows(tokenizer, window: int = 2048, n_windows: int | None = 16, 
     """LongTensor [n_windows, window] of the test set's first windows."""
     if not path.is_file():
         raise QuantkitError(f"WikiText-2 test file not found at {path}; it ships in eval/data of the source tree.")
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    # verbose=False: the whole test set is longer than the model's context on purpose (it is cut below).
+    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False, return_tensors="pt", verbose=False).input_ids[0]
     available = len(ids) // window
     n = available if n_windows is None else min(n_windows, available)
     if n < 1:

@@ -24,7 +24,19 @@ from .sources import load_model, load_tokenizer, resolve_model, weights_sha256
 
 
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident memory.
+
+    VmHWM belongs to the current address space, so it starts afresh at exec; ru_maxrss would
+    also carry the peak of whatever process forked this one (a benchmark driver, say).
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def read_model_type(model_dir: Path) -> str:
