@@ -100,5 +100,44 @@ def inspect(artifact, layers) -> None:
         sys.exit(1)
 
 
+def _parse_bytes(text: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise QuantkitError(f"cannot read {text!r} as a size; write e.g. 512MiB, 2GiB or a number of bytes.") from None
+
+
+@main.command()
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 exposes it to the network).")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--api-key", envvar="QUANTKIT_API_KEY", help="Require 'Authorization: Bearer KEY' (or set QUANTKIT_API_KEY).")
+@click.option("--kv-cache-memory", default="256MiB", show_default=True, help="KV cache budget; sets the number of blocks.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--max-num-seqs", default=64, show_default=True, type=int, help="Sequences per step.")
+@click.option("--max-num-batched-tokens", default=512, show_default=True, type=int, help="Token budget per step.")
+@click.option("--max-waiting", default=256, show_default=True, type=int, help="Queue length beyond which requests get 503.")
+@click.option("--block-size", default=16, show_default=True, type=int, help="Tokens per KV block.")
+@click.option("--served-model-name", help="Model id reported by /v1/models (default: MODEL).")
+def serve(model, host, port, api_key, kv_cache_memory, dtype, max_num_seqs, max_num_batched_tokens, max_waiting, block_size, served_model_name) -> None:
+    """Serve MODEL (an artifact, a model directory or 'smollm2-135m') with an OpenAI-compatible API."""
+    import uvicorn
+
+    from quantkit.runtime.engine import EngineConfig, LLMEngine
+    from quantkit.runtime.server import create_app
+
+    engine = LLMEngine(EngineConfig(
+        model=model, dtype=dtype, block_size=block_size, kv_cache_memory=_parse_bytes(kv_cache_memory),
+        max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting,
+    ))
+    blocks = engine.runner.num_blocks
+    click.echo(f"KV cache: {blocks} blocks x {block_size} tokens = {blocks * block_size} tokens ({blocks * engine.runner.block_bytes / 1024**2:.0f} MiB)")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+    uvicorn.run(create_app(engine, api_key=api_key, model_name=served_model_name), host=host, port=port, log_level="info")
+
+
 if __name__ == "__main__":
     main()

@@ -8,6 +8,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# No GPU here: Triton kernels run in its interpreter (set before triton is imported).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from pathlib import Path
 

@@ -1,0 +1,253 @@
+"""Kernel receipts on this machine: int4 vs bf16 vs fp32 matmul, memory bandwidth, CPU attention.
+
+Prints tables and writes JSON (benchmarks/results/kernels.json):
+  1. the machine's memory read bandwidth (a large fp32 reduction), the roof for memory-bound decode;
+  2. per layer shape of the default model (SmolLM2-135M) and M in 1, 4, 16, 64, 256: time of the
+     fused int4 op, dequantize + bf16 matmul, bf16 matmul, fp32 matmul, and the weight bandwidth
+     each achieves (weight bytes / time); plus the fused-vs-dense crossover that sets
+     kernels/cpu_int4.DENSE_FROM_ROWS;
+  3. CPU paged attention candidates for decode (per-sequence SDPA, one padded SDPA, compiled
+     flex_attention) at several batch sizes and context lengths;
+  4. a whole-model decode step at batch 1, int4 vs bf16, through the runtime's model.
+
+    python benchmarks/kernels.py            # everything (a few minutes)
+    python benchmarks/kernels.py --quick    # fewer repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from quantkit.kernels import cpu_int4  # noqa: E402
+from quantkit.kernels.attention import AttentionMetadata, paged_attention  # noqa: E402
+from quantkit.pack import pack_int4  # noqa: E402
+
+# (name, in_features, out_features) of one SmolLM2-135M decoder block.
+LAYER_SHAPES = [
+    ("q_proj", 576, 576),
+    ("k_proj", 576, 192),
+    ("v_proj", 576, 192),
+    ("o_proj", 576, 576),
+    ("gate_proj", 576, 1536),
+    ("up_proj", 576, 1536),
+    ("down_proj", 1536, 576),
+]
+ROWS = [1, 4, 16, 64, 256]
+CROSSOVER_ROWS = [1, 2, 4, 8, 12, 16, 24, 32]
+GROUP_SIZE = 64
+
+
+def timeit(fn: Callable[[], object], min_seconds: float = 0.3, min_runs: int = 5) -> float:
+    """Median seconds per call after a warm-up, repeating until min_seconds have passed."""
+    for _ in range(3):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+
+
+def memory_bandwidth(min_seconds: float) -> float:
+    """Read bandwidth in bytes/s: summing a 1 GiB fp32 tensor reads every byte once."""
+    x = torch.rand(256 * 1024 * 1024)
+    seconds = timeit(lambda: x.sum(), min_seconds)
+    return x.numel() * x.element_size() / seconds
+
+
+def random_awq(k: int, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (k, n), generator=g, dtype=torch.int32)
+    zeros = torch.randint(0, 16, (k // GROUP_SIZE, n), generator=g, dtype=torch.int32)
+    scales = (torch.rand(k // GROUP_SIZE, n, generator=g) * 0.02 + 0.001).to(torch.float16)
+    return pack_int4(codes), pack_int4(zeros), scales
+
+
+def int4_bytes(k: int, n: int) -> int:
+    return k * n // 2 + (k // GROUP_SIZE) * n * 4  # codes + bf16 scale and zero per group
+
+
+def matmul_table(min_seconds: float) -> list[dict]:
+    rows = []
+    for name, k, n in LAYER_SHAPES:
+        weight = cpu_int4.prepare_cpu_int4(*random_awq(k, n, seed=k + n))
+        w_bf16 = torch.randn(n, k).to(torch.bfloat16)
+        w_fp32 = w_bf16.float()
+        for m in ROWS:
+            x = torch.randn(m, k).to(torch.bfloat16)
+            x32 = x.float()
+            t = {
+                "int4_fused": timeit(lambda: cpu_int4.int4_matmul_fused(x, weight), min_seconds),
+                "int4_dequant_bf16": timeit(lambda: F.linear(x, cpu_int4.dequantize_cpu_int4(weight, torch.bfloat16)), min_seconds),
+                "bf16": timeit(lambda: F.linear(x, w_bf16), min_seconds),
+                "fp32": timeit(lambda: F.linear(x32, w_fp32), min_seconds),
+            }
+            bytes_read = {"int4_fused": int4_bytes(k, n), "int4_dequant_bf16": int4_bytes(k, n), "bf16": 2 * k * n, "fp32": 4 * k * n}
+            rows.append({
+                "layer": name, "in": k, "out": n, "m": m,
+                "seconds": t,
+                "weight_gbps": {key: bytes_read[key] / t[key] / 1e9 for key in t},
+                "int4_speedup_vs_bf16": t["bf16"] / t["int4_fused"],
+            })
+    return rows
+
+
+def crossover(min_seconds: float) -> list[dict]:
+    """Fused int4 vs dequantize + bf16, summed over one block's layers, by rows."""
+    layers = [(cpu_int4.prepare_cpu_int4(*random_awq(k, n, seed=k * n)), k) for _, k, n in LAYER_SHAPES]
+    out = []
+    for m in CROSSOVER_ROWS:
+        xs = [torch.randn(m, k).to(torch.bfloat16) for _, k in layers]
+        fused = timeit(lambda: [cpu_int4.int4_matmul_fused(x, w) for x, (w, _) in zip(xs, layers)], min_seconds)
+        dense = timeit(lambda: [F.linear(x, cpu_int4.dequantize_cpu_int4(w, torch.bfloat16)) for x, (w, _) in zip(xs, layers)], min_seconds)
+        out.append({"m": m, "fused_s": fused, "dequant_bf16_s": dense, "fused_over_dense": fused / dense})
+    return out
+
+
+def attention_candidates(min_seconds: float) -> list[dict]:
+    """Decode attention for one layer of the default model (9 heads, 3 KV heads, head_dim 64), bf16."""
+    heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    results = []
+    flex = _compiled_flex()
+    for batch, ctx in [(1, 512), (16, 256), (64, 256), (64, 512)]:
+        blocks = batch * (-(-ctx // block_size))
+        k_cache = torch.randn(blocks, block_size, kv_heads, head_dim).to(torch.bfloat16)
+        v_cache = torch.randn_like(k_cache)
+        tables = torch.randperm(blocks).view(batch, -1).tolist()
+        q = torch.randn(batch, heads, head_dim).to(torch.bfloat16)
+        meta = AttentionMetadata.build(tables, [ctx] * batch, [1] * batch, block_size)
+        scale = head_dim**-0.5
+        k_flat, v_flat = k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)
+
+        def per_sequence():
+            for row in range(batch):
+                slots = meta.decode_slots[row]
+                k = k_flat[slots].transpose(0, 1).unsqueeze(0)
+                v = v_flat[slots].transpose(0, 1).unsqueeze(0)
+                F.scaled_dot_product_attention(q[row].view(1, heads, 1, head_dim), k, v, scale=scale, enable_gqa=True)
+
+        row = {"batch": batch, "context": ctx}
+        row["padded_sdpa_s"] = timeit(lambda: paged_attention(q, k_cache, v_cache, meta, scale), min_seconds)
+        row["per_sequence_sdpa_s"] = timeit(per_sequence, min_seconds)
+        if flex is not None:
+            k = k_flat[meta.decode_slots].transpose(1, 2)
+            v = v_flat[meta.decode_slots].transpose(1, 2)
+            row["flex_compiled_s"] = timeit(lambda: flex(q.unsqueeze(2), k, v, scale), min_seconds)
+            row["flex_note"] = "K/V pre-gathered (gather not timed), so this is a lower bound for flex"
+        results.append(row)
+    return results
+
+
+def _compiled_flex():
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        compiled = torch.compile(flex_attention, dynamic=False)
+
+        def run(q, k, v, scale):
+            return compiled(q, k, v, scale=scale, enable_gqa=True)
+
+        return run
+    except Exception as e:  # noqa: BLE001 - a missing compiler must not stop the other receipts
+        print(f"flex_attention unavailable: {e}")
+        return None
+
+
+def decode_step(min_seconds: float) -> dict | None:
+    """Batch-1 decode step of the whole default model, int4 vs bf16, through the runtime."""
+    try:
+        from quantkit.runtime.bench_support import decode_step_seconds
+    except ImportError as e:
+        print(f"runtime model not available yet ({e}); skipping the decode step")
+        return None
+    return decode_step_seconds(min_seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="shorter timing windows")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
+    args = parser.parse_args()
+    min_seconds = 0.1 if args.quick else 0.3
+
+    bandwidth = memory_bandwidth(min_seconds)
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)\n")
+
+    table = matmul_table(min_seconds)
+    print(f"{'layer':10} {'M':>4} | {'int4 us':>8} {'deq+bf16':>9} {'bf16 us':>8} {'fp32 us':>8} | {'int4/bf16':>9} | {'int4 GB/s':>9} {'% of BW':>7}")
+    for r in table:
+        s, bw = r["seconds"], r["weight_gbps"]["int4_fused"]
+        print(
+            f"{r['layer']:10} {r['m']:>4} | {s['int4_fused'] * 1e6:8.1f} {s['int4_dequant_bf16'] * 1e6:9.1f} {s['bf16'] * 1e6:8.1f} {s['fp32'] * 1e6:8.1f} |"
+            f" {r['int4_speedup_vs_bf16']:8.2f}x | {bw:9.1f} {100 * bw * 1e9 / bandwidth:6.0f}%"
+        )
+    block = {}
+    for m in ROWS:
+        rows = [r for r in table if r["m"] == m]
+        t_int4 = sum(r["seconds"]["int4_fused"] for r in rows)
+        t_bf16 = sum(r["seconds"]["bf16"] for r in rows)
+        bytes_int4 = sum(int4_bytes(r["in"], r["out"]) for r in rows)
+        block[m] = {"int4_s": t_int4, "bf16_s": t_bf16, "speedup": t_bf16 / t_int4, "int4_gbps": bytes_int4 / t_int4 / 1e9}
+    print("\nwhole block (7 linears):")
+    for m, b in block.items():
+        print(f"  M={m:<4} int4 {b['int4_s'] * 1e6:8.1f} us  bf16 {b['bf16_s'] * 1e6:8.1f} us  speedup {b['speedup']:.2f}x  int4 {b['int4_gbps']:.1f} GB/s ({100 * b['int4_gbps'] * 1e9 / bandwidth:.0f}% of read BW)")
+
+    cross = crossover(min_seconds)
+    print("\nfused int4 vs dequantize + bf16 matmul (one block's linears):")
+    for c in cross:
+        print(f"  M={c['m']:<3} fused {c['fused_s'] * 1e6:8.1f} us  dequant+bf16 {c['dequant_bf16_s'] * 1e6:8.1f} us  ratio {c['fused_over_dense']:.2f}")
+
+    attn = attention_candidates(min_seconds)
+    print("\nCPU decode attention, one layer (9 heads / 3 KV heads, d=64, bf16):")
+    for a in attn:
+        flex = f"  flex(compiled) {a['flex_compiled_s'] * 1e6:8.1f} us" if "flex_compiled_s" in a else ""
+        print(f"  batch {a['batch']:>3} ctx {a['context']:>4}: padded SDPA {a['padded_sdpa_s'] * 1e6:8.1f} us  per-sequence SDPA {a['per_sequence_sdpa_s'] * 1e6:8.1f} us{flex}")
+
+    step = decode_step(min_seconds)
+    if step:
+        print(f"\nwhole-model decode step, batch 1: int4 {step['int4_s'] * 1e3:.2f} ms, bf16 {step['bf16_s'] * 1e3:.2f} ms, speedup {step['bf16_s'] / step['int4_s']:.2f}x")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "date": datetime.date.today().isoformat(),
+        "machine": machine(),
+        "memory_read_bandwidth_bytes_per_s": bandwidth,
+        "group_size": GROUP_SIZE,
+        "matmul": table,
+        "block": block,
+        "crossover": cross,
+        "attention_decode": attn,
+        "decode_step": step,
+    }, indent=2))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

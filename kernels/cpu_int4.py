@@ -1,0 +1,103 @@
+"""The CPU speed path for AWQ int4 weights: PyTorch's fused int4 kernels.
+
+`_weight_int4pack_mm_for_cpu` reads 4-bit codes in its own tiled layout and computes
+w = (q - 8) * scale + zero per group, with bf16 activations, scales and zeros. An AWQ weight
+is w = (q - z) * s = (q - 8) * s + (8 - z) * s, so the repack keeps the codes exactly and sets
+zero = (8 - z) * s. Both s and zero are rounded to bf16 (the op's only fast dtype): that costs
+about 2**-9 relative per group on top of the fp16 scales, well inside bf16 activation noise.
+
+The fused op wins only for a few rows (it re-decodes the weights for every row block); for
+many rows the dense path dequantizes once and runs a bf16 matmul (see DENSE_FROM_ROWS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.pack import AWQ_ORDER, PACK_FACTOR
+
+# Bit shift that extracts column c of a packed AWQ word: column AWQ_ORDER[i] sits at bits 4*i.
+_COLUMN_SHIFTS = torch.tensor([4 * AWQ_ORDER.index(c) for c in range(PACK_FACTOR)], dtype=torch.int32)
+
+# The op tiles K in units of innerKTiles * 16; 2 is the smallest tiling and divides every
+# K that is a multiple of 32 (all supported group sizes are).
+_INNER_K_TILES = 2
+
+# From this many rows on, dequantize + bf16 matmul beats the fused op. Measured by
+# benchmarks/kernels.py on this machine (2 cores, AVX-512 bf16) on the default model's shapes:
+# the fused op is ahead at M <= 8 and behind from M = 16.
+DENSE_FROM_ROWS = 16
+
+
+@dataclass(frozen=True)
+class CpuInt4Weight:
+    """One AWQ linear prepared for the CPU: fused-op layout plus what the dense path needs."""
+
+    packed: torch.Tensor  # the fused op's layout of the codes [out, in]
+    scales_and_zeros: torch.Tensor  # bf16 [in / g, out, 2]: scale, (8 - z) * scale
+    qweight: torch.Tensor  # int32 [in, out / 8], the AWQ words (dense path unpacks these)
+    zeros: torch.Tensor  # int32 [in / g, out], unpacked zero points
+    scales: torch.Tensor  # fp16 [in / g, out]
+    group_size: int
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.scales.shape[1]
+
+
+def unpack_awq_words(words: torch.Tensor) -> torch.Tensor:
+    """int32 [rows, cols / 8] AWQ words -> int32 codes [rows, cols] in natural column order."""
+    rows, n_words = words.shape
+    codes = (words.unsqueeze(-1) >> _COLUMN_SHIFTS) & 0xF
+    return codes.reshape(rows, n_words * PACK_FACTOR)
+
+
+def prepare_cpu_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> CpuInt4Weight:
+    """Repack an AWQ GEMM triplet for the CPU kernels (done once, at load)."""
+    in_features, n_groups = qweight.shape[0], scales.shape[0]
+    group_size = in_features // n_groups
+    if group_size not in (32, 64, 128, 256) or group_size * n_groups != in_features:
+        raise ValueError(f"group size {in_features}/{n_groups} is not one of 32, 64, 128, 256 dividing in_features={in_features}")
+    codes = unpack_awq_words(qweight)  # [in, out]
+    zeros = unpack_awq_words(qzeros)  # [in / g, out]
+    s = scales.float()
+    scales_and_zeros = torch.stack([s, (8 - zeros).float() * s], dim=-1).to(torch.bfloat16)
+    # The op wants out_features divisible by 16; AWQ guarantees 8. Pad with zero-scale columns
+    # (they compute exact zeros) and slice them off after the matmul.
+    pad = -codes.shape[1] % 16
+    if pad:
+        codes = torch.nn.functional.pad(codes, (0, pad), value=8)
+        scales_and_zeros = torch.nn.functional.pad(scales_and_zeros, (0, 0, 0, pad))
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.t().contiguous(), _INNER_K_TILES)
+    scales_and_zeros = scales_and_zeros.contiguous()
+    return CpuInt4Weight(packed, scales_and_zeros, qweight.contiguous(), zeros.contiguous(), scales.contiguous(), group_size)
+
+
+def int4_matmul_fused(x: torch.Tensor, weight: CpuInt4Weight) -> torch.Tensor:
+    """x [M, in] bf16 -> [M, out] bf16 with the fused int4 op."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight.packed, weight.group_size, weight.scales_and_zeros)
+    return y if y.shape[1] == weight.out_features else y[:, : weight.out_features]
+
+
+def dequantize_cpu_int4(weight: CpuInt4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """The dense weight [out, in] in `dtype`; (q - z) * s is formed in fp32 and rounded once."""
+    codes = unpack_awq_words(weight.qweight)  # [in, out]
+    g = weight.group_size
+    q_minus_z = (codes.view(-1, g, codes.shape[1]) - weight.zeros.unsqueeze(1)).float()
+    w_t = (q_minus_z * weight.scales.float().unsqueeze(1)).view(codes.shape)
+    return w_t.t().to(dtype)
+
+
+def int4_matmul(x: torch.Tensor, weight: CpuInt4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, in] -> [M, out] in x.dtype, choosing the fused op or dequantize + dense by M and dtype."""
+    if x.dtype == torch.bfloat16 and x.shape[0] < DENSE_FROM_ROWS:
+        y = int4_matmul_fused(x.contiguous(), weight)
+        return y if bias is None else y + bias.to(y.dtype)
+    # Other dtypes fall onto a path 25-70x slower in the fused op: dequantize instead.
+    return torch.nn.functional.linear(x, dequantize_cpu_int4(weight, x.dtype), None if bias is None else bias.to(x.dtype))

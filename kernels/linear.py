@@ -1,0 +1,110 @@
+"""Linear layers for the runtime: one surface, the implementation chosen by device, dtype and M.
+
+The runtime builds every projection with `build_linear` and never asks whether it is packed:
+- AWQ-packed weights -> QuantLinear: Triton W4A16 GEMM on CUDA, on CPU the fused int4 op for few
+  rows (bf16) or dequantize + dense matmul for many rows / other dtypes (kernels/cpu_int4.py);
+- dense weights -> DenseLinear: a plain matmul in the runtime's dtype (for fp16/bf16/fp32
+  comparisons through the same model code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import cpu_int4
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T (+ bias) with W stored as AWQ int4 (qweight / qzeros / scales)."""
+
+    def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features = qweight.shape[0]
+        self.out_features = scales.shape[1]
+        self.group_size = self.in_features // scales.shape[0]
+        self.bias = bias
+        self.cpu_weight: cpu_int4.CpuInt4Weight | None = None
+        self.awq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        if qweight.is_cuda:
+            self.awq = (qweight, qzeros, scales)  # the Triton kernel reads the AWQ layout directly
+        else:
+            self.cpu_weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.awq is not None:
+            from .triton_gemm import w4a16_gemm
+
+            y = w4a16_gemm(x2, *self.awq)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            y = cpu_int4.int4_matmul(x2, self.cpu_weight, self.bias)
+        return y.reshape(*lead, self.out_features)
+
+    def weight_bytes(self) -> int:
+        """Bytes of packed weight the kernels read per call (codes + scales + zeros)."""
+        return self.in_features * self.out_features // 2 + (self.in_features // self.group_size) * self.out_features * 4
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, group={self.group_size}, int4"
+
+
+class DenseLinear(nn.Module):
+    """y = x @ W.T (+ bias) with a dense weight in the compute dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+    def weight_bytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.weight.dtype}"
+
+
+def build_linear(tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> nn.Module:
+    """The linear named `prefix` from a checkpoint's tensors: packed if it has a qweight, else dense."""
+    bias = tensors.get(f"{prefix}.bias")
+    if bias is not None:
+        bias = bias.to(dtype)
+    if f"{prefix}.qweight" in tensors:
+        return QuantLinear(tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"], bias)
+    if f"{prefix}.weight" not in tensors:
+        raise KeyError(f"checkpoint has neither {prefix}.qweight nor {prefix}.weight")
+    return DenseLinear(tensors[f"{prefix}.weight"].to(dtype), bias)
+
+
+def build_fused_linear(tensors: Mapping[str, torch.Tensor], prefixes: list[str], dtype: torch.dtype) -> nn.Module:
+    """One linear computing several projections of the same input, outputs concatenated in order.
+
+    Fusing q/k/v (and gate/up) turns three (two) small matmuls into one, which matters at decode
+    where each call is short. Packed weights concatenate along the output dim: AWQ packs 8 output
+    columns per int32 word and every projection's width is a multiple of 8.
+    """
+    if len(prefixes) == 1:
+        return build_linear(tensors, prefixes[0], dtype)
+    packed = [f"{p}.qweight" in tensors for p in prefixes]
+    if any(packed) and not all(packed):
+        raise ValueError(f"cannot fuse {prefixes}: some are packed int4 and some dense")
+    suffixes = ("qweight", "qzeros", "scales") if all(packed) else ("weight",)
+    if not all(packed):
+        fused = {"fused.weight": torch.cat([tensors[f"{p}.weight"] for p in prefixes], dim=0)}
+    else:
+        fused = {f"fused.{s}": torch.cat([tensors[f"{p}.{s}"] for p in prefixes], dim=1) for s in suffixes}
+    biases = [tensors.get(f"{p}.bias") for p in prefixes]
+    if any(b is not None for b in biases):
+        outs = [tensors[f"{p}.scales"].shape[1] if all(packed) else tensors[f"{p}.weight"].shape[0] for p in prefixes]
+        fused["fused.bias"] = torch.cat([b if b is not None else torch.zeros(n) for b, n in zip(biases, outs)])
+    return build_linear(fused, "fused", dtype)

@@ -1,0 +1,134 @@
+"""The engine loop on its own thread, beside the HTTP event loop.
+
+Every engine call happens under one lock; the loop thread holds it for one step at a time, so
+request handlers (run via asyncio.to_thread) slip in between steps and the event loop itself
+never waits for the model. Outputs travel back to each request's asyncio.Queue through
+call_soon_threadsafe. A step that raises fails only the requests in that step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+
+from .engine import LLMEngine, RequestOutput
+from .sampling import SamplingParams
+
+log = logging.getLogger("quantkit.serve")
+
+
+class EngineFailure(RuntimeError):
+    """The engine failed while computing this request; other requests continue."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, on_step: Callable[[list[RequestOutput], float], None] | None = None):
+        self.engine = engine
+        self.on_step = on_step  # metrics hook: (outputs, step seconds)
+        self._lock = threading.Lock()
+        self._work = threading.Event()
+        self._stopping = False
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending_aborts: list[int] = []  # list.append/pop are atomic under the GIL
+        self._thread = threading.Thread(target=self._run, name="quantkit-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._work.set()
+        self._thread.join(timeout=10)
+
+    async def add(self, prompt: str | list[int], params: SamplingParams) -> RequestStream:
+        """Queue a request (ValueError / QueueFull propagate); iterate the stream for its outputs."""
+        stream = RequestStream(self)
+
+        def add() -> None:
+            with self._lock:
+                stream.request_id = self.engine.add_request(prompt, params)
+                self._streams[stream.request_id] = (stream.loop, stream.queue)
+            self._work.set()
+
+        await asyncio.to_thread(add)
+        return stream
+
+    def abort_nowait(self, request_id: int) -> None:
+        """Abort from anywhere, without waiting (safe inside a cancelled task's cleanup)."""
+        self._pending_aborts.append(request_id)
+        self._work.set()
+
+    def _abort_pending(self) -> None:
+        while self._pending_aborts:
+            rid = self._pending_aborts.pop()
+            self._streams.pop(rid, None)
+            self.engine.abort(rid)
+
+    def _run(self) -> None:
+        import time
+
+        while not self._stopping:
+            if self._pending_aborts:
+                with self._lock:
+                    self._abort_pending()
+            if not self.engine.has_unfinished():
+                self._work.wait(0.05)
+                self._work.clear()
+                continue
+            with self._lock:
+                start = time.perf_counter()
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
+                    log.exception("engine step failed")
+                    self._fail_running(e)
+                    continue
+                elapsed = time.perf_counter() - start
+                for out in outputs:
+                    target = self._streams.get(out.request_id)
+                    if target:
+                        target[0].call_soon_threadsafe(target[1].put_nowait, out)
+                    if out.finished:
+                        self._streams.pop(out.request_id, None)
+            if self.on_step:
+                self.on_step(outputs, elapsed)
+
+    def _fail_running(self, error: Exception) -> None:
+        """Abort the sequences that were in the failed step (the running set) and tell their clients."""
+        for seq in list(self.engine.scheduler.running):
+            rid = seq.seq_id
+            self.engine.abort(rid)
+            target = self._streams.pop(rid, None)
+            if target:
+                target[0].call_soon_threadsafe(target[1].put_nowait, EngineFailure(f"the engine failed on this request: {error}"))
+
+
+class RequestStream:
+    """One request's outputs, in order; the last has finished=True. cancel() if you stop reading."""
+
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.request_id = -1
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, Exception):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    def cancel(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort_nowait(self.request_id)

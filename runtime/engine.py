@@ -1,0 +1,233 @@
+"""The engine: requests in, tokens out. step() = schedule -> run -> postprocess.
+
+`LLMEngine` is what the server, `quantkit bench` and `quantkit eval` drive; `LLM` wraps it for
+offline batch jobs: LLM(path).generate(prompts, SamplingParams(...)).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from quantkit.sources import load_tokenizer
+
+from .model_runner import ModelRunner, StepInput
+from .sampling import SamplingParams, make_generator, sample
+from .scheduler import QueueFull, ScheduledBatch, Scheduler, SchedulerConfig
+from .sequence import Sequence
+from .weights import load_weights
+
+MiB = 1024**2
+
+
+@dataclass
+class EngineConfig:
+    model: str  # artifact directory, model directory, hub id or "smollm2-135m"
+    dtype: str = "bfloat16"  # bfloat16: the fast CPU path; float32: exact comparisons
+    block_size: int = 16
+    kv_cache_memory: int = 256 * MiB  # bytes of K/V cache; sets the number of blocks
+    num_blocks: int | None = None  # overrides kv_cache_memory (tests)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_waiting: int = 256
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    chunked_prefill: bool = True
+    seed: int = 0  # seeds the generators of requests that bring no seed
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # generated so far
+    text: str  # generated text so far (cut before a stop string)
+    finished: bool
+    finish_reason: str | None  # "stop", "length" or "abort"
+    logprobs: list[float] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        if config.dtype not in _DTYPES:
+            raise ValueError(f"dtype {config.dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+        self.config = config
+        weights = load_weights(config.model)
+        self.tokenizer = load_tokenizer(weights.path)
+        self.runner = ModelRunner(weights, _DTYPES[config.dtype], config.block_size, config.kv_cache_memory, config.num_blocks)
+        self.quantized = weights.quantized
+        self.model_name = str(config.model)
+        self.max_model_len = min(config.max_model_len or self.runner.max_model_len, self.runner.max_model_len)
+        self.eos_token_ids = _eos_token_ids(weights.path, weights.config, self.tokenizer)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_waiting=config.max_waiting,
+            block_size=config.block_size,
+            num_blocks=self.runner.num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+            chunked_prefill=config.chunked_prefill,
+        ))
+        self.sequences: dict[int, Sequence] = {}
+        self._meta: dict[int, dict] = {}  # per request: arrival, first token time, text
+        self._rng = random.Random(config.seed)
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
+        """Queue a request; returns its id. Raises ValueError (bad request) or QueueFull."""
+        params = params or SamplingParams()
+        token_ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise ValueError("the prompt is empty: send at least one token")
+        if len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's context "
+                f"of {self.max_model_len} tokens: shorten the prompt or lower max_tokens"
+            )
+        request_id, self._next_id = self._next_id, self._next_id + 1
+        seq = Sequence(token_ids, params, seq_id=request_id)
+        seq.generator = None if params.greedy else make_generator(params.seed, self._rng)
+        self.scheduler.add(seq)  # may raise QueueFull or ValueError (longer than the whole cache)
+        self.sequences[request_id] = seq
+        self._meta[request_id] = {"arrival": time.perf_counter(), "first_token": None, "text": ""}
+        return request_id
+
+    def abort(self, request_id: int) -> bool:
+        found = self.scheduler.abort(request_id)
+        self.sequences.pop(request_id, None)
+        self._meta.pop(request_id, None)
+        return found
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        sampled, logprobs = self._run(batch)
+        return self._postprocess(batch, sampled, logprobs)
+
+    def _run(self, batch: ScheduledBatch) -> tuple[dict[int, int], dict[int, float]]:
+        step = StepInput(
+            token_ids=[s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n] for s, n in zip(batch.seqs, batch.num_new_tokens)],
+            starts=[s.num_computed_tokens for s in batch.seqs],
+            block_tables=[list(s.block_table) for s in batch.seqs],
+            sample=list(batch.samples),
+        )
+        logits = self.runner.run(step)
+        seqs = batch.sampling_seqs
+        if not seqs:
+            return {}, {}
+        tokens, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        return dict(zip((s.seq_id for s in seqs), tokens.tolist())), dict(zip((s.seq_id for s in seqs), logprobs.tolist()))
+
+    def _postprocess(self, batch: ScheduledBatch, sampled: dict[int, int], logprobs: dict[int, float]) -> list[RequestOutput]:
+        now = time.perf_counter()
+        outputs = []
+        for seq in self.scheduler.update(batch, sampled, logprobs):
+            meta = self._meta[seq.seq_id]
+            meta["first_token"] = meta["first_token"] or now
+            reason = self._finish_reason(seq, meta)
+            if reason:
+                self.scheduler.finish(seq, reason)
+            outputs.append(self._output(seq))
+            if reason:
+                self.sequences.pop(seq.seq_id, None)
+                self._meta.pop(seq.seq_id, None)
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, meta: dict) -> str | None:
+        p, token = seq.params, seq.last_token
+        hit_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
+        text = self.tokenizer.decode(seq.output_token_ids[:-1] if hit_stop_token else seq.output_token_ids, skip_special_tokens=True)
+        for stop in p.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                meta["text"] = text[:cut]
+                return "stop"
+        meta["text"] = text
+        if hit_stop_token:
+            return "stop"
+        if seq.num_generated >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        meta = self._meta[seq.seq_id]
+        return RequestOutput(
+            request_id=seq.seq_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=seq.output_token_ids,
+            text=meta["text"],
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            logprobs=list(seq.output_logprobs) if seq.params.logprobs else [],
+            num_cached_tokens=seq.num_cached_tokens,
+            arrival_time=meta["arrival"],
+            first_token_time=meta["first_token"],
+        )
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, float]:
+        s = self.scheduler
+        return {
+            "running": s.num_running,
+            "waiting": s.num_waiting,
+            "kv_blocks_used": s.num_used_blocks,
+            "kv_blocks_free": s.num_free_blocks,
+            "preemptions": s.num_preemptions,
+        }
+
+
+def _eos_token_ids(model_dir, config: dict, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    sources = [config.get("eos_token_id")]
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+    sources.append(tokenizer.eos_token_id)
+    for value in sources:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return ids
+
+
+class LLM:
+    """Offline batch generation: every prompt is queued at once and the engine runs to completion."""
+
+    def __init__(self, model: str, **engine_options):
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_options))
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        pending = list(zip(prompts, params_list))[::-1]
+        order: list[int] = []
+        done: dict[int, RequestOutput] = {}
+        while pending or self.engine.has_unfinished():
+            while pending:  # queue as many as the engine accepts, then step to make room
+                try:
+                    order.append(self.engine.add_request(*pending[-1]))
+                except QueueFull:
+                    break
+                pending.pop()
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in order]

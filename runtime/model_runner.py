@@ -1,0 +1,87 @@
+"""Turns a scheduled batch into model inputs, runs the network, returns logits of the sampling rows.
+
+Owns the network and the paged KV cache tensors. The cache size comes from a memory budget:
+one block holds K and V of `block_size` tokens for every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.kernels.attention import AttentionMetadata
+
+from .models import MODEL_CLASSES
+from .weights import ModelWeights
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One step's flattened tokens: seqs[i] computes query_lens[i] tokens starting at starts[i]."""
+
+    token_ids: list[list[int]]  # per sequence, the tokens computed this step
+    starts: list[int]  # position of each sequence's first computed token
+    block_tables: list[list[int]]
+    sample: list[bool]  # whether the sequence's last computed token produces a next token
+
+
+def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block: K and V of block_size tokens in every layer."""
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, weights: ModelWeights, dtype: torch.dtype, block_size: int, kv_cache_memory: int | None = None, num_blocks: int | None = None):
+        if weights.architecture not in MODEL_CLASSES:
+            raise QuantkitError(
+                f"architecture {weights.architecture} is not supported by the runtime (supported: {', '.join(sorted(MODEL_CLASSES))})."
+            )
+        config_cls, network = MODEL_CLASSES[weights.architecture]
+        try:
+            self.config = config_cls.from_hf(weights.config)
+        except ValueError as e:
+            raise QuantkitError(f"{weights.path}/config.json: {e}") from None
+        self.dtype, self.block_size = dtype, block_size
+        with torch.inference_mode():
+            self.model = network(self.config, weights.tensors, dtype)
+        c = self.config
+        self.block_bytes = kv_block_bytes(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)
+        if num_blocks is None:
+            if kv_cache_memory is None:
+                raise ValueError("give kv_cache_memory (bytes) or num_blocks")
+            num_blocks = kv_cache_memory // self.block_bytes
+        if num_blocks < 1:
+            raise QuantkitError(
+                f"KV cache budget {kv_cache_memory} bytes is less than one block ({self.block_bytes} bytes for "
+                f"{block_size} tokens); raise --kv-cache-memory."
+            )
+        self.num_blocks = num_blocks
+        cache = torch.zeros(2, c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=dtype)
+        self.kv_caches = [(cache[0, i], cache[1, i]) for i in range(c.num_layers)]
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_position_embeddings
+
+    def _forward(self, step: StepInput) -> tuple[torch.Tensor, AttentionMetadata]:
+        input_ids = torch.tensor([t for ids in step.token_ids for t in ids], dtype=torch.long)
+        positions = torch.cat([torch.arange(s, s + len(ids)) for s, ids in zip(step.starts, step.token_ids)])
+        query_lens = [len(ids) for ids in step.token_ids]
+        context_lens = [s + q for s, q in zip(step.starts, query_lens)]
+        meta = AttentionMetadata.build(step.block_tables, context_lens, query_lens, self.block_size)
+        return self.model(input_ids, positions, self.kv_caches, meta), meta
+
+    @torch.inference_mode()
+    def run(self, step: StepInput) -> torch.Tensor:
+        """fp32 logits [number of sampling sequences, vocab], in the order of the batch."""
+        hidden, meta = self._forward(step)
+        last_rows = (meta.cu_seqlens_q[1:].long() - 1)[torch.tensor(step.sample, dtype=torch.bool)]
+        return self.model.compute_logits(hidden[last_rows])
+
+    @torch.inference_mode()
+    def score(self, step: StepInput) -> torch.Tensor:
+        """fp32 logits of every computed token [total tokens, vocab] (for log-likelihoods)."""
+        hidden, _ = self._forward(step)
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,297 @@
+"""OpenAI-compatible HTTP API over the engine (Starlette app, served by uvicorn).
+
+/v1/completions and /v1/chat/completions (both with SSE streaming), /v1/models, /health,
+/metrics (Prometheus). Bad requests get 400 with a message, a missing or wrong API key 401, a
+full waiting queue 503 with Retry-After; the server keeps serving in every case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from .async_engine import AsyncEngine, EngineFailure, RequestStream
+from .engine import LLMEngine, RequestOutput
+from .sampling import SamplingParams
+from .scheduler import QueueFull
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
+DEFAULT_CHAT_MAX_TOKENS = 256  # chat has no default limit there; a bounded one protects the cache
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class BadRequest(ValueError):
+    pass
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("quantkit_requests", "Finished HTTP generation requests", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("quantkit_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
+        self.generated_tokens = Counter("quantkit_generation_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("quantkit_time_to_first_token_seconds", "Arrival to first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("quantkit_inter_token_latency_seconds", "Between consecutive tokens of a request", buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("quantkit_e2e_request_latency_seconds", "Arrival to last token", buckets=LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("quantkit_num_requests_running", "Sequences in the running set", registry=r)
+        self.waiting = Gauge("quantkit_num_requests_waiting", "Sequences waiting for admission", registry=r)
+        self.kv_used = Gauge("quantkit_kv_blocks_used", "KV cache blocks in use", registry=r)
+        self.kv_free = Gauge("quantkit_kv_blocks_free", "KV cache blocks free", registry=r)
+        self.preemptions = Gauge("quantkit_preemptions", "Preemptions since start", registry=r)
+        self._last_token: dict[int, float] = {}
+
+    def on_step(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        now = time.perf_counter()
+        for out in outputs:
+            self.generated_tokens.inc()
+            previous = self._last_token.get(out.request_id)
+            if previous is None:
+                self.ttft.observe(now - out.arrival_time)
+            else:
+                self.itl.observe(now - previous)
+            self._last_token[out.request_id] = now
+            if out.finished:
+                self.e2e.observe(now - out.arrival_time)
+                self._last_token.pop(out.request_id, None)
+        stats = engine.stats()
+        self.running.set(stats["running"])
+        self.waiting.set(stats["waiting"])
+        self.kv_used.set(stats["kv_blocks_used"])
+        self.kv_free.set(stats["kv_blocks_free"])
+        self.preemptions.set(stats["preemptions"])
+
+
+def error(status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+
+
+# ---------------------------------------------------------------------------- request parsing
+def _field(body: dict, name: str, types: tuple, default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in types:
+        raise BadRequest(f"'{name}' must be {' or '.join(t.__name__ for t in types)}, got a boolean")
+    if not isinstance(value, types):
+        raise BadRequest(f"'{name}' must be {' or '.join(t.__name__ for t in types)}, got {type(value).__name__}")
+    return value
+
+
+def sampling_params(body: dict, engine: LLMEngine, default_max_tokens: int) -> SamplingParams:
+    if _field(body, "n", (int,), 1) != 1:
+        raise BadRequest("'n' must be 1: one choice per request is supported")
+    stop = _field(body, "stop", (str, list), [])
+    logprobs = body.get("logprobs")
+    want_logprobs = bool(logprobs) if isinstance(logprobs, bool) else _field(body, "logprobs", (int,), 0) > 0
+    max_tokens = _field(body, "max_completion_tokens", (int,), None) or _field(body, "max_tokens", (int,), default_max_tokens)
+    try:
+        return SamplingParams(
+            temperature=float(_field(body, "temperature", (int, float), 1.0)),
+            top_p=float(_field(body, "top_p", (int, float), 1.0)),
+            top_k=_field(body, "top_k", (int,), 0),
+            seed=_field(body, "seed", (int,), None),
+            max_tokens=max_tokens,
+            stop=[stop] if isinstance(stop, str) else stop,
+            stop_token_ids=_field(body, "stop_token_ids", (list,), []),
+            ignore_eos=_field(body, "ignore_eos", (bool,), False),
+            logprobs=want_logprobs,
+        )
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+
+
+async def read_json(request: Request) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return body
+
+
+# ---------------------------------------------------------------------------- the app
+def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | None = None) -> Starlette:
+    metrics = Metrics()
+    runner = AsyncEngine(engine, on_step=lambda outs, _: metrics.on_step(engine, outs))
+    served_name = model_name or engine.model_name
+
+    def authorized(request: Request) -> bool:
+        if api_key is None:
+            return True
+        given = request.headers.get("authorization", "")
+        return given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), api_key.encode())
+
+    async def health(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_endpoint(_: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(request: Request) -> Response:
+        if not authorized(request):
+            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
+        return JSONResponse({"object": "list", "data": [{"id": served_name, "object": "model", "owned_by": "quantkit", "max_model_len": engine.max_model_len}]})
+
+    async def completions(request: Request) -> Response:
+        return await _generate(request, chat=False)
+
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(request, chat=True)
+
+    async def _generate(request: Request, chat: bool) -> Response:
+        endpoint = "chat" if chat else "completions"
+        if not authorized(request):
+            metrics.requests.labels(endpoint, "401").inc()
+            return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
+        try:
+            body = await read_json(request)
+            prompt = chat_prompt(engine, body) if chat else completion_prompt(body)
+            params = sampling_params(body, engine, DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_MAX_TOKENS)
+            stream = _field(body, "stream", (bool,), False)
+            stream_out = await runner.add(prompt, params)
+        except BadRequest as e:
+            metrics.requests.labels(endpoint, "400").inc()
+            return error(400, str(e))
+        except QueueFull as e:
+            metrics.requests.labels(endpoint, "503").inc()
+            return error(503, f"server busy: {e}; retry later", "server_busy", headers={"Retry-After": "1"})
+        except ValueError as e:  # the engine's validation: context length, cache size
+            metrics.requests.labels(endpoint, "400").inc()
+            return error(400, str(e))
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if stream:
+            metrics.requests.labels(endpoint, "200").inc()
+            return StreamingResponse(sse(rid, stream_out, chat, served_name, params, metrics), media_type="text/event-stream")
+        last = None
+        try:
+            async for out in stream_out:
+                last = out
+        except EngineFailure as e:
+            metrics.requests.labels(endpoint, "500").inc()
+            return error(500, str(e), "server_error")
+        finally:
+            stream_out.cancel()  # no-op when finished; frees the blocks if this handler was cancelled
+        metrics.requests.labels(endpoint, "200").inc()
+        metrics.prompt_tokens.inc(len(last.prompt_token_ids))
+        return JSONResponse(full_response(rid, last, chat, served_name, params))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette):
+        runner.start()
+        try:
+            yield
+        finally:
+            runner.stop()
+
+    app = Starlette(
+        routes=[
+            Route("/health", health),
+            Route("/metrics", metrics_endpoint),
+            Route("/v1/models", models),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.engine, app.state.async_engine, app.state.metrics = engine, runner, metrics
+    return app
+
+
+def completion_prompt(body: dict) -> str | list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # the client libraries wrap a single prompt in a list
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request)")
+
+
+def chat_prompt(engine: LLMEngine, body: dict) -> list[int]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise BadRequest("each message must be an object with string 'role' and 'content'")
+    if not getattr(engine.tokenizer, "chat_template", None):
+        raise BadRequest("this model's tokenizer has no chat template: use /v1/completions")
+    ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+
+def usage(out: RequestOutput) -> dict:
+    n_prompt, n_out = len(out.prompt_token_ids), len(out.token_ids)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+
+def full_response(rid: str, out: RequestOutput, chat: bool, model: str, params: SamplingParams) -> dict:
+    created = int(time.time())
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason}
+        if params.logprobs:
+            choice["logprobs"] = {"content": [{"token": str(t), "logprob": lp} for t, lp in zip(out.token_ids, out.logprobs)]}
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice], "usage": usage(out)}
+    choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
+    if params.logprobs:
+        choice["logprobs"] = {"tokens": [str(t) for t in out.token_ids], "token_logprobs": out.logprobs}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice], "usage": usage(out)}
+
+
+def stable_text(text: str, stops: list[str], finished: bool) -> str:
+    """What can be sent now: hold back a partial UTF-8 character and a possible stop-string prefix."""
+    if finished:
+        return text
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text[:end].endswith(stop[:k]):
+                end -= k
+                break
+    return text[:end]
+
+
+async def sse(rid: str, outputs: RequestStream, chat: bool, model: str, params: SamplingParams, metrics: Metrics) -> AsyncIterator[str]:
+    created, sent, counted = int(time.time()), 0, False
+
+    def chunk(delta_text: str, finish: str | None, role: bool = False) -> str:
+        if chat:
+            delta: dict = {"role": "assistant", "content": ""} if role else ({"content": delta_text} if delta_text else {})
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        else:
+            body = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": 0, "text": delta_text, "finish_reason": finish, "logprobs": None}]}
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        if chat:
+            yield chunk("", None, role=True)
+        async for out in outputs:
+            if not counted:
+                metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+                counted = True
+            text = stable_text(out.text, params.stop, out.finished)
+            if len(text) > sent or out.finished:
+                yield chunk(text[sent:], out.finish_reason if out.finished else None)
+                sent = max(sent, len(text))
+        yield "data: [DONE]\n\n"
+    except EngineFailure as e:
+        yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': 500}})}\n\n"
+    finally:
+        outputs.cancel()  # the client went away mid-stream: abort and free its blocks

@@ -1,0 +1,174 @@
+"""The CPU kernels and the kernels' surface agree with the float64 references on fresh random inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantkit.kernels import cpu_int4
+from quantkit.kernels.attention import AttentionMetadata, paged_attention, store_kv
+from quantkit.kernels.linear import DenseLinear, QuantLinear, build_linear
+from quantkit.kernels.reference import paged_attention_ref, store_kv_ref, w4a16_matmul_ref
+from quantkit.pack import pack_int4
+
+BF16_RTOL = 1e-2
+FP32_RTOL = 1e-5
+
+
+def random_awq(in_features: int, out_features: int, group_size: int, seed: int, unit_scales: bool = False):
+    """A random AWQ GEMM triplet: random codes, random zero points, random positive fp16 scales."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (in_features, out_features), generator=g, dtype=torch.int32)
+    zeros = torch.randint(0, 16, (in_features // group_size, out_features), generator=g, dtype=torch.int32)
+    if unit_scales:
+        scales = torch.ones(in_features // group_size, out_features, dtype=torch.float16)
+    else:
+        scales = (torch.rand(in_features // group_size, out_features, generator=g) * 0.02 + 0.001).to(torch.float16)
+    return pack_int4(codes), pack_int4(zeros), scales, codes, zeros
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected).norm() / expected.norm())
+
+
+def test_awq_words_unpack_in_natural_column_order():
+    codes = torch.randint(0, 16, (5, 24), dtype=torch.int32)
+    assert torch.equal(cpu_int4.unpack_awq_words(pack_int4(codes)), codes)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_repack_keeps_every_code_and_zero_exactly(group_size):
+    # With unit scales every weight is the integer q - z; the identity matrix reads W.T back
+    # through the fused op, and integers this small are exact in bf16.
+    qweight, qzeros, scales, codes, zeros = random_awq(256, 48, group_size, seed=group_size, unit_scales=True)
+    weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
+    eye = torch.eye(256, dtype=torch.bfloat16)
+    w_t = cpu_int4.int4_matmul_fused(eye, weight)
+    expected = codes - zeros.repeat_interleave(group_size, dim=0)
+    assert torch.equal(w_t.float(), expected.float())
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 17, 64])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_matmul_bf16_matches_reference(rows, group_size):
+    qweight, qzeros, scales, _, _ = random_awq(384, 136, group_size, seed=rows * 1000 + group_size)
+    weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
+    x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    y = cpu_int4.int4_matmul(x, weight)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, 136)
+    assert rel_err(y, w4a16_matmul_ref(x, qweight, qzeros, scales)) < BF16_RTOL
+
+
+@pytest.mark.parametrize("rows", [1, 17])
+def test_int4_matmul_fp32_matches_reference_to_fp32_precision(rows):
+    qweight, qzeros, scales, _, _ = random_awq(256, 64, 64, seed=rows)
+    weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
+    x = torch.randn(rows, 256)
+    y = cpu_int4.int4_matmul(x, weight)
+    assert y.dtype == torch.float32
+    assert rel_err(y, w4a16_matmul_ref(x, qweight, qzeros, scales)) < FP32_RTOL
+
+
+def test_fused_and_dense_paths_agree_on_the_same_rows():
+    qweight, qzeros, scales, _, _ = random_awq(576, 192, 64, seed=7)
+    weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
+    x = torch.randn(4, 576).to(torch.bfloat16)
+    fused = cpu_int4.int4_matmul_fused(x, weight)
+    dense = torch.nn.functional.linear(x, cpu_int4.dequantize_cpu_int4(weight, torch.bfloat16))
+    assert rel_err(fused, dense.double()) < BF16_RTOL
+
+
+def test_unsupported_group_size_is_rejected_with_the_sizes_that_work():
+    qweight, qzeros, scales, _, _ = random_awq(96, 16, 32, seed=1)
+    with pytest.raises(ValueError, match="32, 64, 128, 256"):
+        cpu_int4.prepare_cpu_int4(qweight, qzeros, scales[:2])  # 96 / 2 = 48
+
+
+def test_quant_linear_keeps_leading_dims_and_adds_bias():
+    qweight, qzeros, scales, _, _ = random_awq(128, 40, 32, seed=3)
+    bias = torch.randn(40)
+    layer = QuantLinear(qweight, qzeros, scales, bias)
+    x = torch.randn(2, 3, 128)
+    y = layer(x)
+    assert y.shape == (2, 3, 40)
+    expected = w4a16_matmul_ref(x.reshape(6, 128), qweight, qzeros, scales) + bias.double()
+    assert rel_err(y.reshape(6, 40), expected) < FP32_RTOL
+
+
+def test_build_linear_picks_packed_or_dense_from_the_checkpoint():
+    qweight, qzeros, scales, _, _ = random_awq(64, 16, 32, seed=4)
+    tensors = {"a.qweight": qweight, "a.qzeros": qzeros, "a.scales": scales, "b.weight": torch.randn(16, 64)}
+    assert isinstance(build_linear(tensors, "a", torch.bfloat16), QuantLinear)
+    dense = build_linear(tensors, "b", torch.bfloat16)
+    assert isinstance(dense, DenseLinear) and dense.weight.dtype == torch.bfloat16
+    with pytest.raises(KeyError, match="c.qweight"):
+        build_linear(tensors, "c", torch.float32)
+
+
+# ---------------------------------------------------------------- paged attention (CPU path)
+
+
+def random_paged_case(context_lens, query_lens, heads, kv_heads, head_dim, block_size, dtype, seed):
+    """Random cache and queries with shuffled (non-contiguous) block tables."""
+    g = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-c // block_size) for c in context_lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    tables, used = [], 0
+    for n in blocks_per_seq:
+        tables.append(order[used : used + n])
+        used += n
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    query = torch.randn(sum(query_lens), heads, head_dim, generator=g).to(dtype)
+    meta = AttentionMetadata.build(tables, list(context_lens), list(query_lens), block_size)
+    return query, k_cache, v_cache, meta
+
+
+CASES = {
+    "decode": ([1, 5, 16, 17, 40], [1, 1, 1, 1, 1]),
+    "whole prompts": ([1, 5, 16, 17, 40], [1, 5, 16, 17, 40]),
+    "chunks after cached tokens": ([20, 33, 48], [7, 33, 16]),
+    "mixed decode and prefill": ([9, 40, 3, 17], [1, 12, 3, 1]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 2), (3, 3)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_cpu_paged_attention_matches_reference_fp32(case, heads, kv_heads, block_size):
+    context_lens, query_lens = CASES[case]
+    query, k_cache, v_cache, meta = random_paged_case(context_lens, query_lens, heads, kv_heads, 32, block_size, torch.float32, seed=block_size + heads)
+    out = torch.full_like(query, float("nan"))
+    paged_attention(query, k_cache, v_cache, meta, scale=32**-0.5, out=out)
+    expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 32**-0.5)
+    assert not out.isnan().any()
+    assert rel_err(out, expected) < FP32_RTOL
+
+
+def test_cpu_paged_attention_matches_reference_bf16():
+    query, k_cache, v_cache, meta = random_paged_case([9, 40, 3, 17], [1, 12, 3, 1], 9, 3, 64, 16, torch.bfloat16, seed=11)
+    out = torch.full_like(query, float("nan"))
+    paged_attention(query, k_cache, v_cache, meta, scale=0.125, out=out)
+    expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 0.125)
+    assert rel_err(out, expected) < BF16_RTOL
+
+
+def test_metadata_slots_follow_the_block_tables():
+    meta = AttentionMetadata.build([[7, 2], [5]], context_lens=[20, 3], query_lens=[3, 1], block_size=16)
+    # Sequence 0 computes positions 17..19 (block 2), sequence 1 position 2 (block 5).
+    assert meta.slot_mapping.tolist() == [2 * 16 + 1, 2 * 16 + 2, 2 * 16 + 3, 5 * 16 + 2]
+    assert meta.cu_seqlens_q.tolist() == [0, 3, 4]
+
+
+def test_store_kv_writes_slots_and_skips_minus_one():
+    g = torch.Generator().manual_seed(5)
+    k_cache = torch.randn(4, 16, 2, 8, generator=g)
+    v_cache = torch.randn(4, 16, 2, 8, generator=g)
+    key, value = torch.randn(5, 2, 8, generator=g), torch.randn(5, 2, 8, generator=g)
+    meta = AttentionMetadata.build([[3]], [5], [5], 16)
+    meta.slot_mapping = torch.tensor([48, -1, 50, 17, -1])
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    store_kv_ref(key, value, k_expected, v_expected, meta.slot_mapping)
+    store_kv(key, value, k_cache, v_cache, meta)
+    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)

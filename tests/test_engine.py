@@ -1,0 +1,123 @@
+"""The engine produces exactly the model's own greedy tokens, alone or under load, and honours every stop rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantkit.runtime.engine import LLM, EngineConfig, LLMEngine
+from quantkit.runtime.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def hf_greedy(model_dir, prompt: list[int], n: int) -> list[int]:
+    """Reference: transformers' forward, recomputing the whole prefix for every new token."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def random_prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 500, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_greedy_tokens_equal_transformers_on_a_tiny_llama(tiny_model_dir):
+    prompts = random_prompts([1, 7, 30], seed=0)
+    outputs = LLM(str(tiny_model_dir), dtype="float32", num_blocks=32).generate(prompts, GREEDY)
+    for prompt, out in zip(prompts, outputs):
+        assert out.token_ids == hf_greedy(tiny_model_dir, prompt, 12)
+        assert out.finish_reason == "length"
+
+
+def test_greedy_tokens_equal_transformers_on_the_default_model(smollm2_dir):
+    from quantkit.sources import load_tokenizer
+
+    tok = load_tokenizer(smollm2_dir)
+    prompts = [tok.encode(t) for t in ("The capital of France is", "def fibonacci(n):\n   ", "Once upon a time, in a small village by the sea, there lived")]
+    outputs = LLM(str(smollm2_dir), dtype="float32", kv_cache_memory=64 * 1024**2).generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    for prompt, out in zip(prompts, outputs):
+        assert out.token_ids == hf_greedy(smollm2_dir, prompt, 10)
+
+
+def test_each_request_is_the_same_alone_as_among_16_with_chunked_prefill_and_preemption(tiny_model_dir):
+    prompts = random_prompts([3, 40, 17, 1, 64, 9, 33, 5, 50, 16, 2, 28, 71, 11, 45, 8], seed=1)
+    params = [SamplingParams(temperature=0, max_tokens=8 + i % 5, ignore_eos=True) for i in range(16)]
+    alone = [LLM(str(tiny_model_dir), dtype="float32", num_blocks=16).generate([p], [sp])[0].token_ids for p, sp in zip(prompts, params)]
+    # 12 blocks of 16 tokens cannot hold 16 requests at once: the scheduler must preempt. A
+    # 24-token budget forces long prompts into chunks.
+    llm = LLM(str(tiny_model_dir), dtype="float32", num_blocks=12, max_num_batched_tokens=24)
+    together = [o.token_ids for o in llm.generate(prompts, params)]
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert together == alone
+    assert llm.engine.scheduler.num_free_blocks == 12
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(tiny_model_dir):
+    prompts = random_prompts([5, 20, 9], seed=2)
+    seeded = SamplingParams(temperature=0.8, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
+    alone = LLM(str(tiny_model_dir), dtype="float32", num_blocks=16).generate([prompts[0]], seeded)[0].token_ids
+    mixed = [seeded, SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True), GREEDY]
+    together = LLM(str(tiny_model_dir), dtype="float32", num_blocks=16).generate(prompts, mixed)
+    assert together[0].token_ids == alone
+
+
+def test_stop_token_ids_stop_strings_and_max_tokens(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), dtype="float32", num_blocks=16)
+    prompt = random_prompts([6], seed=3)[0]
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    # Stop on the 4th generated token: generation ends there.
+    by_id = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop_token_ids=[free.token_ids[3]]))[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[: free.token_ids.index(free.token_ids[3]) + 1]
+    # A stop string taken from the free text: the output text ends right before it.
+    stop = free.text[len(free.text) // 2 :][:3]
+    if stop.strip():
+        by_text = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
+        assert by_text.finish_reason == "stop" and stop not in by_text.text and free.text.startswith(by_text.text)
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+
+
+def test_eos_ends_generation_unless_ignored(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), dtype="float32", num_blocks=16)
+    prompt = random_prompts([6], seed=3)[0]
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    llm.engine.eos_token_ids = {free.token_ids[2]}
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12))[0]
+    assert out.finish_reason == "stop" and out.token_ids[-1] == free.token_ids[2]
+
+
+def test_logprobs_are_the_model_log_softmax_of_the_chosen_tokens(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    prompt = random_prompts([8], seed=4)[0]
+    out = LLM(str(tiny_model_dir), dtype="float32", num_blocks=16).generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=True))[0]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + out.token_ids])).logits[0].log_softmax(-1)
+    expected = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(out.token_ids)]
+    assert out.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def test_bad_requests_are_rejected_with_the_reason(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", num_blocks=16))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request([], GREEDY)
+    with pytest.raises(ValueError, match="context"):
+        engine.add_request([1] * 500, SamplingParams(max_tokens=100))
+    with pytest.raises(ValueError, match="cache"):
+        engine.add_request([1] * 300, SamplingParams(max_tokens=10))  # 16 blocks x 16 = 256 tokens
+
+
+def test_abort_frees_the_blocks_of_a_running_request(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", num_blocks=16))
+    rid = engine.add_request(random_prompts([40], seed=5)[0], GREEDY)
+    engine.step()
+    assert engine.scheduler.num_used_blocks > 0
+    assert engine.abort(rid)
+    assert engine.scheduler.num_used_blocks == 0 and not engine.has_unfinished()

@@ -1,0 +1,78 @@
+"""The runtime's network computes what transformers computes, over the paged cache, for dense and packed weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantkit.runtime.model_runner import ModelRunner, StepInput
+from quantkit.runtime.weights import load_weights
+
+
+def hf_logits(model_dir, token_ids: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor([token_ids])).logits[0].double()
+
+
+def runner_for(model_dir, num_blocks: int = 32, block_size: int = 16, dtype=torch.float32) -> ModelRunner:
+    return ModelRunner(load_weights(model_dir), dtype, block_size, num_blocks=num_blocks)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b).norm() / b.norm())
+
+
+def test_prefill_logits_equal_transformers_fp32(tiny_model_dir):
+    tokens = torch.randint(0, 500, (37,), generator=torch.Generator().manual_seed(0)).tolist()
+    runner = runner_for(tiny_model_dir)
+    logits = runner.score(StepInput([tokens], [0], [[5, 2, 9]], [True]))
+    assert rel_err(logits, hf_logits(tiny_model_dir, tokens)) < 1e-5
+
+
+def test_chunked_and_token_by_token_decoding_over_the_cache_equal_one_prefill(tiny_model_dir):
+    tokens = torch.randint(0, 500, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    expected = hf_logits(tiny_model_dir, tokens)
+    runner = runner_for(tiny_model_dir)
+    table = [7, 3, 11]  # shuffled blocks
+    got = [runner.score(StepInput([tokens[:13]], [0], [table], [True]))]  # a chunk, then another
+    got.append(runner.score(StepInput([tokens[13:30]], [13], [table], [True])))
+    for p in range(30, 40):  # then one token at a time
+        got.append(runner.run(StepInput([[tokens[p]]], [p], [table], [True])))
+    assert rel_err(torch.cat(got), expected) < 1e-5
+
+
+def test_a_batch_of_sequences_equals_each_alone(tiny_model_dir):
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 500, (n,), generator=g).tolist() for n in (3, 17, 33)]
+    runner = runner_for(tiny_model_dir)
+    tables = [[0], [1, 2], [3, 4, 5]]
+    batched = runner.run(StepInput(prompts, [0, 0, 0], tables, [True, True, True]))
+    for i, prompt in enumerate(prompts):
+        assert rel_err(batched[i : i + 1], hf_logits(tiny_model_dir, prompt)[-1:]) < 1e-5
+
+
+def test_packed_artifact_runs_the_dequantized_network(tiny_model_dir, tmp_path):
+    from quantkit.artifact import load_artifact, load_dequantized_model
+    from quantkit.pipeline import quantize
+    from quantkit.recipe import Recipe
+
+    out = tmp_path / "rtn"
+    quantize(str(tiny_model_dir), out, Recipe().with_overrides(method="rtn", group_size=32, samples=4, seqlen=32))
+    tokens = torch.randint(0, 500, (21,), generator=torch.Generator().manual_seed(3)).tolist()
+    reference = load_dequantized_model(load_artifact(out), torch.float32)
+    with torch.no_grad():
+        expected = reference(torch.tensor([tokens])).logits[0].double()
+    fp32 = runner_for(out).score(StepInput([tokens], [0], [[1, 0]], [True]))
+    assert rel_err(fp32, expected) < 1e-5
+    bf16 = runner_for(out, dtype=torch.bfloat16).score(StepInput([tokens], [0], [[1, 0]], [True]))
+    assert rel_err(bf16, expected) < 3e-2
+
+
+def test_kv_budget_smaller_than_one_block_is_a_clear_error(tiny_model_dir):
+    from quantkit.errors import QuantkitError
+
+    with pytest.raises(QuantkitError, match="kv-cache-memory"):
+        ModelRunner(load_weights(tiny_model_dir), torch.float32, 16, kv_cache_memory=100)

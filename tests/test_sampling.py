@@ -1,0 +1,122 @@
+"""Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds."""
+
+import pytest
+import torch
+
+from quantkit.runtime.sampling import SamplingParams, make_generator, sample
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("temperature", "0.7"),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -2),
+        ("top_k", 2.5),
+        ("top_k", True),
+        ("max_tokens", 0),
+        ("max_tokens", 8.0),
+        ("seed", 1.5),
+        ("stop", [""]),
+        ("stop", [3]),
+        ("stop_token_ids", [-1]),
+        ("stop_token_ids", 5),
+        ("ignore_eos", 1),
+        ("logprobs", "yes"),
+    ],
+)
+def test_bad_values_are_rejected_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_good_values_are_accepted():
+    p = SamplingParams(temperature=0, top_k=-1, top_p=1, seed=0, max_tokens=1, stop="\n\n", stop_token_ids=[2])
+    assert p.greedy and p.stop == ["\n\n"]
+    assert not SamplingParams(temperature=0.5, top_k=40, top_p=0.9).greedy
+
+
+def logits_batch(rows: int = 4, vocab: int = 100, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_is_argmax_and_draws_no_randomness():
+    logits = logits_batch()
+    gen = make_generator(5)
+    state = gen.get_state()
+    tokens, _ = sample(logits, [SamplingParams(temperature=0)] * 4, [gen] * 4)
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert torch.equal(gen.get_state(), state)
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.5, top_k=1), SamplingParams(temperature=1.5, top_p=1e-6)])
+def test_top_k_one_and_tiny_top_p_are_greedy(params):
+    logits = logits_batch(rows=8)
+    for seed in range(10):
+        tokens, _ = sample(logits, [params] * 8, [make_generator(seed) for _ in range(8)])
+        assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_top_p_keeps_the_smallest_set_whose_mass_reaches_it():
+    logits = torch.zeros(1, 2)  # two tokens of probability exactly 1/2: the first alone reaches 0.5
+    draws = {sample(logits, [SamplingParams(top_p=0.5)], [make_generator(s)])[0].item() for s in range(30)}
+    assert len(draws) == 1
+    draws = {sample(logits, [SamplingParams(top_p=0.51)], [make_generator(s)])[0].item() for s in range(30)}
+    assert draws == {0, 1}
+
+
+def test_a_seeded_row_samples_the_same_alone_or_in_any_batch():
+    logits = logits_batch(rows=4, vocab=1000, seed=1)
+    mine = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=7)
+    others = [SamplingParams(temperature=0), SamplingParams(temperature=1.3, top_p=0.5), SamplingParams(temperature=0.4, top_k=3)]
+
+    alone_gen, batch_gen = make_generator(7), make_generator(7)
+    other_gens = [None, make_generator(1), make_generator(2)]
+    for _ in range(20):  # successive steps keep agreeing: the generator advances the same way
+        alone, _ = sample(logits[2:3], [mine], [alone_gen])
+        batched, _ = sample(logits[[0, 1, 2, 3]], [others[0], others[1], mine, others[2]], [other_gens[0], other_gens[1], batch_gen, other_gens[2]])
+        assert batched[2] == alone[0]
+    # and the seed matters
+    draws = {sample(logits[2:3], [mine], [make_generator(s)])[0].item() for s in range(20)}
+    assert len(draws) > 1
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(0.7, 0, 1.0), (1.0, 0, 1.0), (2.0, 3, 1.0), (1.0, 0, 0.8)])
+def test_empirical_distribution_matches_the_filtered_softmax(temperature, top_k, top_p):
+    logits = torch.tensor([1.0, 0.5, 0.0, -0.5, -1.0, -3.0])
+    expected = torch.softmax(logits / temperature, -1)
+    if top_k:
+        expected[top_k:] = 0
+    if top_p < 1:  # logits are sorted: keep the shortest head whose mass reaches top_p
+        keep = int((expected.cumsum(-1) - expected < top_p).sum())
+        expected[keep:] = 0
+    expected /= expected.sum()
+
+    n = 20_000
+    gen = make_generator(1234)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    tokens, _ = sample(logits.expand(n, -1), [params] * n, [gen] * n)
+    freq = torch.bincount(tokens, minlength=6).float() / n
+    assert torch.allclose(freq, expected, atol=0.012), (freq, expected)
+    assert (freq[expected == 0] == 0).all()  # filtered tokens are never drawn
+
+
+def test_logprobs_are_the_raw_model_log_softmax_at_the_chosen_token():
+    logits = logits_batch(rows=3)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.5, top_k=5), SamplingParams(temperature=2.0, top_p=0.9)]
+    tokens, logprobs = sample(logits, params, [None, make_generator(0), make_generator(1)])
+    expected = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    assert torch.allclose(logprobs, expected)
+
+
+def test_unseeded_generators_differ_and_an_rng_makes_them_reproducible():
+    import random
+
+    a, b = make_generator(), make_generator()
+    assert not torch.equal(a.get_state(), b.get_state())
+    c, d = make_generator(rng=random.Random(3)), make_generator(rng=random.Random(3))
+    assert torch.equal(c.get_state(), d.get_state())

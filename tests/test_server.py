@@ -1,0 +1,164 @@
+"""The OpenAI-compatible server, driven by the official openai client and by raw HTTP for the error cases."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from quantkit.runtime.engine import LLM, EngineConfig, LLMEngine
+from quantkit.runtime.sampling import SamplingParams
+from quantkit.runtime.server import create_app, stable_text
+
+API_KEY = "test-key"
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    """A real uvicorn server on a free localhost port, over the tiny Llama in fp32."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", num_blocks=64, max_waiting=8))
+    engine.tokenizer.chat_template = CHAT_TEMPLATE
+    app = create_app(engine, api_key=API_KEY, model_name="tiny")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "model_dir": tiny_model_dir}
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["url"] + "/v1", api_key=API_KEY, max_retries=0)
+
+
+def post(server, path: str, body, key: str | None = API_KEY, raw: bytes | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if raw is not None:
+        return httpx.post(server["url"] + path, content=raw, headers={**headers, "Content-Type": "application/json"}, timeout=60)
+    return httpx.post(server["url"] + path, json=body, headers=headers, timeout=60)
+
+
+PROMPT = "The quick brown fox"
+
+
+def offline_text(server, prompt, max_tokens):
+    return LLM(str(server["model_dir"]), dtype="float32", num_blocks=64).generate([prompt], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))[0]
+
+
+def test_completion_with_the_openai_client_equals_offline_generation(server, client):
+    res = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    expected = offline_text(server, PROMPT, 10)
+    assert res.choices[0].text == expected.text
+    assert res.choices[0].finish_reason == "length"
+    assert res.usage.completion_tokens == 10 and res.usage.prompt_tokens == len(expected.prompt_token_ids)
+
+
+def test_streamed_completion_concatenates_to_the_full_text(server, client):
+    full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_uses_the_chat_template_and_streams_the_same_text(server, client):
+    messages = [{"role": "user", "content": "Say something."}]
+    full = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    assert full.choices[0].message.role == "assistant"
+    prompt_ids = server["engine"].tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    prompt_ids = list(prompt_ids["input_ids"] if hasattr(prompt_ids, "keys") else prompt_ids)
+    assert full.choices[0].message.content == offline_text(server, prompt_ids, 8).text
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == full.choices[0].message.content
+
+
+def test_models_health_and_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}
+    client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0)
+    text = httpx.get(server["url"] + "/metrics").text
+    for name in ("quantkit_requests_total", "quantkit_generation_tokens_total", "quantkit_time_to_first_token_seconds_bucket",
+                 "quantkit_inter_token_latency_seconds_bucket", "quantkit_e2e_request_latency_seconds_count",
+                 "quantkit_kv_blocks_free", "quantkit_num_requests_running", "quantkit_preemptions"):
+        assert name in text
+
+
+BAD_REQUESTS = {
+    "temperature below 0": ({"prompt": PROMPT, "temperature": -0.5}, "temperature"),
+    "top_p zero": ({"prompt": PROMPT, "top_p": 0}, "top_p"),
+    "top_p above 1": ({"prompt": PROMPT, "top_p": 1.5}, "top_p"),
+    "max_tokens zero": ({"prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+    "max_tokens beyond the context": ({"prompt": PROMPT, "max_tokens": 100000}, "context"),
+    "prompt longer than the context": ({"prompt": list(range(100)) * 6, "max_tokens": 1}, "context"),
+    "max_tokens of the wrong type": ({"prompt": PROMPT, "max_tokens": "ten"}, "max_tokens"),
+    "stream of the wrong type": ({"prompt": PROMPT, "stream": "yes"}, "stream"),
+    "prompt missing": ({"max_tokens": 3}, "prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_400_with_a_message_and_the_server_keeps_serving(server, case):
+    body, word = BAD_REQUESTS[case]
+    res = post(server, "/v1/completions", body)
+    assert res.status_code == 400, res.text
+    assert word in res.json()["error"]["message"]
+    assert post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+def test_malformed_json_and_bad_chat_messages_get_400(server):
+    assert post(server, "/v1/completions", None, raw=b'{"prompt": "x", ').status_code == 400
+    assert post(server, "/v1/chat/completions", {"messages": "hello"}).status_code == 400
+    assert post(server, "/v1/chat/completions", {"messages": [{"role": "user"}]}).status_code == 400
+
+
+def test_missing_or_wrong_api_key_gets_401(server):
+    assert post(server, "/v1/completions", {"prompt": PROMPT}, key=None).status_code == 401
+    assert post(server, "/v1/completions", {"prompt": PROMPT}, key="wrong").status_code == 401
+    assert httpx.get(server["url"] + "/v1/models").status_code == 401
+
+
+def test_full_waiting_queue_gets_503_with_retry_after(server):
+    scheduler = server["engine"].scheduler
+    saved = scheduler.config.max_waiting
+    scheduler.config.max_waiting = 0  # every new request finds the queue full
+    try:
+        res = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
+    finally:
+        scheduler.config.max_waiting = saved
+    assert res.status_code == 503 and res.headers["retry-after"] == "1"
+    assert post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+def test_a_client_that_disconnects_mid_stream_has_its_sequence_aborted(server):
+    engine = server["engine"]
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server["url"] + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as res:
+        lines = res.iter_lines()
+        first = next(line for line in lines if line.startswith("data:"))
+        assert json.loads(first[5:])["choices"][0]["finish_reason"] is None
+    deadline = time.time() + 20
+    while engine.has_unfinished() or engine.scheduler.num_used_blocks:
+        assert time.time() < deadline, "the disconnected request kept running"
+        time.sleep(0.05)
+
+
+def test_streaming_holds_back_partial_stop_strings_and_characters():
+    assert stable_text("hello wor", ["world"], finished=False) == "hello "
+    assert stable_text("abc\ufffd", [], finished=False) == "abc"
+    assert stable_text("hello wor", ["world"], finished=True) == "hello wor"
