@@ -32,7 +32,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from quantkit.kernels import cpu_int4  # noqa: E402
-from quantkit.kernels.attention import AttentionMetadata, paged_attention  # noqa: E402
+from quantkit.kernels.attention import AttentionMetadata, cpu_layout, paged_attention  # noqa: E402
+from quantkit.kernels.threads import cpu_threads, threads_for_tokens  # noqa: E402
 from quantkit.pack import pack_int4  # noqa: E402
 
 # (name, in_features, out_features) of one SmolLM2-135M decoder block.
@@ -48,6 +49,7 @@ LAYER_SHAPES = [
 ROWS = [1, 4, 16, 64, 256]
 CROSSOVER_ROWS = [1, 2, 4, 8, 12, 16, 24, 32]
 GROUP_SIZE = 64
+MAX_THREADS = torch.get_num_threads()
 
 
 def timeit(fn: Callable[[], object], min_seconds: float = 0.3, min_runs: int = 5) -> float:
@@ -75,10 +77,11 @@ def machine() -> dict:
     }
 
 
-def memory_bandwidth(min_seconds: float) -> float:
+def memory_bandwidth(min_seconds: float, threads: int) -> float:
     """Read bandwidth in bytes/s: summing a 1 GiB fp32 tensor reads every byte once."""
     x = torch.rand(256 * 1024 * 1024)
-    seconds = timeit(lambda: x.sum(), min_seconds)
+    with cpu_threads(threads):
+        seconds = timeit(lambda: x.sum(), min_seconds)
     return x.numel() * x.element_size() / seconds
 
 
@@ -95,6 +98,7 @@ def int4_bytes(k: int, n: int) -> int:
 
 
 def matmul_table(min_seconds: float) -> list[dict]:
+    """Each M timed with the thread count the runtime uses for a step of M tokens (kernels/threads.py)."""
     rows = []
     for name, k, n in LAYER_SHAPES:
         weight = cpu_int4.prepare_cpu_int4(*random_awq(k, n, seed=k + n))
@@ -103,15 +107,17 @@ def matmul_table(min_seconds: float) -> list[dict]:
         for m in ROWS:
             x = torch.randn(m, k).to(torch.bfloat16)
             x32 = x.float()
-            t = {
-                "int4_fused": timeit(lambda: cpu_int4.int4_matmul_fused(x, weight), min_seconds),
-                "int4_dequant_bf16": timeit(lambda: F.linear(x, cpu_int4.dequantize_cpu_int4(weight, torch.bfloat16)), min_seconds),
-                "bf16": timeit(lambda: F.linear(x, w_bf16), min_seconds),
-                "fp32": timeit(lambda: F.linear(x32, w_fp32), min_seconds),
-            }
+            threads = threads_for_tokens(m, MAX_THREADS)
+            with cpu_threads(threads):
+                t = {
+                    "int4_fused": timeit(lambda: cpu_int4.int4_matmul_fused(x, weight), min_seconds),
+                    "int4_dequant_bf16": timeit(lambda: F.linear(x, cpu_int4.dequantize_cpu_int4(weight, torch.bfloat16)), min_seconds),
+                    "bf16": timeit(lambda: F.linear(x, w_bf16), min_seconds),
+                    "fp32": timeit(lambda: F.linear(x32, w_fp32), min_seconds),
+                }
             bytes_read = {"int4_fused": int4_bytes(k, n), "int4_dequant_bf16": int4_bytes(k, n), "bf16": 2 * k * n, "fp32": 4 * k * n}
             rows.append({
-                "layer": name, "in": k, "out": n, "m": m,
+                "layer": name, "in": k, "out": n, "m": m, "threads": threads,
                 "seconds": t,
                 "weight_gbps": {key: bytes_read[key] / t[key] / 1e9 for key in t},
                 "int4_speedup_vs_bf16": t["bf16"] / t["int4_fused"],
@@ -125,8 +131,9 @@ def crossover(min_seconds: float) -> list[dict]:
     out = []
     for m in CROSSOVER_ROWS:
         xs = [torch.randn(m, k).to(torch.bfloat16) for _, k in layers]
-        fused = timeit(lambda: [cpu_int4.int4_matmul_fused(x, w) for x, (w, _) in zip(xs, layers)], min_seconds)
-        dense = timeit(lambda: [F.linear(x, cpu_int4.dequantize_cpu_int4(w, torch.bfloat16)) for x, (w, _) in zip(xs, layers)], min_seconds)
+        with cpu_threads(threads_for_tokens(m, MAX_THREADS)):
+            fused = timeit(lambda: [cpu_int4.int4_matmul_fused(x, w) for x, (w, _) in zip(xs, layers)], min_seconds)
+            dense = timeit(lambda: [F.linear(x, cpu_int4.dequantize_cpu_int4(w, torch.bfloat16)) for x, (w, _) in zip(xs, layers)], min_seconds)
         out.append({"m": m, "fused_s": fused, "dequant_bf16_s": dense, "fused_over_dense": fused / dense})
     return out
 
@@ -142,9 +149,10 @@ def attention_candidates(min_seconds: float) -> list[dict]:
         v_cache = torch.randn_like(k_cache)
         tables = torch.randperm(blocks).view(batch, -1).tolist()
         q = torch.randn(batch, heads, head_dim).to(torch.bfloat16)
-        meta = AttentionMetadata.build(tables, [ctx] * batch, [1] * batch, block_size)
+        meta = AttentionMetadata.build(tables, [ctx - (i * 7) % 50 for i in range(batch)], [1] * batch, block_size)
         scale = head_dim**-0.5
         k_flat, v_flat = k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)
+        k_cpu, v_cpu = cpu_layout(k_cache), cpu_layout(v_cache)  # the runtime's head-major CPU cache
 
         def per_sequence():
             for row in range(batch):
@@ -153,14 +161,22 @@ def attention_candidates(min_seconds: float) -> list[dict]:
                 v = v_flat[slots].transpose(0, 1).unsqueeze(0)
                 F.scaled_dot_product_attention(q[row].view(1, heads, 1, head_dim), k, v, scale=scale, enable_gqa=True)
 
-        row = {"batch": batch, "context": ctx}
-        row["padded_sdpa_s"] = timeit(lambda: paged_attention(q, k_cache, v_cache, meta, scale), min_seconds)
-        row["per_sequence_sdpa_s"] = timeit(per_sequence, min_seconds)
-        if flex is not None:
-            k = k_flat[meta.decode_slots].transpose(1, 2)
+        def padded_sdpa():
+            k = k_flat[meta.decode_slots].transpose(1, 2)  # [n, Hkv, max_ctx, D]
             v = v_flat[meta.decode_slots].transpose(1, 2)
-            row["flex_compiled_s"] = timeit(lambda: flex(q.unsqueeze(2), k, v, scale), min_seconds)
-            row["flex_note"] = "K/V pre-gathered (gather not timed), so this is a lower bound for flex"
+            mask = meta.decode_mask if meta.decode_mask is not None else None
+            return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+        row = {"batch": batch, "context": ctx, "threads": threads_for_tokens(batch, MAX_THREADS)}
+        with cpu_threads(row["threads"]):
+            row["grouped_matmul_s"] = timeit(lambda: paged_attention(q, k_cpu, v_cpu, meta, scale), min_seconds)  # the runtime's choice
+            row["padded_sdpa_s"] = timeit(padded_sdpa, min_seconds)
+            row["per_sequence_sdpa_s"] = timeit(per_sequence, min_seconds)
+            if flex is not None:
+                k = k_flat[meta.decode_slots].transpose(1, 2)
+                v = v_flat[meta.decode_slots].transpose(1, 2)
+                row["flex_compiled_s"] = timeit(lambda: flex(q.unsqueeze(2), k, v, scale), min_seconds)
+                row["flex_note"] = "K/V pre-gathered (gather not timed), so this is a lower bound for flex"
         results.append(row)
     return results
 
@@ -180,33 +196,51 @@ def _compiled_flex():
         return None
 
 
-def decode_step(min_seconds: float) -> dict | None:
-    """Batch-1 decode step of the whole default model, int4 vs bf16, through the runtime."""
-    try:
-        from quantkit.runtime.bench_support import decode_step_seconds
-    except ImportError as e:
-        print(f"runtime model not available yet ({e}); skipping the decode step")
-        return None
-    return decode_step_seconds(min_seconds)
+def decode_step(min_seconds: float, artifact: Path) -> dict:
+    """Batch-1 decode step of the whole default model through the runtime: int4 artifact vs bf16 weights.
+
+    The artifact only fixes the weight format; speed does not depend on AWQ vs RTN codes, so a
+    missing artifact is made with the quick RTN method.
+    """
+    from quantkit.runtime.model_runner import ModelRunner, StepInput
+    from quantkit.runtime.weights import load_weights
+
+    if not (artifact / "quantkit.json").is_file():
+        from quantkit.pipeline import quantize
+        from quantkit.recipe import Recipe
+
+        quantize("smollm2-135m", artifact, Recipe().with_overrides(method="rtn", group_size=64), force=True)
+    out = {"artifact": str(artifact), "context": 256}
+    for name, spec in (("int4", artifact), ("bf16", "smollm2-135m")):
+        runner = ModelRunner(load_weights(spec), torch.bfloat16, block_size=16, num_blocks=32)
+        table = list(range(17))
+        runner.run(StepInput([list(range(100, 356))], [0], [table], [True]))  # prefill 256 tokens
+        step = StepInput([[42]], [256], [table], [True])  # then decode position 256, over and over
+        out[f"{name}_s"] = timeit(lambda: runner.run(step), min_seconds)
+        out[f"{name}_layers_only_s"] = timeit(lambda: runner._forward(step), min_seconds)  # without the lm_head
+        out[f"{name}_linear_weight_bytes"] = sum(m.weight_bytes() for m in runner.model.modules() if hasattr(m, "weight_bytes"))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter timing windows")
+    parser.add_argument("--artifact", type=Path, default=Path.home() / ".cache" / "quantkit" / "bench" / "smollm2-rtn-g64", help="int4 artifact of the default model (made with RTN if missing)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
     args = parser.parse_args()
     min_seconds = 0.1 if args.quick else 0.3
 
-    bandwidth = memory_bandwidth(min_seconds)
-    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)\n")
+    bandwidth = memory_bandwidth(min_seconds, MAX_THREADS)
+    bandwidth_1 = memory_bandwidth(min_seconds, 1)
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s ({MAX_THREADS} threads), {bandwidth_1 / 1e9:.1f} GB/s (1 thread)\n")
 
     table = matmul_table(min_seconds)
-    print(f"{'layer':10} {'M':>4} | {'int4 us':>8} {'deq+bf16':>9} {'bf16 us':>8} {'fp32 us':>8} | {'int4/bf16':>9} | {'int4 GB/s':>9} {'% of BW':>7}")
+    print(f"{'layer':10} {'M':>4} {'thr':>3} | {'int4 us':>8} {'deq+bf16':>9} {'bf16 us':>8} {'fp32 us':>8} | {'int4/bf16':>9} | {'int4 GB/s':>9} {'% of BW':>7}")
     for r in table:
         s, bw = r["seconds"], r["weight_gbps"]["int4_fused"]
         print(
-            f"{r['layer']:10} {r['m']:>4} | {s['int4_fused'] * 1e6:8.1f} {s['int4_dequant_bf16'] * 1e6:9.1f} {s['bf16'] * 1e6:8.1f} {s['fp32'] * 1e6:8.1f} |"
-            f" {r['int4_speedup_vs_bf16']:8.2f}x | {bw:9.1f} {100 * bw * 1e9 / bandwidth:6.0f}%"
+            f"{r['layer']:10} {r['m']:>4} {r['threads']:>3} | {s['int4_fused'] * 1e6:8.1f} {s['int4_dequant_bf16'] * 1e6:9.1f} {s['bf16'] * 1e6:8.1f} {s['fp32'] * 1e6:8.1f} |"
+            f" {r['int4_speedup_vs_bf16']:8.2f}x | {bw:9.1f} {100 * bw * 1e9 / (bandwidth if r['threads'] > 1 else bandwidth_1):6.0f}%"
         )
     block = {}
     for m in ROWS:
@@ -214,10 +248,11 @@ def main() -> None:
         t_int4 = sum(r["seconds"]["int4_fused"] for r in rows)
         t_bf16 = sum(r["seconds"]["bf16"] for r in rows)
         bytes_int4 = sum(int4_bytes(r["in"], r["out"]) for r in rows)
-        block[m] = {"int4_s": t_int4, "bf16_s": t_bf16, "speedup": t_bf16 / t_int4, "int4_gbps": bytes_int4 / t_int4 / 1e9}
+        roof = bandwidth if threads_for_tokens(m, MAX_THREADS) > 1 else bandwidth_1
+        block[m] = {"int4_s": t_int4, "bf16_s": t_bf16, "speedup": t_bf16 / t_int4, "int4_gbps": bytes_int4 / t_int4 / 1e9, "fraction_of_read_bw": bytes_int4 / t_int4 / roof}
     print("\nwhole block (7 linears):")
     for m, b in block.items():
-        print(f"  M={m:<4} int4 {b['int4_s'] * 1e6:8.1f} us  bf16 {b['bf16_s'] * 1e6:8.1f} us  speedup {b['speedup']:.2f}x  int4 {b['int4_gbps']:.1f} GB/s ({100 * b['int4_gbps'] * 1e9 / bandwidth:.0f}% of read BW)")
+        print(f"  M={m:<4} int4 {b['int4_s'] * 1e6:8.1f} us  bf16 {b['bf16_s'] * 1e6:8.1f} us  speedup {b['speedup']:.2f}x  int4 {b['int4_gbps']:.1f} GB/s ({100 * b['fraction_of_read_bw']:.0f}% of read BW at the same threads)")
 
     cross = crossover(min_seconds)
     print("\nfused int4 vs dequantize + bf16 matmul (one block's linears):")
@@ -228,17 +263,19 @@ def main() -> None:
     print("\nCPU decode attention, one layer (9 heads / 3 KV heads, d=64, bf16):")
     for a in attn:
         flex = f"  flex(compiled) {a['flex_compiled_s'] * 1e6:8.1f} us" if "flex_compiled_s" in a else ""
-        print(f"  batch {a['batch']:>3} ctx {a['context']:>4}: padded SDPA {a['padded_sdpa_s'] * 1e6:8.1f} us  per-sequence SDPA {a['per_sequence_sdpa_s'] * 1e6:8.1f} us{flex}")
+        print(f"  batch {a['batch']:>3} ctx {a['context']:>4}: grouped matmul (chosen) {a['grouped_matmul_s'] * 1e6:8.1f} us  padded SDPA {a['padded_sdpa_s'] * 1e6:8.1f} us  per-sequence SDPA {a['per_sequence_sdpa_s'] * 1e6:8.1f} us{flex}")
 
-    step = decode_step(min_seconds)
+    step = decode_step(min_seconds, args.artifact)
     if step:
-        print(f"\nwhole-model decode step, batch 1: int4 {step['int4_s'] * 1e3:.2f} ms, bf16 {step['bf16_s'] * 1e3:.2f} ms, speedup {step['bf16_s'] / step['int4_s']:.2f}x")
+        print(f"\nwhole-model decode step, batch 1, context 256: int4 {step['int4_s'] * 1e3:.2f} ms, bf16 {step['bf16_s'] * 1e3:.2f} ms, speedup {step['bf16_s'] / step['int4_s']:.2f}x")
+        print(f"  decoder layers only (no lm_head): int4 {step['int4_layers_only_s'] * 1e3:.2f} ms, bf16 {step['bf16_layers_only_s'] * 1e3:.2f} ms, speedup {step['bf16_layers_only_s'] / step['int4_layers_only_s']:.2f}x")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "date": datetime.date.today().isoformat(),
         "machine": machine(),
         "memory_read_bandwidth_bytes_per_s": bandwidth,
+        "memory_read_bandwidth_1_thread_bytes_per_s": bandwidth_1,
         "group_size": GROUP_SIZE,
         "matmul": table,
         "block": block,

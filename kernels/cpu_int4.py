@@ -6,8 +6,11 @@ is w = (q - z) * s = (q - 8) * s + (8 - z) * s, so the repack keeps the codes ex
 zero = (8 - z) * s. Both s and zero are rounded to bf16 (the op's only fast dtype): that costs
 about 2**-9 relative per group on top of the fp16 scales, well inside bf16 activation noise.
 
-The fused op wins only for a few rows (it re-decodes the weights for every row block); for
-many rows the dense path dequantizes once and runs a bf16 matmul (see DENSE_FROM_ROWS).
+For many rows the fused op loses to a bf16 matmul (2x at M = 256), but on this machine
+dequantizing the weight for every call costs far more than that (about 10x the fused op at every M
+up to 32; benchmarks/kernels.py), so bf16 activations always take the fused op. The dequantize +
+matmul path serves other activation dtypes (fp32 for exact comparisons), where the fused op is
+25-70x slower.
 """
 
 from __future__ import annotations
@@ -25,10 +28,9 @@ _COLUMN_SHIFTS = torch.tensor([4 * AWQ_ORDER.index(c) for c in range(PACK_FACTOR
 # K that is a multiple of 32 (all supported group sizes are).
 _INNER_K_TILES = 2
 
-# From this many rows on, dequantize + bf16 matmul beats the fused op. Measured by
-# benchmarks/kernels.py on this machine (2 cores, AVX-512 bf16) on the default model's shapes:
-# the fused op is ahead at M <= 8 and behind from M = 16.
-DENSE_FROM_ROWS = 16
+# From this many rows on, bf16 activations would take dequantize + bf16 matmul instead of the
+# fused op. None: never, since per-call dequantization never paid on this machine (see above).
+DENSE_FROM_ROWS: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def dequantize_cpu_int4(weight: CpuInt4Weight, dtype: torch.dtype) -> torch.Tens
 
 def int4_matmul(x: torch.Tensor, weight: CpuInt4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, in] -> [M, out] in x.dtype, choosing the fused op or dequantize + dense by M and dtype."""
-    if x.dtype == torch.bfloat16 and x.shape[0] < DENSE_FROM_ROWS:
+    if x.dtype == torch.bfloat16 and (DENSE_FROM_ROWS is None or x.shape[0] < DENSE_FROM_ROWS):
         y = int4_matmul_fused(x.contiguous(), weight)
         return y if bias is None else y + bias.to(y.dtype)
     # Other dtypes fall onto a path 25-70x slower in the fused op: dequantize instead.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from .engine import LLMEngine, RequestOutput
@@ -66,43 +67,51 @@ class AsyncEngine:
             self._streams.pop(rid, None)
             self.engine.abort(rid)
 
-    def _run(self) -> None:
-        import time
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
+    def _run(self) -> None:
         while not self._stopping:
-            if self._pending_aborts:
-                with self._lock:
-                    self._abort_pending()
-            if not self.engine.has_unfinished():
-                self._work.wait(0.05)
-                self._work.clear()
-                continue
+            try:
+                self._iterate()
+            except Exception:  # noqa: BLE001 - keep the loop alive whatever a hook does
+                log.exception("engine loop iteration failed")
+
+    def _iterate(self) -> None:
+        if self._pending_aborts:
             with self._lock:
-                start = time.perf_counter()
-                try:
-                    outputs = self.engine.step()
-                except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
-                    log.exception("engine step failed")
-                    self._fail_running(e)
-                    continue
-                elapsed = time.perf_counter() - start
-                for out in outputs:
-                    target = self._streams.get(out.request_id)
-                    if target:
-                        target[0].call_soon_threadsafe(target[1].put_nowait, out)
-                    if out.finished:
-                        self._streams.pop(out.request_id, None)
-            if self.on_step:
-                self.on_step(outputs, elapsed)
+                self._abort_pending()
+        if not self.engine.has_unfinished():
+            self._work.wait(0.05)
+            self._work.clear()
+            return
+        with self._lock:
+            start = time.perf_counter()
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
+                log.exception("engine step failed")
+                self._fail_running(e)
+                return
+            elapsed = time.perf_counter() - start
+            for out in outputs:
+                target = self._streams.get(out.request_id)
+                if target:
+                    target[0].call_soon_threadsafe(target[1].put_nowait, out)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+        if self.on_step:
+            self.on_step(outputs, elapsed)
 
     def _fail_running(self, error: Exception) -> None:
-        """Abort the sequences that were in the failed step (the running set) and tell their clients."""
+        """Abort the running set (the failed step's sequences) and tell every client whose request is gone."""
         for seq in list(self.engine.scheduler.running):
-            rid = seq.seq_id
-            self.engine.abort(rid)
-            target = self._streams.pop(rid, None)
-            if target:
-                target[0].call_soon_threadsafe(target[1].put_nowait, EngineFailure(f"the engine failed on this request: {error}"))
+            self.engine.abort(seq.seq_id)
+        failure = EngineFailure(f"the engine failed on this request: {error}")
+        for rid in [r for r in self._streams if r not in self.engine.sequences]:
+            loop, queue = self._streams.pop(rid)
+            loop.call_soon_threadsafe(queue.put_nowait, failure)
 
 
 class RequestStream:

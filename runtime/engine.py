@@ -84,10 +84,19 @@ class LLMEngine:
         self._next_id = 0
 
     # ------------------------------------------------------------------ requests
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt; text gets the tokenizer's special tokens (BOS for Llama 2/3, Mistral)."""
+        token_ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
+        vocab = self.runner.config.vocab_size
+        bad = next((t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        return token_ids
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
         """Queue a request; returns its id. Raises ValueError (bad request) or QueueFull."""
         params = params or SamplingParams()
-        token_ids = self.tokenizer.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else list(prompt)
+        token_ids = self.tokenize(prompt)
         if not token_ids:
             raise ValueError("the prompt is empty: send at least one token")
         if len(token_ids) + params.max_tokens > self.max_model_len:
@@ -220,14 +229,19 @@ class LLM:
         pending = list(zip(prompts, params_list))[::-1]
         order: list[int] = []
         done: dict[int, RequestOutput] = {}
-        while pending or self.engine.has_unfinished():
-            while pending:  # queue as many as the engine accepts, then step to make room
-                try:
-                    order.append(self.engine.add_request(*pending[-1]))
-                except QueueFull:
-                    break
-                pending.pop()
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+        try:
+            while pending or self.engine.has_unfinished():
+                while pending:  # queue as many as the engine accepts, then step to make room
+                    try:
+                        order.append(self.engine.add_request(*pending[-1]))
+                    except QueueFull:
+                        break
+                    pending.pop()
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:
+            for rid in order:  # a bad prompt (or Ctrl-C) must not leave the others running
+                self.engine.abort(rid)
+            raise
         return [done[i] for i in order]

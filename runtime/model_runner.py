@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.kernels.attention import AttentionMetadata
+from quantkit.kernels.attention import AttentionMetadata, allocate_kv_cache
+from quantkit.kernels.threads import cpu_threads, threads_for_tokens
 
 from .models import MODEL_CLASSES
 from .weights import ModelWeights
@@ -44,6 +45,7 @@ class ModelRunner:
         except ValueError as e:
             raise QuantkitError(f"{weights.path}/config.json: {e}") from None
         self.dtype, self.block_size = dtype, block_size
+        self.max_threads = torch.get_num_threads()
         with torch.inference_mode():
             self.model = network(self.config, weights.tensors, dtype)
         c = self.config
@@ -58,8 +60,7 @@ class ModelRunner:
                 f"{block_size} tokens); raise --kv-cache-memory."
             )
         self.num_blocks = num_blocks
-        cache = torch.zeros(2, c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype=dtype)
-        self.kv_caches = [(cache[0, i], cache[1, i]) for i in range(c.num_layers)]
+        self.kv_caches = allocate_kv_cache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype)
 
     @property
     def max_model_len(self) -> int:
@@ -71,7 +72,8 @@ class ModelRunner:
         query_lens = [len(ids) for ids in step.token_ids]
         context_lens = [s + q for s, q in zip(step.starts, query_lens)]
         meta = AttentionMetadata.build(step.block_tables, context_lens, query_lens, self.block_size)
-        return self.model(input_ids, positions, self.kv_caches, meta), meta
+        with cpu_threads(threads_for_tokens(len(input_ids), self.max_threads)):
+            return self.model(input_ids, positions, self.kv_caches, meta), meta
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> torch.Tensor:

@@ -108,7 +108,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         idx = torch.tensor(rows, device=logits.device)
         temperature = torch.tensor([params[i].temperature for i in rows], device=logits.device)
         x = logits[idx] / temperature[:, None]
-        top_k = torch.tensor([params[i].top_k if params[i].top_k > 0 else vocab for i in rows], device=logits.device)
+        top_k = torch.tensor([min(params[i].top_k, vocab) if params[i].top_k > 0 else vocab for i in rows], device=logits.device)
         top_p = torch.tensor([params[i].top_p for i in rows], device=logits.device)
         if (top_k < vocab).any() or (top_p < 1).any():
             x = _filter_top_k_top_p(x, top_k, top_p)

@@ -7,6 +7,7 @@ full waiting queue 503 with Retry-After; the server keeps serving in every case.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -64,6 +65,8 @@ class Metrics:
             if out.finished:
                 self.e2e.observe(now - out.arrival_time)
                 self._last_token.pop(out.request_id, None)
+        for rid in [r for r in self._last_token if r not in engine.sequences]:
+            del self._last_token[rid]  # aborted or failed requests never send a finished output
         stats = engine.stats()
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
@@ -88,13 +91,15 @@ def _field(body: dict, name: str, types: tuple, default: Any = None) -> Any:
     return value
 
 
-def sampling_params(body: dict, engine: LLMEngine, default_max_tokens: int) -> SamplingParams:
+def sampling_params(body: dict, default_max_tokens: int) -> SamplingParams:
     if _field(body, "n", (int,), 1) != 1:
         raise BadRequest("'n' must be 1: one choice per request is supported")
     stop = _field(body, "stop", (str, list), [])
     logprobs = body.get("logprobs")
     want_logprobs = bool(logprobs) if isinstance(logprobs, bool) else _field(body, "logprobs", (int,), 0) > 0
-    max_tokens = _field(body, "max_completion_tokens", (int,), None) or _field(body, "max_tokens", (int,), default_max_tokens)
+    max_tokens = _field(body, "max_completion_tokens", (int,), None)
+    if max_tokens is None:
+        max_tokens = _field(body, "max_tokens", (int,), default_max_tokens)
     try:
         return SamplingParams(
             temperature=float(_field(body, "temperature", (int, float), 1.0)),
@@ -134,6 +139,8 @@ def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | 
         return given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), api_key.encode())
 
     async def health(_: Request) -> Response:
+        if not runner.alive:
+            return JSONResponse({"status": "engine thread stopped"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def metrics_endpoint(_: Request) -> Response:
@@ -157,10 +164,14 @@ def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | 
             return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
         try:
             body = await read_json(request)
-            prompt = chat_prompt(engine, body) if chat else completion_prompt(body)
-            params = sampling_params(body, engine, DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_MAX_TOKENS)
             stream = _field(body, "stream", (bool,), False)
-            stream_out = await runner.add(prompt, params)
+            # Tokenizing (and the chat template) off the event loop and outside the engine lock.
+            prompt_ids = await asyncio.to_thread(chat_prompt if chat else completion_prompt, engine, body)
+            asked = "max_completion_tokens" in body or "max_tokens" in body
+            default = DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_MAX_TOKENS
+            # An unasked-for default never makes a request fail: it shrinks to the room left.
+            params = sampling_params(body, default if asked else max(1, min(default, engine.max_model_len - len(prompt_ids))))
+            stream_out = await runner.add(prompt_ids, params)
         except BadRequest as e:
             metrics.requests.labels(endpoint, "400").inc()
             return error(400, str(e))
@@ -175,6 +186,7 @@ def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | 
             metrics.requests.labels(endpoint, "200").inc()
             return StreamingResponse(sse(rid, stream_out, chat, served_name, params, metrics), media_type="text/event-stream")
         last = None
+        watcher = asyncio.create_task(_cancel_on_disconnect(request, stream_out))
         try:
             async for out in stream_out:
                 last = out
@@ -182,10 +194,15 @@ def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | 
             metrics.requests.labels(endpoint, "500").inc()
             return error(500, str(e), "server_error")
         finally:
+            watcher.cancel()
             stream_out.cancel()  # no-op when finished; frees the blocks if this handler was cancelled
+        if last is None or not last.finished:  # the client went away
+            metrics.requests.labels(endpoint, "499").inc()
+            return error(499, "client disconnected", "client_closed_request")
         metrics.requests.labels(endpoint, "200").inc()
         metrics.prompt_tokens.inc(len(last.prompt_token_ids))
-        return JSONResponse(full_response(rid, last, chat, served_name, params))
+        pieces = engine.tokenizer.convert_ids_to_tokens(last.token_ids) if params.logprobs else []
+        return JSONResponse(full_response(rid, last, chat, served_name, params, pieces))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette):
@@ -209,28 +226,48 @@ def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | 
     return app
 
 
-def completion_prompt(body: dict) -> str | list[int]:
+async def _cancel_on_disconnect(request: Request, stream: RequestStream) -> None:
+    """Starlette does not cancel a plain handler when its client leaves: watch for it and abort."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            stream.cancel()
+            return
+
+
+def completion_prompt(engine: LLMEngine, body: dict) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # the client libraries wrap a single prompt in a list
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request)")
+    if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+        raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request)")
+    try:
+        return engine.tokenize(prompt)
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
 
 
 def chat_prompt(engine: LLMEngine, body: dict) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
+    plain = []
     for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
+                raise BadRequest("message content parts must all be {'type': 'text', 'text': str}; images are not supported")
+            content = "".join(part["text"] for part in content)
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
             raise BadRequest("each message must be an object with string 'role' and 'content'")
+        plain.append({"role": m["role"], "content": content})
     if not getattr(engine.tokenizer, "chat_template", None):
         raise BadRequest("this model's tokenizer has no chat template: use /v1/completions")
-    ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+    try:
+        ids = engine.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # noqa: BLE001 - templates raise their own errors (e.g. role order)
+        raise BadRequest(f"the chat template rejected these messages: {e}") from None
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def usage(out: RequestOutput) -> dict:
@@ -238,16 +275,16 @@ def usage(out: RequestOutput) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
 
-def full_response(rid: str, out: RequestOutput, chat: bool, model: str, params: SamplingParams) -> dict:
+def full_response(rid: str, out: RequestOutput, chat: bool, model: str, params: SamplingParams, pieces: list[str]) -> dict:
     created = int(time.time())
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason}
         if params.logprobs:
-            choice["logprobs"] = {"content": [{"token": str(t), "logprob": lp} for t, lp in zip(out.token_ids, out.logprobs)]}
+            choice["logprobs"] = {"content": [{"token": p, "logprob": lp, "bytes": list(p.encode()), "top_logprobs": []} for p, lp in zip(pieces, out.logprobs)]}
         return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice], "usage": usage(out)}
     choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
     if params.logprobs:
-        choice["logprobs"] = {"tokens": [str(t) for t in out.token_ids], "token_logprobs": out.logprobs}
+        choice["logprobs"] = {"tokens": pieces, "token_logprobs": out.logprobs, "top_logprobs": None, "text_offset": None}
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice], "usage": usage(out)}
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quantkit.kernels import cpu_int4
-from quantkit.kernels.attention import AttentionMetadata, paged_attention, store_kv
+from quantkit.kernels.attention import AttentionMetadata, cpu_layout, paged_attention, store_kv
 from quantkit.kernels.linear import DenseLinear, QuantLinear, build_linear
 from quantkit.kernels.reference import paged_attention_ref, store_kv_ref, w4a16_matmul_ref
 from quantkit.pack import pack_int4
@@ -140,7 +140,7 @@ def test_cpu_paged_attention_matches_reference_fp32(case, heads, kv_heads, block
     context_lens, query_lens = CASES[case]
     query, k_cache, v_cache, meta = random_paged_case(context_lens, query_lens, heads, kv_heads, 32, block_size, torch.float32, seed=block_size + heads)
     out = torch.full_like(query, float("nan"))
-    paged_attention(query, k_cache, v_cache, meta, scale=32**-0.5, out=out)
+    paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=32**-0.5, out=out)
     expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 32**-0.5)
     assert not out.isnan().any()
     assert rel_err(out, expected) < FP32_RTOL
@@ -149,7 +149,7 @@ def test_cpu_paged_attention_matches_reference_fp32(case, heads, kv_heads, block
 def test_cpu_paged_attention_matches_reference_bf16():
     query, k_cache, v_cache, meta = random_paged_case([9, 40, 3, 17], [1, 12, 3, 1], 9, 3, 64, 16, torch.bfloat16, seed=11)
     out = torch.full_like(query, float("nan"))
-    paged_attention(query, k_cache, v_cache, meta, scale=0.125, out=out)
+    paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=0.125, out=out)
     expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 0.125)
     assert rel_err(out, expected) < BF16_RTOL
 
@@ -167,8 +167,9 @@ def test_store_kv_writes_slots_and_skips_minus_one():
     v_cache = torch.randn(4, 16, 2, 8, generator=g)
     key, value = torch.randn(5, 2, 8, generator=g), torch.randn(5, 2, 8, generator=g)
     meta = AttentionMetadata.build([[3]], [5], [5], 16)
-    meta.slot_mapping = torch.tensor([48, -1, 50, 17, -1])
+    meta.slot_mapping, meta.skips_slots = torch.tensor([48, -1, 50, 17, -1]), True
     k_expected, v_expected = k_cache.clone(), v_cache.clone()
     store_kv_ref(key, value, k_expected, v_expected, meta.slot_mapping)
-    store_kv(key, value, k_cache, v_cache, meta)
-    assert torch.equal(k_cache, k_expected) and torch.equal(v_cache, v_expected)
+    k_cpu, v_cpu = cpu_layout(k_cache), cpu_layout(v_cache)
+    store_kv(key, value, k_cpu, v_cpu, meta)
+    assert torch.equal(k_cpu, cpu_layout(k_expected)) and torch.equal(v_cpu, cpu_layout(v_expected))

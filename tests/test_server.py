@@ -162,3 +162,51 @@ def test_streaming_holds_back_partial_stop_strings_and_characters():
     assert stable_text("hello wor", ["world"], finished=False) == "hello "
     assert stable_text("abc\ufffd", [], finished=False) == "abc"
     assert stable_text("hello wor", ["world"], finished=True) == "hello wor"
+
+
+def test_out_of_vocabulary_token_ids_get_400_and_do_not_fail_other_requests(server, client):
+    assert post(server, "/v1/completions", {"prompt": [1, 10**9], "max_tokens": 2}).status_code == 400
+    assert post(server, "/v1/completions", {"prompt": [-1], "max_tokens": 2}).status_code == 400
+    res = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0, extra_body={"top_k": 2**62})
+    assert res.usage.completion_tokens == 3
+
+
+def test_chat_accepts_text_content_parts_and_reports_template_errors_as_400(server, client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "something."}]}]
+    joined = [{"role": "user", "content": "Say something."}]
+    a = client.chat.completions.create(model="tiny", messages=parts, max_tokens=4, temperature=0)
+    b = client.chat.completions.create(model="tiny", messages=joined, max_tokens=4, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    engine = server["engine"]
+    engine.tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    try:
+        res = post(server, "/v1/chat/completions", {"messages": joined})
+    finally:
+        engine.tokenizer.chat_template = CHAT_TEMPLATE
+    assert res.status_code == 400 and "roles must alternate" in res.json()["error"]["message"]
+
+
+def test_a_default_max_tokens_shrinks_to_the_room_left_in_the_context(server):
+    long_prompt = list(range(100)) * 5  # 500 of the tiny model's 512 positions
+    res = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x " * 240}]})
+    assert res.status_code == 200, res.text
+    res = post(server, "/v1/completions", {"prompt": long_prompt, "temperature": 0, "ignore_eos": True})
+    assert res.status_code == 200 and res.json()["usage"]["completion_tokens"] == 12
+
+
+def test_a_non_streaming_client_that_disconnects_has_its_sequence_aborted(server, monkeypatch):
+    engine = server["engine"]
+    step = engine.step
+
+    def slow_step():  # 400 steps now take >= 4 s, so the client surely leaves first
+        time.sleep(0.01)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server["url"] + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.5)
+    deadline = time.time() + 20
+    while engine.has_unfinished() or engine.scheduler.num_used_blocks:
+        assert time.time() < deadline, "the disconnected request kept running"
+        time.sleep(0.05)

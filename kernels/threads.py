@@ -1,0 +1,36 @@
+"""How many CPU threads a step uses: one for small steps, all for big ones.
+
+Measured on this machine (benchmarks/kernels.py, BENCHMARKS.md): with OMP_WAIT_POLICY=PASSIVE,
+waking the second thread costs ~30 us per parallel op, which is more than the op itself at
+batch-1 decode (~1,000 small ops per step). With spinning waits the wake-up is free, but then any
+other busy process stalls every op (a decode step's mean went from 14 ms to 49 ms, worst 182 ms).
+So the runtime keeps PASSIVE waits and runs small steps on one thread; big matmuls (large
+batches, prefill, the lm_head) use them all. Switching costs well under a microsecond.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+# Steps with at most this many tokens run on one thread. Measured (PASSIVE, one block's four fused
+# int4 linears): 1 thread 168 / 325 / 643 us at M = 4 / 8 / 16, 2 threads 311 / 358 / 533 us.
+SINGLE_THREAD_MAX_TOKENS = 8
+
+
+@contextlib.contextmanager
+def cpu_threads(num_threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    if num_threads != previous:
+        torch.set_num_threads(num_threads)
+    try:
+        yield
+    finally:
+        if num_threads != previous:
+            torch.set_num_threads(previous)
+
+
+def threads_for_tokens(num_tokens: int, max_threads: int) -> int:
+    return 1 if num_tokens <= SINGLE_THREAD_MAX_TOKENS else max_threads
