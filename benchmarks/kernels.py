@@ -17,10 +17,7 @@ Prints tables and writes JSON (benchmarks/results/kernels.json):
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from common import write_results  # noqa: E402
 from quantkit.kernels import cpu_int4  # noqa: E402
 from quantkit.kernels.attention import AttentionMetadata, cpu_layout, paged_attention  # noqa: E402
 from quantkit.kernels.threads import cpu_threads, threads_for_tokens  # noqa: E402
@@ -63,18 +61,6 @@ def timeit(fn: Callable[[], object], min_seconds: float = 0.3, min_runs: int = 5
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "unknown")
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-    }
 
 
 def memory_bandwidth(min_seconds: float, threads: int) -> float:
@@ -270,10 +256,7 @@ def main() -> None:
         print(f"\nwhole-model decode step, batch 1, context 256: int4 {step['int4_s'] * 1e3:.2f} ms, bf16 {step['bf16_s'] * 1e3:.2f} ms, speedup {step['bf16_s'] / step['int4_s']:.2f}x")
         print(f"  decoder layers only (no lm_head): int4 {step['int4_layers_only_s'] * 1e3:.2f} ms, bf16 {step['bf16_layers_only_s'] * 1e3:.2f} ms, speedup {step['bf16_layers_only_s'] / step['int4_layers_only_s']:.2f}x")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(),
+    write_results(args.out, {
         "memory_read_bandwidth_bytes_per_s": bandwidth,
         "memory_read_bandwidth_1_thread_bytes_per_s": bandwidth_1,
         "group_size": GROUP_SIZE,
@@ -282,8 +265,7 @@ def main() -> None:
         "crossover": cross,
         "attention_decode": attn,
         "decode_step": step,
-    }, indent=2))
-    print(f"\nwrote {args.out}")
+    })
 
 
 if __name__ == "__main__":

@@ -11,10 +11,7 @@ quantkit/perplexity.py. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -25,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from common import write_results  # noqa: E402
 from quantkit.artifact import load_artifact, load_dequantized_model  # noqa: E402
 from quantkit.perplexity import perplexity, wikitext_windows  # noqa: E402
 from quantkit.sources import load_model, load_tokenizer, resolve_model  # noqa: E402
@@ -44,15 +42,6 @@ VARIANTS: dict[str, tuple[dict, dict[str, str]]] = {
     "awq-sink1": ({"sink_tokens": 1}, {}),
     "awq-omp-active": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}),  # same work, spinning OpenMP waits
 }
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def run_variant(name: str, model: str, workdir: Path, group_size: int) -> dict:
@@ -124,17 +113,12 @@ def main() -> None:
         print(f"\nAWQ's perplexity increase is {ratio:.2f}x RTN's (target: at most 0.5x)")
         rows["awq_over_rtn_increase"] = ratio
 
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "machine": machine(),
+    write_results(opts.json, {
         "model": opts.model,
         "group_size": opts.group_size,
         "protocol": f"WikiText-2 raw test, first {baseline.windows} windows of {baseline.window} tokens, fp32 compute",
         "results": rows,
-    }
-    opts.json.parent.mkdir(parents=True, exist_ok=True)
-    opts.json.write_text(json.dumps(report, indent=2))
-    print(f"wrote {opts.json}")
+    })
 
 
 if __name__ == "__main__":

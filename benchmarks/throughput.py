@@ -17,10 +17,7 @@ buffer for prompt + max_tokens (what a runtime without paging must do).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import random
 import statistics
 import time
@@ -28,8 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
-
+from common import write_results  # noqa: E402
 from quantkit.runtime.engine import EngineConfig, LLMEngine  # noqa: E402
 from quantkit.runtime.sampling import SamplingParams  # noqa: E402
 
@@ -138,18 +134,12 @@ def main() -> None:
     speedup = results["continuous_batching"]["output_tokens_per_s"] / results["one_at_a_time"]["output_tokens_per_s"]
     print(f"\ncontinuous batching / one at a time, output throughput: {speedup:.2f}x (target >= 10x)")
     print(f"KV waste under continuous batching: {100 * results['continuous_batching']['kv_waste_paged']:.2f}% (target < 4%)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "date": datetime.date.today().isoformat(),
-        "machine": {"cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"),
-                    "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+    write_results(args.out, {
         "args": {k: str(v) for k, v in vars(args).items()},
         "workload": {"requests": args.requests, "prompt_tokens": [len(p) for p, _ in workload], "output_tokens": [n for _, n in workload]},
         "results": results,
         "continuous_over_one_at_a_time": speedup,
-    }, indent=2))
-    print(f"wrote {args.out}")
+    })
 
 
 if __name__ == "__main__":
