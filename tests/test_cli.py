@@ -111,3 +111,18 @@ def test_bad_recipe_key(tiny_model_dir, tmp_path):
 def test_inspect_of_something_that_is_not_an_artifact(tmp_path):
     code, output = run("inspect", tmp_path)
     assert_clean_error(code, output, "not a quantkit artifact")
+
+
+@pytest.mark.parametrize("text,expected", [("512MiB", 512 * 2**20), ("2GiB", 2 * 2**30), ("64m", 64 * 2**20), ("1000", 1000), ("1.5GB", int(1.5 * 2**30))])
+def test_kv_cache_sizes_read_as_bytes(text, expected):
+    from quantkit.cli import _parse_bytes
+
+    assert _parse_bytes(text) == expected
+
+
+def test_serve_rejects_an_unreadable_kv_cache_size_before_loading_anything(tiny_model_dir):
+    assert_clean_error(*run("serve", tiny_model_dir, "--kv-cache-memory", "lots"), "512MiB")
+
+
+def test_serve_reports_a_missing_model_as_an_error(tmp_path):
+    assert_clean_error(*run("serve", tmp_path / "nope"), "not found")
