@@ -67,6 +67,9 @@ class Metrics:
                 self._last_token.pop(out.request_id, None)
         for rid in [r for r in self._last_token if r not in engine.sequences]:
             del self._last_token[rid]  # aborted or failed requests never send a finished output
+        self.refresh_gauges(engine)
+
+    def refresh_gauges(self, engine: LLMEngine) -> None:
         stats = engine.stats()
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
@@ -144,6 +147,7 @@ def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | 
         return JSONResponse({"status": "ok"})
 
     async def metrics_endpoint(_: Request) -> Response:
+        metrics.refresh_gauges(engine)  # aborts change them between steps; plain int reads, no lock needed
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(request: Request) -> Response:

@@ -156,6 +156,7 @@ def test_a_client_that_disconnects_mid_stream_has_its_sequence_aborted(server):
     while engine.has_unfinished() or engine.scheduler.num_used_blocks:
         assert time.time() < deadline, "the disconnected request kept running"
         time.sleep(0.05)
+    assert "quantkit_kv_blocks_used 0.0" in httpx.get(server["url"] + "/metrics").text
 
 
 def test_streaming_holds_back_partial_stop_strings_and_characters():
