@@ -45,7 +45,7 @@ LAYER_SHAPES = [
     ("down_proj", 1536, 576),
 ]
 ROWS = [1, 4, 16, 64, 256]
-CROSSOVER_ROWS = [1, 2, 4, 8, 12, 16, 24, 32]
+CROSSOVER_ROWS = [1, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 GROUP_SIZE = 64
 MAX_THREADS = torch.get_num_threads()
 

@@ -6,11 +6,11 @@ is w = (q - z) * s = (q - 8) * s + (8 - z) * s, so the repack keeps the codes ex
 zero = (8 - z) * s. Both s and zero are rounded to bf16 (the op's only fast dtype): that costs
 about 2**-9 relative per group on top of the fp16 scales, well inside bf16 activation noise.
 
-For many rows the fused op loses to a bf16 matmul (2x at M = 256), but on this machine
-dequantizing the weight for every call costs far more than that (about 10x the fused op at every M
-up to 32; benchmarks/kernels.py), so bf16 activations always take the fused op. The dequantize +
-matmul path serves other activation dtypes (fp32 for exact comparisons), where the fused op is
-25-70x slower.
+The fused op's cost grows linearly with the rows (it loses to a bf16 matmul from M = 16), but
+dequantizing a block's weights costs ~5.6 ms per call here, so dequantize + bf16 matmul only wins
+from M = 256 on (one block's linears at M = 512: 15.9 ms fused vs 10.7 ms; benchmarks/kernels.py).
+Long prefill chunks and evaluation batches take that path; other activation dtypes (fp32 for exact
+comparisons) always do, since the fused op is 25-70x slower for them.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ _COLUMN_SHIFTS = torch.tensor([4 * AWQ_ORDER.index(c) for c in range(PACK_FACTOR
 # K that is a multiple of 32 (all supported group sizes are).
 _INNER_K_TILES = 2
 
-# From this many rows on, bf16 activations would take dequantize + bf16 matmul instead of the
-# fused op. None: never, since per-call dequantization never paid on this machine (see above).
-DENSE_FROM_ROWS: int | None = None
+# From this many rows on, bf16 activations take dequantize + bf16 matmul instead of the fused op
+# (measured crossover: equal at 256, dense 1.5x faster at 512, 1.7x at 2048). None: never.
+DENSE_FROM_ROWS: int | None = 256
 
 
 @dataclass(frozen=True)

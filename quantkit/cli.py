@@ -100,6 +100,69 @@ def inspect(artifact, layers) -> None:
         sys.exit(1)
 
 
+@main.command("eval")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--baseline", help="Model to compare with (default: the artifact's source model).")
+@click.option("--tasks", default="wikitext,hellaswag,piqa,winogrande,lambada", show_default=True, help="Comma-separated tasks.")
+@click.option("--limit", type=int, help="Evaluate only the first N examples of each task (quick runs).")
+@click.option("--recipe", type=click.Path(path_type=Path), help="Recipe whose gates apply (default: the artifact's recipe).")
+@click.option("--gate", is_flag=True, help="Exit 1 when a gate of the recipe is breached.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Report path (.json; a .md is written beside it).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
+def eval_(artifact, baseline, tasks, limit, recipe, gate, output, dtype) -> None:
+    """Evaluate ARTIFACT against its FP16 baseline with lm-eval; report the delta; optionally gate."""
+    import json
+
+    from .artifact import load_artifact
+    from .eval_tasks import check_task_data, resolve_tasks
+    from .evaluate import evaluate_pair, record_in_manifest
+    from .gates import check_gates, format_breaches, format_markdown, format_table, validate_gates
+    from .recipe import load_recipe
+
+    art = load_artifact(artifact)  # verifies every file's hash before spending time on it
+    baseline = baseline or art.manifest.get("source", {}).get("spec")
+    if not baseline:
+        raise QuantkitError("the artifact's manifest names no source model; pass --baseline MODEL.")
+    task_names = resolve_tasks([t.strip() for t in tasks.split(",") if t.strip()])
+    check_task_data()
+    gates = load_recipe(recipe).gates if recipe else art.manifest.get("recipe", {}).get("gates", {})
+    if gate and not gates:
+        raise QuantkitError("--gate needs thresholds: pass --recipe FILE with a 'gates:' section.")
+    validate_gates(gates)  # an unknown gate name fails now, not after the evaluation
+    report = evaluate_pair(str(artifact), baseline, task_names, limit, dtype, echo=click.echo)
+    click.echo(format_table(report))
+    output = output or Path(artifact) / "eval-report.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in ((output, json.dumps(report, indent=2)), (output.with_suffix(".md"), format_markdown(report))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    record_in_manifest(artifact, report, output)
+    click.echo(f"wrote {output} and {output.with_suffix('.md')}")
+    if gate:
+        _enforce(check_gates(report, gates), format_breaches)
+
+
+@main.command("gate")
+@click.argument("report", type=click.Path(path_type=Path))
+@click.option("--recipe", type=click.Path(path_type=Path), required=True, help="Recipe whose gates apply.")
+def gate_(report, recipe) -> None:
+    """Re-check a saved evaluation REPORT against a recipe's gates (exit 1 on a breach)."""
+    from .gates import check_gates, format_breaches, format_table, load_report
+    from .recipe import load_recipe
+
+    data = load_report(report)
+    click.echo(format_table(data))
+    _enforce(check_gates(data, load_recipe(recipe).gates), format_breaches)
+
+
+def _enforce(breaches, format_breaches) -> None:
+    if breaches:
+        click.echo(format_breaches(breaches), err=True)
+        sys.exit(1)
+    click.echo("all gates passed")
+
+
 def _parse_bytes(text: str) -> int:
     units = {"k": 1024, "m": 1024**2, "g": 1024**3}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")

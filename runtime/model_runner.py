@@ -80,7 +80,25 @@ class ModelRunner:
         """fp32 logits [number of sampling sequences, vocab], in the order of the batch."""
         hidden, meta = self._forward(step)
         last_rows = (meta.cu_seqlens_q[1:].long() - 1)[torch.tensor(step.sample, dtype=torch.bool)]
-        return self.model.compute_logits(hidden[last_rows])
+        with cpu_threads(self.max_threads):  # the lm_head is one big matmul: all threads
+            return self.model.compute_logits(hidden[last_rows])
+
+    @torch.inference_mode()
+    def token_logprobs(self, step: StepInput, rows: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(targets[i] | prefix) at flattened token rows[i], and whether it is the argmax.
+
+        The vocabulary-sized logits exist only for `chunk` rows at a time (2048 rows x 49k
+        vocab in fp32 would be 400 MB).
+        """
+        hidden, _ = self._forward(step)
+        logprobs, greedy = [], []
+        with cpu_threads(self.max_threads):
+            for i in range(0, rows.numel(), chunk):
+                logits = self.model.compute_logits(hidden[rows[i : i + chunk]])
+                t = targets[i : i + chunk].unsqueeze(1)
+                logprobs.append(logits.log_softmax(-1).gather(1, t).squeeze(1))
+                greedy.append(logits.argmax(-1) == t.squeeze(1))
+        return torch.cat(logprobs), torch.cat(greedy)
 
     @torch.inference_mode()
     def score(self, step: StepInput) -> torch.Tensor:

@@ -1,0 +1,250 @@
+"""lm-eval over quantkit's runtime: the same code path for the int4 artifact and the dense baseline.
+
+`QuantkitLM` is an lm-eval model (registered as "quantkit"): log-likelihoods are computed by the
+runtime's model runner in batches of whole sequences (many requests per forward pass), generation
+goes through the engine. Tokenization mirrors lm-eval's Hugging Face backend (no special tokens,
+trailing context spaces moved to the continuation, BOS/EOS as the context of an empty context,
+rolling windows for perplexity), so numbers are comparable with `lm_eval --model hf`.
+
+`evaluate_pair` runs baseline and candidate through the same tasks and builds the report that
+`quantkit eval` prints, writes and gates (quantkit/gates.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from quantkit.runtime.engine import LLM
+from quantkit.runtime.model_runner import StepInput
+from quantkit.runtime.sampling import SamplingParams
+
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    index: int
+    context: list[int]
+    continuation: list[int]
+
+    @property
+    def inputs(self) -> list[int]:
+        return (self.context + self.continuation)[:-1]
+
+
+@register_model("quantkit")
+class QuantkitLM(TemplateLM):
+    """lm_eval --model quantkit --model_args pretrained=out/smollm2-awq,dtype=bfloat16"""
+
+    def __init__(self, pretrained: str, dtype: str = "bfloat16", max_length: int = 2048, batch_tokens: int = 4096,
+                 kv_cache_memory: int = 512 * MiB, batch_size: int | str | None = None, **_ignored):
+        super().__init__()
+        self.llm = LLM(str(pretrained), dtype=dtype, kv_cache_memory=kv_cache_memory, enable_prefix_caching=False,
+                       max_num_batched_tokens=batch_tokens)
+        self.engine = self.llm.engine
+        self.runner = self.engine.runner
+        self.tokenizer = self.engine.tokenizer
+        self._max_length = min(max_length, self.engine.max_model_len)
+        # A scoring batch never needs more cache than the runner has: whole sequences, one pass.
+        self.batch_tokens = min(batch_tokens, (self.runner.num_blocks - 1) * self.runner.block_size)
+
+    # ---- lm-eval's tokenization hooks
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens)
+
+    # ---- scoring
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        scored = []
+        for i, (_, context, continuation) in enumerate(requests):
+            # As lm-eval's HF backend: keep the last max_length + 1 tokens, the continuation intact
+            # (unless it alone is longer than the window).
+            continuation = continuation[-self.max_length :]
+            whole = (context + continuation)[-(self.max_length + 1):]
+            scored.append(ScoreRequest(i, whole[: len(whole) - len(continuation)], continuation))
+        results: list[tuple[float, bool] | None] = [None] * len(scored)
+        for batch in self._batches(scored):
+            for req, logprob, greedy in self._score_batch(batch):
+                results[req.index] = (logprob, greedy)
+        return results  # type: ignore[return-value]
+
+    def _batches(self, requests: list[ScoreRequest]) -> Iterator[list[ScoreRequest]]:
+        """Longest first (so a too-big batch shows up at once), packed up to the token budget."""
+        batch: list[ScoreRequest] = []
+        used = 0
+        block = self.runner.block_size
+        for req in sorted(requests, key=lambda r: -len(r.inputs)):
+            need = -(-len(req.inputs) // block) * block
+            if batch and used + need > self.batch_tokens:
+                yield batch
+                batch, used = [], 0
+            batch.append(req)
+            used += need
+        if batch:
+            yield batch
+
+    def _score_batch(self, batch: list[ScoreRequest]) -> list[tuple[ScoreRequest, float, bool]]:
+        block = self.runner.block_size
+        tables, next_block = [], 0
+        for req in batch:  # every sequence gets fresh, private blocks; nothing else runs meanwhile
+            n = -(-len(req.inputs) // block)
+            tables.append(list(range(next_block, next_block + n)))
+            next_block += n
+        step = StepInput([r.inputs for r in batch], [0] * len(batch), tables, [False] * len(batch))
+        rows, targets, offset = [], [], 0
+        for req in batch:
+            n_inputs, n_cont = len(req.inputs), len(req.continuation)
+            rows.extend(range(offset + n_inputs - n_cont, offset + n_inputs))  # positions predicting the continuation
+            targets.extend(req.continuation)
+            offset += n_inputs
+        logprobs, greedy = self.runner.token_logprobs(step, torch.tensor(rows), torch.tensor(targets))
+        out, start = [], 0
+        for req in batch:
+            end = start + len(req.continuation)
+            out.append((req, float(logprobs[start:end].sum()), bool(greedy[start:end].all())))
+            start = end
+        return out
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owners = [], []
+        for i, (string,) in enumerate(req.args for req in requests):
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1,
+            )):
+                windows.append((None, context, continuation))
+                owners.append(i)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows)):
+            totals[owner] += logprob
+        return totals
+
+    # ---- generation
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        prompts, params = [], []
+        for context, gen_kwargs in (req.args for req in requests):
+            until = gen_kwargs.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_tokens = int(gen_kwargs.get("max_gen_toks", 256))
+            ids = self.tok_encode(context)[-max(1, self.max_length - max_tokens):]
+            temperature = float(gen_kwargs.get("temperature", 0.0)) if gen_kwargs.get("do_sample") else 0.0
+            prompts.append(ids)
+            params.append(SamplingParams(temperature=temperature, max_tokens=max_tokens, stop=until, seed=0))
+        return [out.text for out in self.llm.generate(prompts, params)]
+
+
+# ---------------------------------------------------------------------------- baseline vs candidate
+def run_tasks(model: str, tasks: list[str], limit: int | None, dtype: str) -> tuple[dict, float]:
+    """lm-eval's per-task metrics for one model, and the wall time."""
+    from lm_eval import simple_evaluate
+
+    from quantkit.eval_tasks import task_manager
+
+    start = time.perf_counter()
+    lm = QuantkitLM(model, dtype=dtype)
+    out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=task_manager(), log_samples=False, bootstrap_iters=0)
+    return out["results"], time.perf_counter() - start
+
+
+# Which lm-eval metric stands for each task in reports and gates: (metric, higher is better).
+PRIMARY_METRICS = {
+    "qk_wikitext": ("word_perplexity", False),
+    "qk_hellaswag": ("acc_norm", True),
+    "qk_piqa": ("acc_norm", True),
+    "qk_winogrande": ("acc", True),
+    "qk_lambada": ("acc", True),
+}
+_FALLBACK_METRICS = (("acc_norm", True), ("acc", True), ("word_perplexity", False), ("perplexity", False))
+
+
+def primary_metric(task: str, metrics: dict) -> tuple[str, bool, float | None]:
+    """The task's headline metric from lm-eval's result dict ("acc_norm,none": 0.43, ...)."""
+    candidates = [PRIMARY_METRICS[task]] if task in PRIMARY_METRICS else list(_FALLBACK_METRICS)
+    for name, higher in candidates:
+        value = metrics.get(f"{name},none")
+        if isinstance(value, (int, float)):
+            return name, higher, float(value)
+    name, higher = candidates[0]
+    return name, higher, None
+
+
+def short_name(task: str) -> str:
+    return task.removeprefix("qk_")
+
+
+def build_report(baseline: dict, candidate: dict, results: dict[str, dict[str, dict]], limit: int | None, wall: dict[str, float], hashes: dict[str, str]) -> dict:
+    """The report `quantkit eval` writes and `quantkit gate` re-checks (see quantkit/gates.py)."""
+    import datetime
+
+    import lm_eval
+
+    import quantkit
+
+    rows = {}
+    for task in results["baseline"]:
+        metric, higher, base = primary_metric(task, results["baseline"][task])
+        _, _, cand = primary_metric(task, results["candidate"].get(task, {}))
+        rows[short_name(task)] = {"task": task, "metric": metric, "higher_is_better": higher, "baseline": base, "candidate": cand}
+    return {
+        "quantkit_version": quantkit.__version__,
+        "lm_eval_version": lm_eval.__version__,
+        "date": datetime.date.today().isoformat(),
+        "baseline": baseline,
+        "candidate": candidate,
+        "limit": limit,
+        "wall_s": wall,
+        "task_hashes": hashes,
+        "results": rows,
+        "all_metrics": results,
+    }
+
+
+def evaluate_pair(candidate: str, baseline: str, tasks: list[str], limit: int | None, dtype: str, echo=print) -> dict:
+    """Run baseline then candidate through the same tasks, the same runtime and dtype."""
+    from quantkit.eval_tasks import task_hashes
+
+    results, wall = {}, {}
+    for role, model in (("baseline", baseline), ("candidate", candidate)):
+        echo(f"evaluating {role}: {model} ({', '.join(short_name(t) for t in tasks)}{'' if limit is None else f', limit {limit}'})")
+        results[role], wall[role] = run_tasks(model, tasks, limit, dtype)
+        echo(f"  {wall[role]:.0f} s")
+    return build_report({"model": str(baseline), "dtype": dtype}, {"model": str(candidate), "dtype": dtype}, results, limit, wall, task_hashes(tasks))
+
+
+def record_in_manifest(artifact_path, report: dict, report_path) -> None:
+    """Append the evaluation's summary to the artifact's quantkit.json (temp file + rename)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from quantkit.artifact import MANIFEST_NAME, read_manifest
+
+    manifest = read_manifest(Path(artifact_path))
+    summary = {k: report[k] for k in ("date", "lm_eval_version", "baseline", "limit", "task_hashes", "results")}
+    summary["report"] = str(report_path)
+    manifest.setdefault("evaluations", []).append(summary)
+    target = Path(artifact_path) / MANIFEST_NAME
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, target)

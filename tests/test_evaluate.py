@@ -1,0 +1,155 @@
+"""The lm-eval model class computes exactly the model's log-likelihoods, and `quantkit eval` gates offline."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from quantkit.evaluate import QuantkitLM, primary_metric
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_model_dir):
+    return QuantkitLM(str(tiny_model_dir), dtype="float32", max_length=64, batch_tokens=256)
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+def direct_logprob(hf, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+    ids = torch.tensor([context + continuation])
+    with torch.no_grad():
+        logp = hf(ids).logits[0].double().log_softmax(-1)
+    rows = range(len(context) - 1, len(context) + len(continuation) - 1)
+    total = sum(float(logp[r, t]) for r, t in zip(rows, continuation))
+    greedy = all(int(logp[r].argmax()) == t for r, t in zip(rows, continuation))
+    return total, greedy
+
+
+def requests(*args):
+    return [SimpleNamespace(args=a) for a in args]
+
+
+def test_loglikelihoods_equal_a_direct_computation_with_the_same_weights(lm, hf):
+    pairs = [("The cat sat on the", " mat"), ("Once upon a time", " there was a king who ruled"), ("A", " b c d"), ("", "Hello world")]
+    got = lm.loglikelihood(requests(*pairs))
+    for (context, continuation), (logprob, greedy) in zip(pairs, got):
+        if context:
+            ctx, cont = lm._encode_pair(context, continuation)
+        else:
+            ctx, cont = [lm.prefix_token_id], lm.tok_encode(continuation)
+        expected, expected_greedy = direct_logprob(hf, ctx, cont)
+        assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
+        assert greedy == expected_greedy
+
+
+def test_a_context_longer_than_max_length_keeps_its_last_tokens(lm, hf):
+    context = " ".join(f"word{i}" for i in range(80))
+    (logprob, _), = lm.loglikelihood(requests((context, " end")))
+    ctx, cont = lm._encode_pair(context, " end")
+    whole = (ctx + cont)[-(lm.max_length + 1):]
+    expected, _ = direct_logprob(hf, whole[: len(whole) - len(cont)], cont)
+    assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+def test_rolling_loglikelihood_sums_disjoint_windows_over_the_whole_text(lm, hf):
+    text = " ".join(f"token{i}" for i in range(60))  # longer than the 64-token window
+    (total,) = lm.loglikelihood_rolling(requests((text,)))
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    windows = map(make_disjoint_window, get_rolling_token_windows(lm.tok_encode(text), lm.prefix_token_id, lm.max_length, 1))
+    expected = sum(direct_logprob(hf, ctx, cont)[0] for ctx, cont in windows)
+    assert len(lm.tok_encode(text)) > lm.max_length
+    assert total == pytest.approx(expected, rel=1e-5)
+
+
+def test_generate_until_stops_at_the_first_stop_string(lm):
+    free = lm.generate_until(requests(("The story", {"until": [], "max_gen_toks": 12})))[0]
+    stop = free[len(free) // 2 :][:2]
+    assert stop.strip(), f"the fixed tiny model's free text {free!r} gives no usable stop string"
+    cut = lm.generate_until(requests(("The story", {"until": [stop], "max_gen_toks": 12})))[0]
+    assert stop not in cut and free.startswith(cut)
+
+
+def test_primary_metrics_pick_the_standard_headline_numbers():
+    assert primary_metric("qk_hellaswag", {"acc,none": 0.3, "acc_norm,none": 0.4}) == ("acc_norm", True, 0.4)
+    assert primary_metric("qk_wikitext", {"word_perplexity,none": 21.5}) == ("word_perplexity", False, 21.5)
+    assert primary_metric("arc_easy", {"acc,none": 0.5}) == ("acc", True, 0.5)
+    assert primary_metric("qk_piqa", {}) == ("acc_norm", True, None)
+
+
+# ---------------------------------------------------------------------------- quantkit eval / gate, end to end offline
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tiny_model_dir, tmp_path_factory):
+    from quantkit.pipeline import quantize
+    from quantkit.recipe import Recipe
+
+    out = tmp_path_factory.mktemp("eval") / "tiny-rtn"
+    quantize(str(tiny_model_dir), out, Recipe().with_overrides(method="rtn", group_size=32))
+    return out
+
+
+def run_cli(*args):
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output + (result.stderr if result.stderr_bytes else "")
+
+
+def write_recipe(path, gates: dict) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"name": "t", "gates": gates}))
+    return str(path)
+
+
+def test_eval_runs_baseline_and_artifact_offline_writes_reports_and_records_them(tiny_model_dir, tiny_artifact, tmp_path):
+    report = tmp_path / "report.json"
+    recipe = write_recipe(tmp_path / "ok.yaml", {"min_task_retention_pct": 1.0})
+    code, out = run_cli("eval", tiny_artifact, "--baseline", tiny_model_dir, "--tasks", "piqa,winogrande,wikitext",
+                        "--limit", "4", "--dtype", "float32", "-o", report, "--recipe", recipe, "--gate")
+    assert code == 0, out
+    data = json.loads(report.read_text())
+    assert set(data["results"]) == {"piqa", "winogrande", "wikitext"}
+    for row in data["results"].values():
+        assert isinstance(row["baseline"], float) and isinstance(row["candidate"], float)
+    assert report.with_suffix(".md").is_file() and "piqa" in report.with_suffix(".md").read_text()
+    manifest = json.loads((tiny_artifact / "quantkit.json").read_text())
+    assert manifest["evaluations"][-1]["results"] == data["results"]
+    assert "all gates passed" in out
+    # The manifest changed but the artifact still verifies (quantkit.json is not a hashed file).
+    from quantkit.artifact import load_artifact
+
+    load_artifact(tiny_artifact)
+    # `quantkit gate` re-checks the saved report: an impossible threshold is a breach, exit 1.
+    strict = write_recipe(tmp_path / "strict.yaml", {"min_task_retention_pct": 1000.0})
+    code, out = run_cli("gate", report, "--recipe", strict)
+    assert code == 1 and "FAIL min_task_retention_pct" in out
+
+
+def test_eval_bad_input_is_a_clear_error(tiny_model_dir, tiny_artifact, tmp_path):
+    code, out = run_cli("eval", tiny_artifact, "--baseline", tiny_model_dir, "--tasks", "nosuchtask")
+    assert code == 2 and "nosuchtask" in out and "hellaswag" in out
+    code, out = run_cli("eval", tiny_artifact, "--baseline", tiny_model_dir, "--recipe", write_recipe(tmp_path / "bad.yaml", {"min_accuracy": 1}))
+    assert code == 2 and "min_accuracy" in out
+    damaged = tmp_path / "damaged"
+    import shutil
+
+    shutil.copytree(tiny_artifact, damaged)
+    weights = damaged / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    code, out = run_cli("eval", damaged, "--baseline", tiny_model_dir)
+    assert code == 2 and "sha256" in out

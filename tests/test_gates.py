@@ -1,0 +1,384 @@
+"""Accuracy gates: the specification of what passes, what fails and what a breach says."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from quantkit.errors import QuantkitError
+from quantkit.gates import (
+    KNOWN_GATES,
+    Breach,
+    check_gates,
+    derived,
+    format_breaches,
+    format_markdown,
+    format_table,
+    load_report,
+    mean_retention,
+    validate_gates,
+)
+from quantkit.recipe import load_recipe
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "smollm2-135m.yaml"
+
+
+def ppl(baseline, candidate, metric="word_perplexity"):
+    return {"metric": metric, "higher_is_better": False, "baseline": baseline, "candidate": candidate}
+
+
+def acc(baseline, candidate, metric="acc_norm"):
+    return {"metric": metric, "higher_is_better": True, "baseline": baseline, "candidate": candidate}
+
+
+def report(**results):
+    return {
+        "quantkit_version": "0.1.0",
+        "lm_eval_version": "0.4.13",
+        "date": "2026-11-24",
+        "baseline": {"model": "smollm2-135m", "dtype": "bfloat16"},
+        "candidate": {"model": "out/smollm2-awq", "dtype": "bfloat16"},
+        "limit": None,
+        "results": results,
+    }
+
+
+def good_report():
+    return report(wikitext=ppl(20.1, 22.9), hellaswag=acc(0.431, 0.425), piqa=acc(0.68, 0.67))
+
+
+# ---------------------------------------------------------------- passing
+
+
+def test_the_smollm2_recipe_gates_pass_a_good_report():
+    gates = load_recipe(RECIPE).gates
+    assert gates == {
+        "max_perplexity_increase_pct": 15.0,
+        "min_task_retention_pct": 95.0,
+        "min_mean_retention_pct": 98.0,
+    }
+    assert check_gates(good_report(), gates) == []
+
+
+def test_no_gates_means_no_breaches():
+    assert check_gates(good_report(), {}) == []
+
+
+def test_a_value_exactly_at_its_threshold_passes_despite_float_noise():
+    # hellaswag drops (0.6 - 0.57) * 100 = 3.0000000000000027 points in floating point.
+    r = report(wikitext=ppl(20.0, 23.0), hellaswag=acc(0.6, 0.57), piqa=acc(0.68, 0.655))
+    gates = {
+        "max_perplexity_increase_pct": 15.0,
+        "min_task_retention_pct": 95.0,
+        "max_task_drop_points": 3.0,
+        "min_mean_retention_pct": (0.57 / 0.6 + 0.655 / 0.68) / 2 * 100,
+    }
+    assert check_gates(r, gates) == []
+
+
+# ---------------------------------------------------------------- each gate failing
+
+
+def test_perplexity_increase_beyond_the_threshold_fails():
+    breaches = check_gates(report(wikitext=ppl(20.0, 23.4)), {"max_perplexity_increase_pct": 15.0})
+    assert len(breaches) == 1
+    b = breaches[0]
+    assert (b.gate, b.task, b.threshold) == ("max_perplexity_increase_pct", "wikitext", 15.0)
+    assert b.value == pytest.approx(17.0)
+    assert b.message == "wikitext word_perplexity rises 17.0% > 15.0% (20 -> 23.4)"
+
+
+def test_the_perplexity_gate_applies_to_every_lower_is_better_task():
+    r = report(
+        wikitext=ppl(20.0, 21.0),
+        lambada=ppl(10.0, 12.0, metric="perplexity"),
+        hellaswag=acc(0.4, 0.1),  # an accuracy task is never judged by the perplexity gate
+    )
+    breaches = check_gates(r, {"max_perplexity_increase_pct": 15.0})
+    assert [(b.task, round(b.value, 6)) for b in breaches] == [("lambada", 20.0)]
+
+
+def test_task_retention_below_the_threshold_fails():
+    r = report(wikitext=ppl(20.0, 20.0), hellaswag=acc(0.5, 0.4655), piqa=acc(0.68, 0.67))
+    breaches = check_gates(r, {"min_task_retention_pct": 95.0})
+    assert len(breaches) == 1
+    b = breaches[0]
+    assert (b.gate, b.task, b.threshold) == ("min_task_retention_pct", "hellaswag", 95.0)
+    assert b.value == pytest.approx(93.1)
+    assert b.message == "hellaswag retains 93.1% < 95.0%"
+    assert format_breaches(breaches) == "FAIL min_task_retention_pct: hellaswag retains 93.1% < 95.0%"
+
+
+def test_mean_retention_below_the_threshold_fails():
+    r = report(hellaswag=acc(0.5, 0.48), piqa=acc(0.5, 0.49))  # 96% and 98%: each >= 95, mean 97
+    gates = {"min_task_retention_pct": 95.0, "min_mean_retention_pct": 98.0}
+    breaches = check_gates(r, gates)
+    assert len(breaches) == 1
+    b = breaches[0]
+    assert (b.gate, b.task, b.threshold) == ("min_mean_retention_pct", "mean", 98.0)
+    assert b.value == pytest.approx(97.0)
+    assert b.message == "mean retention over 2 tasks is 97.0% < 98.0%"
+
+
+def test_mean_retention_is_over_accuracy_tasks_only():
+    # Perplexity falling 50% would be a "retention" of 50% (or 200% inverted): it must not count.
+    r = report(wikitext=ppl(20.0, 10.0), hellaswag=acc(0.5, 0.5), piqa=acc(0.5, 0.48))
+    assert mean_retention(r) == pytest.approx(98.0)
+    assert check_gates(r, {"min_mean_retention_pct": 98.0}) == []
+    [b] = check_gates(r, {"min_mean_retention_pct": 98.5})
+    assert b.value == pytest.approx(98.0) and "over 2 tasks" in b.message
+
+
+def test_task_drop_in_points_beyond_the_threshold_fails():
+    r = report(wikitext=ppl(20.0, 40.0), hellaswag=acc(0.431, 0.425), piqa=acc(0.68, 0.65))
+    breaches = check_gates(r, {"max_task_drop_points": 2.0})
+    assert len(breaches) == 1
+    b = breaches[0]
+    assert (b.gate, b.task, b.threshold) == ("max_task_drop_points", "piqa", 2.0)
+    assert b.value == pytest.approx(3.0)
+    assert b.message == "piqa drops 3.0 points > 2.0 (0.68 -> 0.65)"
+
+
+def test_breaches_come_in_gate_order_then_task_order():
+    r = report(wikitext=ppl(20.0, 30.0), hellaswag=acc(0.5, 0.4), piqa=acc(0.5, 0.3))
+    gates = {"max_task_drop_points": 1.0, "max_perplexity_increase_pct": 15.0, "min_task_retention_pct": 95.0}
+    assert [(b.gate, b.task) for b in check_gates(r, gates)] == [
+        ("max_task_drop_points", "hellaswag"),
+        ("max_task_drop_points", "piqa"),
+        ("max_perplexity_increase_pct", "wikitext"),
+        ("min_task_retention_pct", "hellaswag"),
+        ("min_task_retention_pct", "piqa"),
+    ]
+
+
+def test_a_breach_shown_at_one_decimal_never_reads_as_equal_to_its_threshold():
+    [b] = check_gates(report(hellaswag=acc(1.0, 0.9496)), {"min_task_retention_pct": 95.0})
+    assert b.message == "hellaswag retains 94.96% < 95.00%"
+
+
+# ---------------------------------------------------------------- gates that cannot be checked
+
+
+@pytest.mark.parametrize("side", ["baseline", "candidate"])
+def test_a_null_value_is_a_missing_metric_breach_for_every_gate_on_that_task(side):
+    hellaswag = acc(0.431, 0.425)
+    hellaswag[side] = None
+    r = report(wikitext=ppl(20.1, 22.9), hellaswag=hellaswag, piqa=acc(0.68, 0.67))
+    gates = {"min_task_retention_pct": 95.0, "max_task_drop_points": 2.0, "min_mean_retention_pct": 98.0}
+    breaches = check_gates(r, gates)
+    assert [(b.gate, b.task, b.value) for b in breaches] == [
+        ("min_task_retention_pct", "hellaswag", None),
+        ("max_task_drop_points", "hellaswag", None),
+        ("min_mean_retention_pct", "mean", None),
+    ]
+    assert breaches[0].message == f"hellaswag acc_norm is missing (no {side} value): the gate cannot be checked"
+    assert breaches[2].message == "cannot compute mean retention: retention missing for hellaswag"
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), "0.42", True])
+def test_a_null_nan_or_non_numeric_perplexity_is_missing(bad):
+    [b] = check_gates(report(wikitext=ppl(20.1, bad)), {"max_perplexity_increase_pct": 15.0})
+    assert b.task == "wikitext" and b.value is None and "missing" in b.message
+
+
+def test_an_absent_value_key_is_missing():
+    entry = {"metric": "acc_norm", "higher_is_better": True, "baseline": 0.43}  # no "candidate"
+    [b] = check_gates(report(hellaswag=entry), {"min_task_retention_pct": 95.0})
+    assert b.value is None and "missing (no candidate value)" in b.message
+
+
+def test_a_perplexity_gate_with_no_perplexity_task_fails():
+    r = report(hellaswag=acc(0.431, 0.425), piqa=acc(0.68, 0.67))
+    assert check_gates(r, {"max_perplexity_increase_pct": 15.0}) == [
+        Breach(
+            "max_perplexity_increase_pct",
+            None,
+            None,
+            15.0,
+            "metric missing: no lower-is-better (perplexity) task in the report, so the gate cannot be checked",
+        )
+    ]
+
+
+def test_accuracy_gates_with_no_accuracy_task_fail():
+    r = report(wikitext=ppl(20.1, 22.9))
+    gates = {"min_task_retention_pct": 95.0, "min_mean_retention_pct": 98.0, "max_task_drop_points": 2.0}
+    breaches = check_gates(r, gates)
+    assert [(b.gate, b.task, b.value) for b in breaches] == [
+        ("min_task_retention_pct", None, None),
+        ("min_mean_retention_pct", "mean", None),
+        ("max_task_drop_points", None, None),
+    ]
+    assert all("metric missing" in b.message for b in breaches)
+
+
+def test_an_empty_report_fails_every_gate():
+    gates = load_recipe(RECIPE).gates
+    assert len(check_gates(report(), gates)) == len(gates)
+
+
+def test_a_zero_baseline_cannot_give_a_retention():
+    r = report(hellaswag=acc(0.0, 0.25), piqa=acc(0.68, 0.67))
+    breaches = check_gates(r, {"min_task_retention_pct": 95.0, "min_mean_retention_pct": 98.0})
+    assert [(b.gate, b.task, b.value) for b in breaches] == [
+        ("min_task_retention_pct", "hellaswag", None),
+        ("min_mean_retention_pct", "mean", None),
+    ]
+    assert breaches[0].message == "hellaswag: cannot compute retention: baseline acc_norm is 0"
+    # The drop in points needs no ratio, so it is still checked.
+    assert check_gates(r, {"max_task_drop_points": 2.0}) == []
+
+
+def test_a_zero_baseline_perplexity_cannot_give_an_increase():
+    [b] = check_gates(report(wikitext=ppl(0.0, 22.9)), {"max_perplexity_increase_pct": 15.0})
+    assert b.value is None and b.message == "wikitext: cannot compute increase: baseline word_perplexity is 0"
+
+
+# ---------------------------------------------------------------- gate validation
+
+
+def test_an_unknown_gate_name_is_an_error_listing_the_known_ones():
+    with pytest.raises(QuantkitError, match="min_task_retension_pct") as err:
+        check_gates(good_report(), {"min_task_retension_pct": 95.0})
+    for name in KNOWN_GATES:
+        assert name in str(err.value)
+
+
+def test_the_known_gates_are_exactly_the_four_documented():
+    assert set(KNOWN_GATES) == {
+        "max_perplexity_increase_pct",
+        "min_task_retention_pct",
+        "min_mean_retention_pct",
+        "max_task_drop_points",
+    }
+
+
+@pytest.mark.parametrize("bad", ["95", None, True, float("nan"), float("inf"), [95.0]])
+def test_a_non_numeric_threshold_is_an_error(bad):
+    with pytest.raises(QuantkitError, match="min_task_retention_pct.*finite number"):
+        check_gates(good_report(), {"min_task_retention_pct": bad})
+
+
+def test_integer_thresholds_are_accepted_as_floats():
+    assert validate_gates({"max_task_drop_points": 2}) == {"max_task_drop_points": 2.0}
+
+
+def test_a_task_without_a_direction_is_an_error_not_a_skipped_task():
+    r = report(hellaswag={"metric": "acc_norm", "baseline": 0.431, "candidate": 0.2})
+    with pytest.raises(QuantkitError, match="hellaswag.*higher_is_better"):
+        check_gates(r, {"min_task_retention_pct": 95.0})
+
+
+def test_breaches_are_immutable():
+    [b] = check_gates(report(hellaswag=acc(0.5, 0.4)), {"min_task_retention_pct": 95.0})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.value = 100.0  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- derived figures
+
+
+def test_derived_adds_delta_and_the_relative_change_per_task():
+    d = derived(good_report())
+    assert list(d) == ["wikitext", "hellaswag", "piqa"]
+    w, h = d["wikitext"], d["hellaswag"]
+    assert w["metric"] == "word_perplexity" and w["baseline"] == 20.1 and w["candidate"] == 22.9
+    assert w["delta"] == pytest.approx(2.8)
+    assert w["increase_pct"] == pytest.approx((22.9 / 20.1 - 1) * 100)
+    assert w["retention_pct"] is None and w["drop_points"] is None
+    assert h["delta"] == pytest.approx(-0.006)
+    assert h["retention_pct"] == pytest.approx(0.425 / 0.431 * 100)
+    assert h["drop_points"] == pytest.approx(0.6)
+    assert h["increase_pct"] is None
+
+
+def test_derived_leaves_the_report_untouched_and_marks_missing_values_none():
+    r = report(hellaswag=acc(0.431, None))
+    before = json.dumps(r)
+    h = derived(r)["hellaswag"]
+    assert json.dumps(r) == before
+    assert h["delta"] is None and h["retention_pct"] is None and h["drop_points"] is None
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def test_the_table_shows_every_number_in_aligned_columns():
+    text = format_table(good_report())
+    lines = text.splitlines()
+    assert lines[0].split()[:5] == ["task", "metric", "baseline", "int4", "delta"]
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert rows["wikitext"] == ["wikitext", "word_perplexity", "20.1", "22.9", "+2.8", "+13.9%"]
+    assert rows["hellaswag"] == ["hellaswag", "acc_norm", "0.431", "0.425", "-0.006", "98.6%"]
+    assert rows["piqa"] == ["piqa", "acc_norm", "0.68", "0.67", "-0.01", "98.5%"]
+    assert rows["mean"][-1] == f"{(0.425 / 0.431 + 0.67 / 0.68) / 2 * 100:.1f}%"
+    # Right-aligned last column: every line ends at the same position, columns start together.
+    assert len({len(line) for line in lines}) == 1
+    assert len({line.index(cells[1]) for line, cells in zip(lines[2:], rows.values())}) == 1
+
+
+def test_the_table_shows_missing_values_as_na():
+    text = format_table(report(hellaswag=acc(0.431, None)))
+    row = next(line for line in text.splitlines() if line.startswith("hellaswag")).split()
+    assert row == ["hellaswag", "acc_norm", "0.431", "n/a", "n/a", "n/a"]
+
+
+def test_the_markdown_table_has_the_same_numbers():
+    lines = format_markdown(good_report()).splitlines()
+    assert lines[0].startswith("| task | metric | baseline | int4 | delta |")
+    assert set(lines[1].replace("|", "").replace(":", "")) == {"-"}
+    assert "| wikitext | word_perplexity | 20.1 | 22.9 | +2.8 | +13.9% |" in lines
+    assert "| hellaswag | acc_norm | 0.431 | 0.425 | -0.006 | 98.6% |" in lines
+    assert all(line.count("|") == 7 for line in lines)
+
+
+def test_format_breaches_gives_one_line_per_breach():
+    r = report(wikitext=ppl(20.0, 30.0), hellaswag=acc(0.5, 0.4))
+    breaches = check_gates(r, {"max_perplexity_increase_pct": 15.0, "min_task_retention_pct": 95.0})
+    assert format_breaches(breaches).splitlines() == [
+        "FAIL max_perplexity_increase_pct: wikitext word_perplexity rises 50.0% > 15.0% (20 -> 30)",
+        "FAIL min_task_retention_pct: hellaswag retains 80.0% < 95.0%",
+    ]
+    assert format_breaches([]) == ""
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_load_report_round_trips_a_written_report(tmp_path):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(good_report()))
+    assert load_report(path) == good_report()
+    assert load_report(str(path)) == good_report()
+
+
+def test_load_report_missing_file(tmp_path):
+    with pytest.raises(QuantkitError, match="missing.json not found"):
+        load_report(tmp_path / "missing.json")
+
+
+def test_load_report_invalid_json(tmp_path):
+    path = tmp_path / "eval.json"
+    path.write_text('{"results": {')
+    with pytest.raises(QuantkitError, match="not valid JSON"):
+        load_report(path)
+
+
+@pytest.mark.parametrize("content", [{"baseline": {}}, [], {"results": [1, 2]}])
+def test_load_report_without_results(tmp_path, content):
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(QuantkitError, match="eval.json.*no 'results'"):
+        load_report(path)
+
+
+def test_load_report_keeps_nan_as_a_missing_value(tmp_path):
+    # Python's json writes NaN for a failed metric; it must read back as missing, not as passing.
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(report(hellaswag=acc(0.431, math.nan))))
+    [b] = check_gates(load_report(path), {"min_task_retention_pct": 95.0})
+    assert b.value is None and "missing" in b.message
