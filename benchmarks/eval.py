@@ -5,8 +5,8 @@
 2. Speed: the same task subset through lm-eval's built-in Hugging Face backend and through
    QuantkitLM, on the same dense weights and dtype, side by side in this run.
 
-    python benchmarks/eval.py --awq out/smollm2-awq --rtn out/smollm2-rtn --limit 500
-    python benchmarks/eval.py --awq A --rtn B --limit 50 --speed-limit 50    # quick
+    python benchmarks/eval.py --candidate awq=out/smollm2-awq --candidate rtn=out/smollm2-rtn --limit 500
+    python benchmarks/eval.py --skip-accuracy --out benchmarks/results/eval_speed.json   # only the speed comparison
 """
 
 from __future__ import annotations
@@ -26,69 +26,97 @@ from quantkit.evaluate import primary_metric, run_tasks, short_name  # noqa: E40
 from quantkit.sources import resolve_model  # noqa: E402
 
 
-def speed(model_dir: Path, tasks: list[str], limit: int, dtype: str) -> dict:
-    """Wall time of lm-eval's HF backend vs QuantkitLM on the same weights, tasks and limit."""
+def speed(model_dir: Path, tasks: list[str], limits: dict[str, int], dtype: str, max_length: int = 2048) -> dict:
+    """Per-task wall time of lm-eval's HF backend (batch 16) vs QuantkitLM: the same weights, dtype,
+    window, tasks and examples; each backend loaded once, before its clock starts."""
     from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
 
-    start = time.perf_counter()
-    hf = simple_evaluate(model="hf", model_args=f"pretrained={model_dir},dtype={dtype}", tasks=tasks, limit=limit,
-                         batch_size=16, task_manager=task_manager(), log_samples=False, bootstrap_iters=0, device="cpu")
-    hf_s = time.perf_counter() - start
-    ours, ours_s = run_tasks(str(model_dir), tasks, limit, dtype)
-    agree = {short_name(t): (primary_metric(t, hf["results"][t])[2], primary_metric(t, ours[t])[2]) for t in tasks}
-    return {"tasks": [short_name(t) for t in tasks], "limit": limit, "dtype": dtype, "hf_backend_s": hf_s, "quantkit_s": ours_s,
-            "speedup": hf_s / ours_s, "metrics_hf_vs_quantkit": agree}
+    from quantkit.evaluate import QuantkitLM
+
+    backends = {
+        "hf": lambda: HFLM(pretrained=str(model_dir), dtype=dtype, max_length=max_length, batch_size=16, device="cpu"),
+        "quantkit": lambda: QuantkitLM(str(model_dir), dtype=dtype, max_length=max_length),
+    }
+    per_task: dict[str, dict] = {short_name(t): {"limit": limits[t]} for t in tasks}
+    for name, make in backends.items():
+        lm = make()
+        for task in tasks:
+            start = time.perf_counter()
+            out = simple_evaluate(model=lm, tasks=[task], limit=limits[task], task_manager=task_manager(), log_samples=False, bootstrap_iters=0)
+            per_task[short_name(task)][name] = {"s": time.perf_counter() - start, "value": primary_metric(task, out["results"][task])[2]}
+        del lm
+    for row in per_task.values():
+        row["speedup"] = row["hf"]["s"] / row["quantkit"]["s"]
+    total = {name: sum(row[name]["s"] for row in per_task.values()) for name in backends}
+    return {"dtype": dtype, "max_length": max_length, "per_task": per_task, "total_s": total, "speedup": total["hf"] / total["quantkit"]}
+
+
+def accuracy_table(results: dict[str, dict]) -> tuple[list[str], dict[str, float]]:
+    """Rows of the printed table (baseline first) and each candidate's mean zero-shot retention."""
+    names = list(results)
+    baseline, candidates = names[0], names[1:]
+    lines = [f"{'task':12} {'metric':16} " + " ".join(f"{n:>9}" for n in names) + " " + " ".join(f"{n + ' ret.':>12}" for n in candidates)]
+    retention: dict[str, list[float]] = {n: [] for n in candidates}
+    for task, base in results[baseline].items():
+        row = f"{task:12} {base['metric']:16} " + " ".join(f"{results[n][task]['value']:9.4f}" for n in names)
+        for name in candidates:
+            value = results[name][task]["value"]
+            if base["higher_is_better"]:
+                retention[name].append(100 * value / base["value"])
+                row += f" {retention[name][-1]:11.1f}%"
+            else:
+                row += f" {100 * (value / base['value'] - 1):+11.1f}%"
+        lines.append(row)
+    means = {name: sum(v) / len(v) for name, v in retention.items() if v}
+    lines.append("mean zero-shot retention: " + ", ".join(f"{k} {v:.1f}%" for k, v in means.items()))
+    return lines, means
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--fp16", default="smollm2-135m", help="baseline model (default: the embedded SmolLM2)")
-    parser.add_argument("--awq", type=Path, required=True, help="AWQ artifact of the baseline")
-    parser.add_argument("--rtn", type=Path, required=True, help="RTN artifact of the baseline")
+    parser.add_argument("--candidate", action="append", default=[], metavar="NAME=PATH",
+                        help="an artifact of the baseline, repeatable (e.g. awq=out/awq rtn=out/rtn)")
     parser.add_argument("--limit", type=int, default=500, help="first N examples of each task")
-    parser.add_argument("--speed-limit", type=int, default=100, help="examples per task in the speed comparison")
-    parser.add_argument("--speed-tasks", default="hellaswag,piqa,winogrande,lambada")
+    parser.add_argument("--speed-limit", type=int, default=500, help="examples per task in the speed comparison")
+    parser.add_argument("--speed-wikitext-limit", type=int, default=10, help="WikiText-2 articles in the speed comparison")
+    parser.add_argument("--speed-tasks", default=",".join(DEFAULT_TASKS))
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true", help="only the speed comparison")
+    parser.add_argument("--skip-speed", action="store_true", help="only the accuracy comparison")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval.json")
     args = parser.parse_args()
 
+    models = {"fp16": args.fp16}
+    for item in args.candidate:
+        name, sep, path = item.partition("=")
+        if not sep:
+            parser.error(f"--candidate {item!r}: expected NAME=PATH")
+        models[name] = path
     tasks = resolve_tasks(list(DEFAULT_TASKS))
-    models = {"fp16": args.fp16, "awq": str(args.awq), "rtn": str(args.rtn)}
-    results, wall = {}, {}
-    for name, model in models.items():
-        print(f"{name}: {model} ...", flush=True)
-        raw, wall[name] = run_tasks(model, tasks, args.limit, args.dtype)
-        results[name] = {short_name(t): dict(zip(("metric", "higher_is_better", "value"), primary_metric(t, raw[t]))) for t in tasks}
-        print(f"  {wall[name]:.0f} s", flush=True)
-
-    print(f"\n{'task':12} {'metric':16} {'fp16':>9} {'awq':>9} {'rtn':>9} {'awq ret.':>9} {'rtn ret.':>9}")
-    retention = {"awq": [], "rtn": []}
-    for task in results["fp16"]:
-        base = results["fp16"][task]
-        row = f"{task:12} {base['metric']:16} {base['value']:9.4f}"
-        for name in ("awq", "rtn"):
-            row += f" {results[name][task]['value']:9.4f}"
-        for name in ("awq", "rtn"):
-            value = results[name][task]["value"]
-            if base["higher_is_better"]:
-                r = 100 * value / base["value"]
-                retention[name].append(r)
-                row += f" {r:8.1f}%"
-            else:
-                row += f" {100 * (value / base['value'] - 1):+8.1f}%"
-        print(row)
-    means = {name: sum(v) / len(v) for name, v in retention.items() if v}
-    print("mean zero-shot retention: " + ", ".join(f"{k} {v:.1f}%" for k, v in means.items()))
+    results, wall, means = {}, {}, {}
+    if not args.skip_accuracy:
+        for name, model in models.items():
+            print(f"{name}: {model} ...", flush=True)
+            raw, wall[name] = run_tasks(model, tasks, args.limit, args.dtype)
+            results[name] = {short_name(t): dict(zip(("metric", "higher_is_better", "value"), primary_metric(t, raw[t]))) for t in tasks}
+            print(f"  {wall[name]:.0f} s", flush=True)
+        lines, means = accuracy_table(results)
+        print("\n" + "\n".join(lines))
 
     speed_result = None
     if not args.skip_speed:
         speed_tasks = resolve_tasks(args.speed_tasks.split(","))
-        print(f"\nspeed: lm-eval hf backend vs QuantkitLM, {args.speed_tasks}, limit {args.speed_limit}, {args.dtype} ...", flush=True)
-        speed_result = speed(resolve_model(args.fp16), speed_tasks, args.speed_limit, args.dtype)
-        print(f"  hf backend {speed_result['hf_backend_s']:.0f} s, quantkit {speed_result['quantkit_s']:.0f} s: {speed_result['speedup']:.2f}x")
-        for task, (a, b) in speed_result["metrics_hf_vs_quantkit"].items():
-            print(f"  {task:12} hf {a:.4f}  quantkit {b:.4f}")
+        print(f"\nspeed: lm-eval hf backend vs QuantkitLM, {args.speed_tasks}, {args.dtype} ...", flush=True)
+        limits = {t: args.speed_wikitext_limit if short_name(t) == "wikitext" else args.speed_limit for t in speed_tasks}
+        speed_result = speed(resolve_model(args.fp16), speed_tasks, limits, args.dtype)
+        print(f"{'task':12} {'limit':>6} {'hf s':>8} {'quantkit s':>11} {'speedup':>8} {'hf value':>9} {'qk value':>9}")
+        for task, row in speed_result["per_task"].items():
+            print(f"{task:12} {row['limit']:6d} {row['hf']['s']:8.1f} {row['quantkit']['s']:11.1f} {row['speedup']:7.2f}x "
+                  f"{row['hf']['value']:9.4f} {row['quantkit']['value']:9.4f}")
+        print(f"total: hf {speed_result['total_s']['hf']:.0f} s, quantkit {speed_result['total_s']['quantkit']:.0f} s: "
+              f"{speed_result['speedup']:.2f}x (target >= 3x)")
 
     write_results(args.out, {"limit": args.limit, "dtype": args.dtype, "models": models, "results": results, "wall_s": wall,
                              "mean_retention_pct": means, "speed": speed_result})

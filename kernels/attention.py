@@ -7,8 +7,9 @@ AttentionMetadata per step (shared by every layer), then each layer calls
 CPU choice (measured by benchmarks/kernels.py, see BENCHMARKS.md): the cache is head-major
 (see allocate_kv_cache); the decode rows of all sequences are answered together by two
 grouped-query matmuls over K/V gathered into a padded [seqs, max_context] batch with a padding
-mask (faster than one masked SDPA call or one SDPA call per sequence); prefill chunks run one
-SDPA call per sequence (bottom-right causal mask when the chunk follows cached tokens). Gather
+mask (faster than one masked SDPA call or one SDPA call per sequence); short prefill chunks run
+as padded batches of one masked SDPA call each, long ones one SDPA call per sequence
+(bottom-right causal mask when the chunk follows cached tokens). Gather
 indices are computed once per step, not per layer; index_select gathers ~7x faster than indexing.
 """
 
@@ -38,6 +39,7 @@ class AttentionMetadata:
     all_decode: bool = False  # every row decodes: no row gather / scatter needed
     skips_slots: bool = False  # some slot is -1
     prefill: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (start, end, slots [ctx])
+    short_prefill: list[PaddedPrefill] = field(default_factory=list)  # short chunks, batched
 
     @property
     def max_q_len(self) -> int:
@@ -82,10 +84,54 @@ class AttentionMetadata:
             if bool((ctx < positions.numel()).any()):
                 self.decode_mask = (positions < ctx.unsqueeze(1)).view(len(decode), 1, 1, -1)
             self.all_decode = len(decode) == len(self.query_lens)
+        short = []
         for i, q_len in enumerate(self.query_lens):
-            if q_len > 1:
+            if q_len > 1 and self.context_lens_list[i] <= SHORT_PREFILL_CONTEXT:
+                short.append(i)
+            elif q_len > 1:
                 positions = torch.arange(self.context_lens_list[i])
                 self.prefill.append((cu[i], cu[i + 1], _slots(tables[i], positions, self.block_size)))
+        short.sort(key=lambda i: self.context_lens_list[i])  # similar lengths together: little padding
+        for first in range(0, len(short), SHORT_PREFILL_BATCH):
+            group = short[first : first + SHORT_PREFILL_BATCH]
+            self.short_prefill.append(PaddedPrefill.plan(tables[group], [cu[i] for i in group], [self.query_lens[i] for i in group],
+                                                         [self.context_lens_list[i] for i in group], self.block_size))
+
+
+# Prefill chunks with at most this much context are answered SHORT_PREFILL_BATCH at a time by one
+# padded SDPA call: one call per short sequence costs more in overhead than its arithmetic
+# (scoring many ~100-token requests spent a third of its time there). Longer ones: one call each.
+SHORT_PREFILL_CONTEXT = 256
+SHORT_PREFILL_BATCH = 64
+
+
+@dataclass
+class PaddedPrefill:
+    """Several short prefill chunks as one padded batch [n, heads, max_q, D] over [n, Hkv, max_ctx, D]."""
+
+    query_rows: torch.Tensor  # int64 [n * max_q]: row of `query` for each padded position (0 for padding)
+    out_rows: torch.Tensor  # int64 [valid]: where the valid positions' results go
+    valid: torch.Tensor  # bool [n * max_q]
+    slots: torch.Tensor  # int64 [n * max_ctx] (slot 0 for padding)
+    mask: torch.Tensor  # bool [n, 1, max_q, max_ctx], True = attend
+    n: int
+    max_q: int
+    max_ctx: int
+
+    @classmethod
+    def plan(cls, tables: torch.Tensor, starts: list[int], q_lens: list[int], ctx_lens: list[int], block_size: int) -> PaddedPrefill:
+        n, max_q, max_ctx = len(q_lens), max(q_lens), max(ctx_lens)
+        q = torch.tensor(q_lens).unsqueeze(1)
+        ctx = torch.tensor(ctx_lens).unsqueeze(1)
+        row = torch.arange(max_q).unsqueeze(0)
+        valid = row < q  # [n, max_q]
+        query_rows = torch.where(valid, torch.tensor(starts).unsqueeze(1) + row, 0)
+        key = torch.arange(max_ctx)
+        slots = torch.where(key < ctx, _slots(tables, key.expand(n, -1), block_size), 0)
+        # Query r of a chunk sits at position ctx - q_len + r and sees keys up to there.
+        mask = key.view(1, 1, -1) <= (ctx - q + row).unsqueeze(-1)
+        mask |= ~valid.unsqueeze(-1) & (key == 0)  # padding rows see one key: no all -inf row
+        return cls(query_rows.reshape(-1), query_rows[valid], valid.reshape(-1), slots.reshape(-1), mask.unsqueeze(1), n, max_q, max_ctx)
 
 
 def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -151,6 +197,14 @@ def _cpu_paged_attention(
         out.copy_(_cpu_decode(query, k_cache, v_cache, meta.decode_slots, meta.decode_mask, scale))
     elif meta.decode_rows is not None:
         out[meta.decode_rows] = _cpu_decode(query[meta.decode_rows], k_cache, v_cache, meta.decode_slots, meta.decode_mask, scale)
+    for batch in meta.short_prefill:
+        heads, dim = query.shape[1:]
+        kv_heads = k_cache.shape[0]
+        q = query.index_select(0, batch.query_rows).view(batch.n, batch.max_q, heads, dim).transpose(1, 2)
+        k = k_cache.index_select(1, batch.slots).view(kv_heads, batch.n, batch.max_ctx, dim).transpose(0, 1)
+        v = v_cache.index_select(1, batch.slots).view(kv_heads, batch.n, batch.max_ctx, dim).transpose(0, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scale, enable_gqa=True)
+        out[batch.out_rows] = o.transpose(1, 2).reshape(-1, heads, dim)[batch.valid]
     for start, end, slots in meta.prefill:
         q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         k = k_cache.index_select(1, slots).unsqueeze(0)  # [1, Hkv, ctx, D]

@@ -202,5 +202,130 @@ def serve(model, host, port, api_key, kv_cache_memory, dtype, max_num_seqs, max_
     uvicorn.run(create_app(engine, api_key=api_key, model_name=served_model_name), host=host, port=port, log_level="info")
 
 
+# ---------------------------------------------------------------------------- bench
+@main.group()
+def bench() -> None:
+    """Measure serving: offline (modes side by side) or online (rate sweep against servers)."""
+
+
+# The same names as quantkit.bench.offline.MODES (a test checks), without importing it here.
+_OFFLINE_MODES = ("hf-one-at-a-time", "hf-static", "engine-one-at-a-time-bf16", "engine-one-at-a-time-int4",
+                  "engine-continuous-bf16", "engine-continuous-int4")
+
+
+def _workload_options(f):
+    for option in reversed([
+        click.option("--workload", "workload_file", type=click.Path(path_type=Path), help="JSONL of {prompt, max_tokens} (default: synthesized)."),
+        click.option("--requests", default=32, show_default=True, type=int, help="Requests (synthesized, or the first N of --workload)."),
+        click.option("--seed", default=0, show_default=True, type=int),
+        click.option("--prompt-tokens", default="32-512", show_default=True, help="Synthesized prompt length range LOW-HIGH."),
+        click.option("--output-tokens", default="32-256", show_default=True, help="Synthesized output length range LOW-HIGH."),
+        click.option("--price-per-hour", type=float, help="Machine price in $/hour: report $ per million output tokens."),
+        click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=Path("bench-results"), show_default=True,
+                     help="Directory for JSON and PNGs."),
+    ]):
+        f = option(f)
+    return f
+
+
+@bench.command("offline")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--baseline", help="Dense model of the artifact (default: its manifest's source).")
+@click.option("--modes", default=",".join(_OFFLINE_MODES), show_default=True, help="Comma-separated modes.")
+@click.option("--static-batch", default=8, show_default=True, type=int, help="Batch size of hf-static.")
+@click.option("--max-num-seqs", default=64, show_default=True, type=int, help="Sequences per step (continuous).")
+@click.option("--kv-cache-memory", default="512MiB", show_default=True)
+@click.option("--memory-budget", default="8GiB", show_default=True, help="Budget for the most-sequences-that-fit figure.")
+@click.option("--concurrency", default=32, show_default=True, type=int, help="Sequences in the GPU tier estimate.")
+@click.option("--context-tokens", default=4096, show_default=True, type=int, help="Context per sequence in the GPU tier estimate.")
+@_workload_options
+def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cache_memory, memory_budget, concurrency, context_tokens,
+                  workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
+    """One workload, all queued at t=0: HF one-at-a-time and static batching vs quantkit's engine, bf16 vs int4."""
+    from quantkit import bench as qb
+    from quantkit.bench.report import console, ratios_table, runs_table
+    from quantkit.bench.workload import parse_range
+
+    from .artifact import MANIFEST_NAME
+
+    if not (artifact / MANIFEST_NAME).is_file():
+        raise QuantkitError(f"{artifact} is not a quantkit artifact (no {MANIFEST_NAME}); make one with `quantkit quantize`.")
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in _OFFLINE_MODES]
+    if unknown or not chosen:
+        raise QuantkitError(f"unknown mode(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(_OFFLINE_MODES)}.")
+    workload = qb.make_workload(str(artifact), workload_file, requests, seed, parse_range(prompt_tokens), parse_range(output_tokens))
+    data = qb.run_offline(artifact, baseline, workload, chosen, out_dir,
+                          {"static_batch": static_batch, "max_num_seqs": max_num_seqs, "kv_cache_memory": _parse_bytes(kv_cache_memory)},
+                          price_per_hour, _parse_bytes(memory_budget), concurrency, context_tokens, progress=click.echo)
+    console.print(runs_table(f"offline: {len(workload)} requests queued at t=0", data["results"]))
+    console.print(ratios_table(data["ratios"]))
+    for mode, r in data["results"].items():
+        if "kv_waste" in r:
+            click.echo(f"KV waste {mode}: paged {100 * r['kv_waste']['paged']:.2f}%, contiguous reservation would waste "
+                       f"{100 * r['kv_waste']['contiguous_reservation']:.1f}%")
+    m = data["memory"]
+    click.echo(f"weights: fp16 {m['weight_bytes']['fp16'] / 2**20:.0f} MiB, int4 {m['weight_bytes']['int4'] / 2**20:.0f} MiB "
+               f"({m['int4_over_fp16_weight_bytes']:.2f}x); sequences fitting {memory_budget}: {m['max_sequences_in_budget']}")
+    click.echo(f"wrote {out_dir}/offline.json and offline_throughput.png")
+
+
+@bench.command("online")
+@click.option("--url", "urls", multiple=True, help="OpenAI-compatible server, [NAME=]URL (repeatable).")
+@click.option("--serve", "serve_artifact", type=click.Path(path_type=Path), help="Start `quantkit serve` on this artifact (loopback).")
+@click.option("--serve-max-num-seqs", default="64", show_default=True, help="Comma list: one spawned server per value (1 = one at a time).")
+@click.option("--kv-cache-memory", default="512MiB", show_default=True, help="KV budget of spawned servers.")
+@click.option("--model", help="Model name to request from --url servers (default: the first they list).")
+@click.option("--api-key", envvar="QUANTKIT_API_KEY", help="Bearer key for --url servers.")
+@click.option("--tokenizer", "tokenizer_model", help="Tokenizer for synthesized prompts (default: --serve artifact, else smollm2-135m).")
+@click.option("--rates", default="0.05,0.1,0.2,0.4", show_default=True, help="Request rates to sweep (req/s).")
+@click.option("--arrival", type=click.Choice(["poisson", "constant"]), default="poisson", show_default=True)
+@click.option("--slo-metric", type=click.Choice(["e2e", "ttft"]), default="e2e", show_default=True)
+@click.option("--slo", "slo_s", type=float, required=True, help="p95 latency objective in seconds.")
+@click.option("--max-seconds-per-rate", default=600.0, show_default=True, type=float, help="Stop sending after this long at one rate.")
+@_workload_options
+def bench_online(urls, serve_artifact, serve_max_num_seqs, kv_cache_memory, model, api_key, tokenizer_model, rates, arrival, slo_metric,
+                 slo_s, max_seconds_per_rate, workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
+    """Sweep request rates against servers; report the best throughput whose p95 latency meets --slo."""
+    from quantkit import bench as qb
+    from quantkit.bench.online import Target, check_url
+    from quantkit.bench.report import console, runs_table
+    from quantkit.bench.workload import parse_range
+
+    targets: dict = {}
+    for item in urls:
+        name, sep, url = item.partition("=") if "=" in item.split("://")[0] else ("", "", item)
+        check_url(url)
+        targets[name or url] = Target(url, model=model, api_key=api_key)
+    if serve_artifact is not None:
+        for seqs in serve_max_num_seqs.split(","):
+            if not seqs.strip().isdigit() or int(seqs) < 1:
+                raise QuantkitError(f"--serve-max-num-seqs {serve_max_num_seqs!r}: give positive integers, e.g. 1,64.")
+            targets[f"quantkit-max-seqs-{int(seqs)}"] = (serve_artifact, int(seqs), kv_cache_memory)
+    if not targets:
+        raise QuantkitError("nothing to measure: give --url URL (any OpenAI-compatible server) and/or --serve ARTIFACT.")
+    try:
+        rate_list = [float(r) for r in rates.split(",") if r.strip()]
+    except ValueError:
+        raise QuantkitError(f"--rates {rates!r} is not a comma list of numbers.") from None
+    if not rate_list or min(rate_list) <= 0:
+        raise QuantkitError(f"--rates {rates!r}: give rates > 0 req/s.")
+    tokenizer_model = tokenizer_model or (str(serve_artifact) if serve_artifact else "smollm2-135m")
+    workload = qb.make_workload(tokenizer_model, workload_file, requests, seed, parse_range(prompt_tokens), parse_range(output_tokens))
+    data = qb.run_online(targets, workload, rate_list, arrival, seed, f"{slo_metric}_s", slo_s, max_seconds_per_rate, price_per_hour,
+                         out_dir, progress=click.echo)
+    for name, points in data["sweeps"].items():
+        console.print(runs_table(f"{name}: {arrival} arrivals", {f"{p['rate']:g} req/s": p for p in points}, label="rate"))
+    for name, best in data["best_under_slo"].items():
+        if best is None:
+            click.echo(f"{name}: no rate met p95 {slo_metric} <= {slo_s:g} s")
+        else:
+            cost = f", ${best['dollars_per_million_output_tokens']:.2f} per million output tokens" if best["dollars_per_million_output_tokens"] else ""
+            click.echo(f"{name}: best under the SLO {best['output_tokens_per_s']:.1f} out tok/s at {best['rate']:g} req/s "
+                       f"({best['requests_per_s']:.3f} req/s done){cost}")
+    click.echo(f"wrote {out_dir}/online.json and online_sweep.png")
+
+
+
 if __name__ == "__main__":
     main()

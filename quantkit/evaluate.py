@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import lm_eval.models  # noqa: F401  (lm-eval loads its own models only into an empty registry: before ours)
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -85,43 +86,91 @@ class QuantkitLM(TemplateLM):
             whole = (context + continuation)[-(self.max_length + 1):]
             scored.append(ScoreRequest(i, whole[: len(whole) - len(continuation)], continuation))
         results: list[tuple[float, bool] | None] = [None] * len(scored)
-        for batch in self._batches(scored):
+        for batch in self._batches(self._context_groups(scored)):
             for req, logprob, greedy in self._score_batch(batch):
                 results[req.index] = (logprob, greedy)
         return results  # type: ignore[return-value]
 
-    def _batches(self, requests: list[ScoreRequest]) -> Iterator[list[ScoreRequest]]:
-        """Longest first (so a too-big batch shows up at once), packed up to the token budget."""
-        batch: list[ScoreRequest] = []
+    # Multiple-choice tasks score several continuations of one context (HellaSwag: 4, PIQA: 2).
+    # A group of such requests computes the context's KV once, in shared cache blocks, and each
+    # request then computes only its own tail: the prefix caching of the runtime, used for scoring.
+    def _context_groups(self, requests: list[ScoreRequest]) -> Iterator[list[ScoreRequest]]:
+        """Requests with the same context, split where a group would not fit one batch."""
+        by_context: dict[tuple[int, ...], list[ScoreRequest]] = {}
+        for req in requests:
+            by_context.setdefault(tuple(req.context), []).append(req)
+        for group in by_context.values():
+            part: list[ScoreRequest] = []
+            for req in group:
+                if part and self._blocks_needed(part + [req]) * self.runner.block_size > self.batch_tokens:
+                    yield part
+                    part = []
+                part.append(req)
+            yield part
+
+    def _shared_len(self, group: list[ScoreRequest]) -> int:
+        """Context tokens computed once for the group: whole blocks, leaving at least the context's
+        last token to each request (its output predicts the first continuation token)."""
+        if len(group) < 2:
+            return 0
+        return (len(group[0].context) - 1) // self.runner.block_size * self.runner.block_size
+
+    def _blocks_needed(self, group: list[ScoreRequest]) -> int:
+        block, shared = self.runner.block_size, self._shared_len(group)
+        return shared // block + sum(-(-(len(r.inputs) - shared) // block) for r in group)
+
+    def _batches(self, groups: Iterator[list[ScoreRequest]]) -> Iterator[list[list[ScoreRequest]]]:
+        """Largest first (so a too-big batch shows up at once), packed up to the token budget."""
+        batch: list[list[ScoreRequest]] = []
         used = 0
-        block = self.runner.block_size
-        for req in sorted(requests, key=lambda r: -len(r.inputs)):
-            need = -(-len(req.inputs) // block) * block
+        for group in sorted(groups, key=lambda g: -self._blocks_needed(g)):
+            need = self._blocks_needed(group) * self.runner.block_size
             if batch and used + need > self.batch_tokens:
                 yield batch
                 batch, used = [], 0
-            batch.append(req)
+            batch.append(group)
             used += need
         if batch:
             yield batch
 
-    def _score_batch(self, batch: list[ScoreRequest]) -> list[tuple[ScoreRequest, float, bool]]:
+    def _score_batch(self, batch: list[list[ScoreRequest]]) -> list[tuple[ScoreRequest, float, bool]]:
+        """Two passes: the groups' shared context blocks, then every request's own tokens on top."""
         block = self.runner.block_size
-        tables, next_block = [], 0
-        for req in batch:  # every sequence gets fresh, private blocks; nothing else runs meanwhile
-            n = -(-len(req.inputs) // block)
-            tables.append(list(range(next_block, next_block + n)))
+        next_block = 0
+
+        def take(n_tokens: int) -> list[int]:
+            nonlocal next_block
+            n = -(-n_tokens // block)
             next_block += n
-        step = StepInput([r.inputs for r in batch], [0] * len(batch), tables, [False] * len(batch))
-        rows, targets, offset = [], [], 0
-        for req in batch:
-            n_inputs, n_cont = len(req.inputs), len(req.continuation)
-            rows.extend(range(offset + n_inputs - n_cont, offset + n_inputs))  # positions predicting the continuation
-            targets.extend(req.continuation)
-            offset += n_inputs
-        logprobs, greedy = self.runner.token_logprobs(step, torch.tensor(rows), torch.tensor(targets))
+            return list(range(next_block - n, next_block))
+
+        shared_pass = StepInput([], [], [], [])
+        own_pass = StepInput([], [], [], [])
+        requests, rows, targets, offset = [], [], [], 0
+        for group in batch:  # every batch gets fresh blocks; nothing else runs meanwhile
+            shared = self._shared_len(group)
+            shared_blocks = take(shared)
+            if shared:
+                shared_pass.token_ids.append(group[0].context[:shared])
+                shared_pass.starts.append(0)
+                shared_pass.block_tables.append(shared_blocks)
+                shared_pass.sample.append(False)
+            for req in group:
+                own = req.inputs[shared:]
+                own_pass.token_ids.append(own)
+                own_pass.starts.append(shared)
+                own_pass.block_tables.append(shared_blocks + take(len(own)))
+                own_pass.sample.append(False)
+                n_cont = len(req.continuation)
+                rows.extend(range(offset + len(own) - n_cont, offset + len(own)))  # positions predicting the continuation
+                targets.extend(req.continuation)
+                offset += len(own)
+                requests.append(req)
+        if shared_pass.token_ids:
+            self.runner.fill_cache(shared_pass)
+        logprobs, greedy = self.runner.token_logprobs(own_pass, torch.tensor(rows), torch.tensor(targets))
         out, start = [], 0
-        for req in batch:
+        for req in requests:
             end = start + len(req.continuation)
             out.append((req, float(logprobs[start:end].sum()), bool(greedy[start:end].all())))
             start = end

@@ -84,6 +84,11 @@ class ModelRunner:
             return self.model.compute_logits(hidden[last_rows])
 
     @torch.inference_mode()
+    def fill_cache(self, step: StepInput) -> None:
+        """Compute the step's tokens into the KV cache only (shared prefixes for later steps)."""
+        self._forward(step)
+
+    @torch.inference_mode()
     def token_logprobs(self, step: StepInput, rows: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """log p(targets[i] | prefix) at flattened token rows[i], and whether it is the argmax.
 

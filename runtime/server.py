@@ -188,7 +188,9 @@ def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | 
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         if stream:
             metrics.requests.labels(endpoint, "200").inc()
-            return StreamingResponse(sse(rid, stream_out, chat, served_name, params, metrics), media_type="text/event-stream")
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+            return StreamingResponse(sse(rid, stream_out, chat, served_name, params, metrics, include_usage), media_type="text/event-stream")
         last = None
         watcher = asyncio.create_task(_cancel_on_disconnect(request, stream_out))
         try:
@@ -307,8 +309,9 @@ def stable_text(text: str, stops: list[str], finished: bool) -> str:
     return text[:end]
 
 
-async def sse(rid: str, outputs: RequestStream, chat: bool, model: str, params: SamplingParams, metrics: Metrics) -> AsyncIterator[str]:
-    created, sent, counted = int(time.time()), 0, False
+async def sse(rid: str, outputs: RequestStream, chat: bool, model: str, params: SamplingParams, metrics: Metrics,
+              include_usage: bool = False) -> AsyncIterator[str]:
+    created, sent, counted, last = int(time.time()), 0, False, None
 
     def chunk(delta_text: str, finish: str | None, role: bool = False) -> str:
         if chat:
@@ -324,6 +327,7 @@ async def sse(rid: str, outputs: RequestStream, chat: bool, model: str, params: 
         if chat:
             yield chunk("", None, role=True)
         async for out in outputs:
+            last = out
             if not counted:
                 metrics.prompt_tokens.inc(len(out.prompt_token_ids))
                 counted = True
@@ -331,6 +335,10 @@ async def sse(rid: str, outputs: RequestStream, chat: bool, model: str, params: 
             if len(text) > sent or out.finished:
                 yield chunk(text[sent:], out.finish_reason if out.finished else None)
                 sent = max(sent, len(text))
+        if include_usage and last is not None:  # OpenAI's stream_options: a last chunk with no choices
+            body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created, "model": model,
+                    "choices": [], "usage": usage(last)}
+            yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
     except EngineFailure as e:
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': 500}})}\n\n"

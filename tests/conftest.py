@@ -11,12 +11,39 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # No GPU here: Triton kernels run in its interpreter (set before triton is imported).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 TINY_VOCAB = 512
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """An ASGI app under a real uvicorn server on a free loopback port, in a thread; yields its URL."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 TINY_EOS = "</s>"
 
 

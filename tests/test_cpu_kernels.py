@@ -130,6 +130,8 @@ CASES = {
     "whole prompts": ([1, 5, 16, 17, 40], [1, 5, 16, 17, 40]),
     "chunks after cached tokens": ([20, 33, 48], [7, 33, 16]),
     "mixed decode and prefill": ([9, 40, 3, 17], [1, 12, 3, 1]),
+    # beyond SHORT_PREFILL_CONTEXT a chunk gets its own SDPA call; shorter ones share padded ones
+    "long and short prefill together": ([300, 40, 270, 2], [300, 12, 20, 1]),
 }
 
 
@@ -139,6 +141,19 @@ CASES = {
 def test_cpu_paged_attention_matches_reference_fp32(case, heads, kv_heads, block_size):
     context_lens, query_lens = CASES[case]
     query, k_cache, v_cache, meta = random_paged_case(context_lens, query_lens, heads, kv_heads, 32, block_size, torch.float32, seed=block_size + heads)
+    out = torch.full_like(query, float("nan"))
+    paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=32**-0.5, out=out)
+    expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 32**-0.5)
+    assert not out.isnan().any()
+    assert rel_err(out, expected) < FP32_RTOL
+
+
+def test_short_prefill_chunks_split_into_several_padded_batches(monkeypatch):
+    import quantkit.kernels.attention as attention
+
+    monkeypatch.setattr(attention, "SHORT_PREFILL_BATCH", 2)
+    query, k_cache, v_cache, meta = random_paged_case([5, 30, 17, 2, 9], [5, 4, 17, 2, 1], 4, 2, 32, 16, torch.float32, seed=5)
+    assert [b.n for b in meta.short_prefill] == [2, 2]  # four prefill chunks, two per batch; one decode row
     out = torch.full_like(query, float("nan"))
     paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=32**-0.5, out=out)
     expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 32**-0.5)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from quantkit.evaluate import QuantkitLM, primary_metric
+from quantkit.evaluate import QuantkitLM, ScoreRequest, primary_metric
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,25 @@ def test_loglikelihoods_equal_a_direct_computation_with_the_same_weights(lm, hf)
         else:
             ctx, cont = [lm.prefix_token_id], lm.tok_encode(continuation)
         expected, expected_greedy = direct_logprob(hf, ctx, cont)
+        assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
+        assert greedy == expected_greedy
+
+
+def test_continuations_of_one_context_share_its_blocks_and_score_as_if_alone(lm, hf):
+    """Multiple-choice requests compute their shared context once; the results must not change."""
+    block = lm.runner.block_size
+    vocab = lm.runner.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    reqs = []
+    for context_len in (1, block - 1, block, block + 1, 2 * block + 5):  # around block edges
+        context = torch.randint(0, vocab, (context_len,), generator=gen).tolist()
+        for cont_len in (1, 3, 7):
+            reqs.append((None, context, torch.randint(0, vocab, (cont_len,), generator=gen).tolist()))
+    groups = list(lm._context_groups([ScoreRequest(i, c, t) for i, (_, c, t) in enumerate(reqs)]))
+    assert [lm._shared_len(g) for g in groups] == [0, 0, 0, block, 2 * block]  # the context's whole blocks, less its last token
+    got = lm._loglikelihood_tokens(reqs)
+    for (_, context, continuation), (logprob, greedy) in zip(reqs, got):
+        expected, expected_greedy = direct_logprob(hf, context, continuation)
         assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
         assert greedy == expected_greedy
 
@@ -153,3 +172,11 @@ def test_eval_bad_input_is_a_clear_error(tiny_model_dir, tiny_artifact, tmp_path
     weights.write_bytes(bytes(raw))
     code, out = run_cli("eval", damaged, "--baseline", tiny_model_dir)
     assert code == 2 and "sha256" in out
+
+
+def test_registering_quantkit_keeps_lm_evals_own_models():
+    """lm-eval fills its registry lazily only when it is empty; ours must not hide 'hf'."""
+    from lm_eval.api.registry import get_model
+
+    assert get_model("quantkit") is QuantkitLM
+    assert get_model("hf").__name__ == "HFLM"

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 
 import httpx
 import pytest
-import uvicorn
+from conftest import serving
 
 from quantkit.runtime.engine import LLM, EngineConfig, LLMEngine
 from quantkit.runtime.sampling import SamplingParams
@@ -25,20 +23,8 @@ def server(tiny_model_dir):
     engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", num_blocks=64, max_waiting=8))
     engine.tokenizer.chat_template = CHAT_TEMPLATE
     app = create_app(engine, api_key=API_KEY, model_name="tiny")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield {"url": f"http://127.0.0.1:{port}", "engine": engine, "model_dir": tiny_model_dir}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serving(app) as url:
+        yield {"url": url, "engine": engine, "model_dir": tiny_model_dir}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +61,14 @@ def test_streamed_completion_concatenates_to_the_full_text(server, client):
     chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, stream=True, extra_body={"ignore_eos": True}))
     assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_a_stream_ends_with_usage_when_asked(server, client):
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=7, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    *text_chunks, last = chunks
+    assert last.choices == [] and last.usage.completion_tokens == 7 and last.usage.prompt_tokens > 0
+    assert all(c.usage is None for c in text_chunks)
 
 
 def test_chat_uses_the_chat_template_and_streams_the_same_text(server, client):
