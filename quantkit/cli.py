@@ -216,7 +216,7 @@ _OFFLINE_MODES = ("hf-one-at-a-time", "hf-static", "engine-one-at-a-time-bf16", 
 def _workload_options(f):
     for option in reversed([
         click.option("--workload", "workload_file", type=click.Path(path_type=Path), help="JSONL of {prompt, max_tokens} (default: synthesized)."),
-        click.option("--requests", default=32, show_default=True, type=int, help="Requests (synthesized, or the first N of --workload)."),
+        click.option("--requests", type=int, help="Requests: synthesized (default 32), or the first N of --workload (default: all)."),
         click.option("--seed", default=0, show_default=True, type=int),
         click.option("--prompt-tokens", default="32-512", show_default=True, help="Synthesized prompt length range LOW-HIGH."),
         click.option("--output-tokens", default="32-256", show_default=True, help="Synthesized output length range LOW-HIGH."),

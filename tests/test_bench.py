@@ -60,6 +60,11 @@ def test_workload_files_are_read_and_bad_lines_named(tmp_path):
             load_jsonl(good)
     with pytest.raises(QuantkitError, match="does not exist"):
         load_jsonl(tmp_path / "missing.jsonl")
+    from quantkit.bench import make_workload
+
+    good.write_text("".join(json.dumps({"prompt": f"p{i}", "max_tokens": i + 1}) + "\n" for i in range(40)))
+    assert len(make_workload("unused", good, None, 0, (1, 2), (1, 2))) == 40  # a file: every line unless asked
+    assert make_workload("unused", good, 2, 0, (1, 2), (1, 2)) == [BenchRequest("p0", 1), BenchRequest("p1", 2)]
     assert parse_range("32-512") == (32, 512) and parse_range("7") == (7, 7)
     with pytest.raises(QuantkitError, match="LOW-HIGH"):
         parse_range("a-b")
@@ -276,6 +281,7 @@ def test_the_cli_lists_the_same_offline_modes_as_the_library():
     (["offline", "{model}", "--requests", "2"], "is not a quantkit artifact"),
     (["offline", "{artifact}", "--modes", "turbo"], "unknown mode(s) turbo"),
     (["offline", "{artifact}", "--prompt-tokens", "9-3"], "prompt token range 9-3 is empty"),
+    (["offline", "{artifact}", "--requests", "0"], "at least one request"),
     (["online", "--slo", "1"], "nothing to measure"),
     (["online", "--url", "ftp://x", "--slo", "1"], "is not an http(s) URL"),
     (["online", "--url", "http://127.0.0.1:9", "--rates", "0,1", "--slo", "1"], "give rates > 0"),

@@ -22,14 +22,20 @@ from .stats import best_under_slo
 from .workload import BenchRequest, bundled_corpus, load_jsonl, synthesize
 
 
-def make_workload(tokenizer_model: str, workload_file: Path | None, requests: int, seed: int,
+DEFAULT_REQUESTS = 32
+
+
+def make_workload(tokenizer_model: str, workload_file: Path | None, requests: int | None, seed: int,
                   prompt_tokens: tuple[int, int], output_tokens: tuple[int, int]) -> list[BenchRequest]:
+    """The first `requests` lines of a JSONL workload (all when None), or `requests` synthesized ones."""
+    if requests is not None and requests < 1:
+        raise QuantkitError(f"--requests {requests}: a workload needs at least one request.")
     if workload_file is not None:
-        return load_jsonl(workload_file)[:requests] if requests else load_jsonl(workload_file)
+        return load_jsonl(workload_file)[:requests]
     from quantkit.sources import load_tokenizer, resolve_model
 
     tokenizer = load_tokenizer(resolve_model(tokenizer_model))
-    return synthesize(tokenizer, bundled_corpus(), requests, seed, prompt_tokens, output_tokens)
+    return synthesize(tokenizer, bundled_corpus(), requests or DEFAULT_REQUESTS, seed, prompt_tokens, output_tokens)
 
 
 def _environment() -> dict:
