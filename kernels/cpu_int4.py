@@ -7,8 +7,9 @@ zero = (8 - z) * s. Both s and zero are rounded to bf16 (the op's only fast dtyp
 about 2**-9 relative per group on top of the fp16 scales, well inside bf16 activation noise.
 
 The fused op's cost grows linearly with the rows (it loses to a bf16 matmul from M = 16), but
-dequantizing a block's weights costs ~5.6 ms per call here, so dequantize + bf16 matmul only wins
-from M = 256 on (one block's linears at M = 512: 15.9 ms fused vs 10.7 ms; benchmarks/kernels.py).
+dequantizing a block's weights costs 4-12 ms per call here, so dequantize + bf16 matmul only wins
+from M = 1024 on (one block's linears: 5.8 vs 12.3 ms at M = 256, 11.5 vs 14.1 at 512, 25.7 vs
+15.3 at 1024; benchmarks/kernels.py).
 Long prefill chunks and evaluation batches take that path; other activation dtypes (fp32 for exact
 comparisons) always do, since the fused op is 25-70x slower for them.
 """
@@ -29,8 +30,8 @@ _COLUMN_SHIFTS = torch.tensor([4 * AWQ_ORDER.index(c) for c in range(PACK_FACTOR
 _INNER_K_TILES = 2
 
 # From this many rows on, bf16 activations take dequantize + bf16 matmul instead of the fused op
-# (measured crossover: equal at 256, dense 1.5x faster at 512, 1.7x at 2048). None: never.
-DENSE_FROM_ROWS: int | None = 256
+# (measured: fused faster at 256, about even at 512, dense 1.3-1.7x faster at 1024). None: never.
+DENSE_FROM_ROWS: int | None = 1024
 
 
 @dataclass(frozen=True)

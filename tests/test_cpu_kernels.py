@@ -48,7 +48,7 @@ def test_repack_keeps_every_code_and_zero_exactly(group_size):
     assert torch.equal(w_t.float(), expected.float())
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 17, 64, 300])  # 300: past DENSE_FROM_ROWS
+@pytest.mark.parametrize("rows", [1, 3, 4, 17, 64, 1030])  # 1030: past DENSE_FROM_ROWS
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_int4_matmul_bf16_matches_reference(rows, group_size):
     qweight, qzeros, scales, _, _ = random_awq(384, 136, group_size, seed=rows * 1000 + group_size)
