@@ -15,7 +15,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from quantkit.bench import make_workload, run_offline  # noqa: E402
+from quantkit.bench.run import make_workload, run_offline  # noqa: E402
 from quantkit.bench.report import console, ratios_table, runs_table  # noqa: E402
 
 MiB = 1024**2

@@ -13,6 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import click  # noqa: E402
 
+from .bench.offline import MODES as _OFFLINE_MODES  # noqa: E402  (cheap: no torch, no httpx)
 from .errors import QuantkitError  # noqa: E402
 
 
@@ -208,10 +209,6 @@ def bench() -> None:
     """Measure serving: offline (modes side by side) or online (rate sweep against servers)."""
 
 
-# The same names as quantkit.bench.offline.MODES (a test checks), without importing it here.
-_OFFLINE_MODES = ("hf-one-at-a-time", "hf-static", "engine-one-at-a-time-bf16", "engine-one-at-a-time-int4",
-                  "engine-continuous-bf16", "engine-continuous-int4")
-
 
 def _workload_options(f):
     for option in reversed([
@@ -242,7 +239,7 @@ def _workload_options(f):
 def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cache_memory, memory_budget, concurrency, context_tokens,
                   workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
     """One workload, all queued at t=0: HF one-at-a-time and static batching vs quantkit's engine, bf16 vs int4."""
-    from quantkit import bench as qb
+    from quantkit.bench import run as qb
     from quantkit.bench.report import console, ratios_table, runs_table
     from quantkit.bench.workload import parse_range
 
@@ -287,7 +284,7 @@ def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cach
 def bench_online(urls, serve_artifact, serve_max_num_seqs, kv_cache_memory, model, api_key, tokenizer_model, rates, arrival, slo_metric,
                  slo_s, max_seconds_per_rate, workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
     """Sweep request rates against servers; report the best throughput whose p95 latency meets --slo."""
-    from quantkit import bench as qb
+    from quantkit.bench import run as qb
     from quantkit.bench.online import Target, check_url
     from quantkit.bench.report import console, runs_table
     from quantkit.bench.workload import parse_range

@@ -150,14 +150,6 @@ def check_task_data(tasks: list[str] | None = None) -> None:
                 )
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def task_hashes(tasks: list[str]) -> dict[str, str]:
     """sha256 of each quantkit task's full definition, keyed by its ``qk_*`` name.
 
@@ -165,15 +157,17 @@ def task_hashes(tasks: list[str]) -> dict[str, str]:
     a report that records it pins exactly what was evaluated. Short and ``qk_*`` names are accepted;
     lm-eval's standard tasks (data from the hub) are left out. Raises QuantkitError if a file is missing.
     """
+    from .artifact import file_sha256  # the artifact's file hash; imported here: it loads torch
+
     check_task_data(tasks)
-    utils_sha = _sha256_file(tasks_dir() / "utils.py")
+    utils_sha = file_sha256(tasks_dir() / "utils.py")
     data_dir = _eval_dir() / "data"
     hashes: dict[str, str] = {}
     for task in tasks:
         qk = _qk_name(task)
         if qk is None:
             continue
-        lines = [_HASH_FORMAT, f"yaml {qk}.yaml {_sha256_file(_task_yaml(qk))}", f"utils utils.py {utils_sha}"]
-        lines += [f"data {path.relative_to(data_dir).as_posix()} {_sha256_file(path)}" for path in _data_files(qk)]
+        lines = [_HASH_FORMAT, f"yaml {qk}.yaml {file_sha256(_task_yaml(qk))}", f"utils utils.py {utils_sha}"]
+        lines += [f"data {path.relative_to(data_dir).as_posix()} {file_sha256(path)}" for path in _data_files(qk)]
         hashes[qk] = hashlib.sha256(("\n".join(lines) + "\n").encode()).hexdigest()
     return hashes

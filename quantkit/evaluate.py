@@ -123,8 +123,8 @@ class QuantkitLM(TemplateLM):
         """Largest first (so a too-big batch shows up at once), packed up to the token budget."""
         batch: list[list[ScoreRequest]] = []
         used = 0
-        for group in sorted(groups, key=lambda g: -self._blocks_needed(g)):
-            need = self._blocks_needed(group) * self.runner.block_size
+        sized = sorted(((self._blocks_needed(g) * self.runner.block_size, g) for g in groups), key=lambda item: -item[0])
+        for need, group in sized:
             if batch and used + need > self.batch_tokens:
                 yield batch
                 batch, used = [], 0

@@ -12,7 +12,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -29,9 +28,9 @@ def serving(app) -> Iterator[str]:
     """An ASGI app under a real uvicorn server on a free loopback port, in a thread; yields its URL."""
     import uvicorn
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from quantkit.bench.run import free_loopback_port
+
+    port = free_loopback_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -1,6 +1,5 @@
 """The artifact: AWQ-compatible config, bit-identical reload, hash verification, atomic writes."""
 
-import copy
 import json
 
 import pytest

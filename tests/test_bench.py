@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import socket
 import time
 
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 from conftest import serving
 
 from quantkit.bench import cost, offline, online
+from quantkit.bench.run import free_loopback_port
 from quantkit.bench.stats import RequestTiming, best_under_slo, percentile, summarize
 from quantkit.bench.workload import BenchRequest, load_jsonl, parse_range, synthesize
 from quantkit.errors import QuantkitError
@@ -60,7 +60,7 @@ def test_workload_files_are_read_and_bad_lines_named(tmp_path):
             load_jsonl(good)
     with pytest.raises(QuantkitError, match="does not exist"):
         load_jsonl(tmp_path / "missing.jsonl")
-    from quantkit.bench import make_workload
+    from quantkit.bench.run import make_workload
 
     good.write_text("".join(json.dumps({"prompt": f"p{i}", "max_tokens": i + 1}) + "\n" for i in range(40)))
     assert len(make_workload("unused", good, None, 0, (1, 2), (1, 2))) == 40  # a file: every line unless asked
@@ -141,12 +141,6 @@ def test_weight_bytes_come_from_safetensors_headers(tiny_model_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------------- online client
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def stub_server():
     """An independent OpenAI-compatible server: streams max_tokens one-word chunks, 20 ms apart
@@ -201,7 +195,7 @@ def test_a_sweep_stops_sending_at_its_time_limit(stub_server):
 
 
 def test_an_unreachable_server_counts_as_failures_not_a_crash():
-    port = _free_port()  # nothing listens here
+    port = free_loopback_port()  # nothing listens here
     target = online.Target(f"http://127.0.0.1:{port}", model="m")
     result = asyncio.run(online.run_rate(target, [BenchRequest("x", 2)] * 2, rate=100.0, arrival="constant"))
     assert (result["completed"], result["failed"]) == (0, 2)
@@ -237,7 +231,7 @@ def test_online_mode_spawns_quantkit_serve_and_compares_one_at_a_time_with_conti
 
 def workload_outputs(artifact):
     """The synthesized workload the CLI made (same defaults and seed)."""
-    from quantkit.bench import make_workload
+    from quantkit.bench.run import make_workload
 
     return [r.max_tokens for r in make_workload(str(artifact), None, 6, 0, (8, 24), (4, 8))]
 
@@ -269,12 +263,6 @@ def test_offline_mode_runs_every_way_of_serving_the_same_workload(tiny_artifact,
     assert memory["weight_bytes"]["int4"] < memory["weight_bytes"]["fp16"]
     assert memory["dollars_per_million_output_tokens"]["engine-continuous-int4"] > 0
     assert (tmp_path / "offline_throughput.png").stat().st_size > 0
-
-
-def test_the_cli_lists_the_same_offline_modes_as_the_library():
-    from quantkit.cli import _OFFLINE_MODES
-
-    assert tuple(_OFFLINE_MODES) == offline.MODES
 
 
 @pytest.mark.parametrize("args, message", [

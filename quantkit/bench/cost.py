@@ -12,7 +12,6 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-GiB = 1024**3
 GPU_TIERS_GB = (24, 48, 80)
 GPU_OVERHEAD = 0.10  # activations, CUDA context and allocator slack, as a share of the memory
 

@@ -200,10 +200,6 @@ def speedups(results: dict[str, dict]) -> dict[str, float]:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def default_modes() -> list[str]:
-    return list(MODES)
-
-
 def artifact_baseline(artifact: Path) -> str | None:
     """The dense model an artifact was quantized from, as its manifest records it."""
     import json

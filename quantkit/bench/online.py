@@ -57,7 +57,7 @@ def arrival_offsets(n: int, rate: float, arrival: str, seed: int) -> list[float]
     raise QuantkitError(f"arrival {arrival!r} is unknown; use poisson or constant.")
 
 
-async def resolve_model(client: httpx.AsyncClient, target: Target) -> str:
+async def served_model(client: httpx.AsyncClient, target: Target) -> str:
     if target.model:
         return target.model
     response = await client.get(f"{target.base}/models")
@@ -109,7 +109,7 @@ async def run_rate(target: Target, workload: list[BenchRequest], rate: float, ar
     limits = httpx.Limits(max_connections=len(workload) + 1, max_keepalive_connections=len(workload) + 1)
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     async with httpx.AsyncClient(timeout=httpx.Timeout(timeout), limits=limits, headers=headers) as client:
-        model = await resolve_model(client, target)
+        model = await served_model(client, target)
         start = time.perf_counter()
         timings: list[RequestTiming] = []
         tasks = []
@@ -121,7 +121,7 @@ async def run_rate(target: Target, workload: list[BenchRequest], rate: float, ar
             timings.append(timing)
             tasks.append(asyncio.create_task(_one_request(client, target, model, request, timing)))
         remaining = max(1.0, start + max_seconds + timeout - time.perf_counter())
-        done, pending = await asyncio.wait(tasks, timeout=remaining)
+        _, pending = await asyncio.wait(tasks, timeout=remaining)
         for task in pending:
             task.cancel()
         for timing in timings:

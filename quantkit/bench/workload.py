@@ -49,10 +49,6 @@ def load_jsonl(path: Path) -> list[BenchRequest]:
     return requests
 
 
-def save_jsonl(requests: list[BenchRequest], path: Path) -> None:
-    path.write_text("".join(json.dumps({"prompt": r.prompt, "max_tokens": r.max_tokens}) + "\n" for r in requests), encoding="utf-8")
-
-
 def synthesize(tokenizer, corpus: str, n: int, seed: int,
                prompt_tokens: tuple[int, int] = DEFAULT_PROMPT_TOKENS,
                output_tokens: tuple[int, int] = DEFAULT_OUTPUT_TOKENS) -> list[BenchRequest]:
