@@ -13,13 +13,12 @@ import re
 import shutil
 from pathlib import Path
 
+import datasets
+import lm_eval  # a required dependency: if it is missing these tests must fail, not skip
 import pytest
-
-lm_eval = pytest.importorskip("lm_eval")
-import datasets  # noqa: E402
-from lm_eval.api.task import ConfigurableTask  # noqa: E402
-from lm_eval.tasks import get_task_dict  # noqa: E402
-from lm_eval.tasks._yaml_loader import load_yaml  # noqa: E402
+from lm_eval.api.task import ConfigurableTask
+from lm_eval.tasks import get_task_dict
+from lm_eval.tasks._yaml_loader import load_yaml
 
 from quantkit import eval_tasks  # noqa: E402
 from quantkit.errors import QuantkitError  # noqa: E402
