@@ -11,10 +11,16 @@ mask (faster than one masked SDPA call or one SDPA call per sequence); short pre
 as padded batches of one masked SDPA call each, long ones one SDPA call per sequence
 (bottom-right causal mask when the chunk follows cached tokens). Gather
 indices are computed once per step, not per layer; index_select gathers ~7x faster than indexing.
+
+Sliding-window layers (Mistral, Gemma3's local layers) pass `window`: the query at position p
+sees only positions p - window + 1 .. p. On CPU the step's plan is made once more for each
+distinct window (AttentionMetadata.windowed): decode gathers only the last `window` positions of
+each sequence, prefill masks (and trims) its keys. window=None runs the plain causal plan.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -38,8 +44,13 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # bool [n_decode, 1, 1, max_ctx], True = attend; None = no padding
     all_decode: bool = False  # every row decodes: no row gather / scatter needed
     skips_slots: bool = False  # some slot is -1
-    prefill: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)  # (start, end, slots [ctx])
+    # Long chunks, one SDPA call each: (start, end, slots of the keys [keys], bool mask [q_len, keys]
+    # or None for the plain causal mask).
+    prefill: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
     short_prefill: list[PaddedPrefill] = field(default_factory=list)  # short chunks, batched
+    tables: torch.Tensor | None = None  # int64 block tables and query offsets kept to plan windows
+    cu: list[int] | None = None
+    window_plans: dict[int, AttentionMetadata] = field(default_factory=dict)
 
     @property
     def max_q_len(self) -> int:
@@ -71,31 +82,54 @@ class AttentionMetadata:
         )
         meta.skips_slots = bool((meta.slot_mapping < 0).any()) if meta.slot_mapping.numel() else False
         if torch.device(device).type == "cpu":
-            meta._plan_cpu(tables, cu.tolist())
+            meta.tables, meta.cu = tables, cu.tolist()
+            meta._plan_cpu(tables, meta.cu)
         return meta
 
-    def _plan_cpu(self, tables: torch.Tensor, cu: list[int]) -> None:
+    def windowed(self, window: int | None) -> AttentionMetadata:
+        """The CPU plan of this step for a layer with a sliding window (made once per step and window).
+
+        A window no shorter than every context changes nothing: the plain plan is returned.
+        """
+        if window is None or window >= self.max_context_len:
+            return self
+        if window not in self.window_plans:
+            plan = dataclasses.replace(self, decode_rows=None, decode_slots=None, decode_mask=None, all_decode=False,
+                                       prefill=[], short_prefill=[], window_plans={})
+            plan._plan_cpu(self.tables, self.cu, window)
+            self.window_plans[window] = plan
+        return self.window_plans[window]
+
+    def _plan_cpu(self, tables: torch.Tensor, cu: list[int], window: int | None = None) -> None:
         decode = [i for i, q in enumerate(self.query_lens) if q == 1]
         if decode:
             ctx = self.context_lens[decode].long()
-            positions = torch.arange(int(ctx.max()))
+            # A windowed sequence gathers its last `window` positions only: from first = ctx - window.
+            first = None if window is None else (ctx - window).clamp(min=0)
+            seen = ctx if first is None else ctx - first  # keys each sequence attends to
+            offsets = torch.arange(int(seen.max()))
+            positions = offsets if first is None else first.unsqueeze(1) + offsets
             self.decode_rows = torch.tensor([cu[i] for i in decode], dtype=torch.int64)
             self.decode_slots = _slots(tables[decode], positions.expand(len(decode), -1), self.block_size)
-            if bool((ctx < positions.numel()).any()):
-                self.decode_mask = (positions < ctx.unsqueeze(1)).view(len(decode), 1, 1, -1)
+            if bool((seen < offsets.numel()).any()):
+                self.decode_mask = (offsets < seen.unsqueeze(1)).view(len(decode), 1, 1, -1)
             self.all_decode = len(decode) == len(self.query_lens)
         short = []
         for i, q_len in enumerate(self.query_lens):
-            if q_len > 1 and self.context_lens_list[i] <= SHORT_PREFILL_CONTEXT:
+            ctx = self.context_lens_list[i]
+            if q_len > 1 and ctx <= SHORT_PREFILL_CONTEXT:
                 short.append(i)
             elif q_len > 1:
-                positions = torch.arange(self.context_lens_list[i])
-                self.prefill.append((cu[i], cu[i + 1], _slots(tables[i], positions, self.block_size)))
+                # Keys before the first query's window are never seen: not gathered.
+                first = 0 if window is None else max(0, ctx - q_len - window + 1)
+                positions = torch.arange(first, ctx)
+                mask = None if window is None else _causal_mask(torch.arange(ctx - q_len, ctx).unsqueeze(1), positions.unsqueeze(0), window)
+                self.prefill.append((cu[i], cu[i + 1], _slots(tables[i], positions, self.block_size), mask))
         short.sort(key=lambda i: self.context_lens_list[i])  # similar lengths together: little padding
         for first in range(0, len(short), SHORT_PREFILL_BATCH):
             group = short[first : first + SHORT_PREFILL_BATCH]
             self.short_prefill.append(PaddedPrefill.plan(tables[group], [cu[i] for i in group], [self.query_lens[i] for i in group],
-                                                         [self.context_lens_list[i] for i in group], self.block_size))
+                                                         [self.context_lens_list[i] for i in group], self.block_size, window))
 
 
 # Prefill chunks with at most this much context are answered SHORT_PREFILL_BATCH at a time by one
@@ -119,7 +153,8 @@ class PaddedPrefill:
     max_ctx: int
 
     @classmethod
-    def plan(cls, tables: torch.Tensor, starts: list[int], q_lens: list[int], ctx_lens: list[int], block_size: int) -> PaddedPrefill:
+    def plan(cls, tables: torch.Tensor, starts: list[int], q_lens: list[int], ctx_lens: list[int], block_size: int,
+             window: int | None = None) -> PaddedPrefill:
         n, max_q, max_ctx = len(q_lens), max(q_lens), max(ctx_lens)
         q = torch.tensor(q_lens).unsqueeze(1)
         ctx = torch.tensor(ctx_lens).unsqueeze(1)
@@ -129,9 +164,17 @@ class PaddedPrefill:
         key = torch.arange(max_ctx)
         slots = torch.where(key < ctx, _slots(tables, key.expand(n, -1), block_size), 0)
         # Query r of a chunk sits at position ctx - q_len + r and sees keys up to there.
-        mask = key.view(1, 1, -1) <= (ctx - q + row).unsqueeze(-1)
+        mask = _causal_mask((ctx - q + row).unsqueeze(-1), key.view(1, 1, -1), window)
         mask |= ~valid.unsqueeze(-1) & (key == 0)  # padding rows see one key: no all -inf row
         return cls(query_rows.reshape(-1), query_rows[valid], valid.reshape(-1), slots.reshape(-1), mask.unsqueeze(1), n, max_q, max_ctx)
+
+
+def _causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """True where the query at position q_pos sees the key at k_pos (broadcast, e.g. [q, 1] against [1, k])."""
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
 
 
 def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -176,18 +219,29 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 def paged_attention(
-    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float, out: torch.Tensor | None = None
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal GQA attention of query [total_q, H, D] over the paged cache -> [total_q, H, D] (into `out` if given)."""
+    """Causal GQA attention of query [total_q, H, D] over the paged cache -> [total_q, H, D] (into `out` if given).
+
+    `window`: a sliding-window layer's window (the query at p sees p - window + 1 .. p); None: all.
+    """
+    if window is not None and window >= meta.max_context_len:
+        window = None  # no sequence is longer than the window: plain causal attention
     if query.is_cuda:
         from . import triton_attention
 
         if all(q == 1 for q in meta.query_lens):
-            return triton_attention.paged_decode(query, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, out=out)
+            return triton_attention.paged_decode(query, k_cache, v_cache, meta.block_tables, meta.context_lens, scale, out=out, window=window)
         return triton_attention.paged_prefill(
-            query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, meta.max_q_len, scale, out=out
+            query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, meta.max_q_len, scale, out=out, window=window
         )
-    return _cpu_paged_attention(query, k_cache, v_cache, meta, scale, torch.empty_like(query) if out is None else out)
+    return _cpu_paged_attention(query, k_cache, v_cache, meta.windowed(window), scale, torch.empty_like(query) if out is None else out)
 
 
 def _cpu_paged_attention(
@@ -205,15 +259,16 @@ def _cpu_paged_attention(
         v = v_cache.index_select(1, batch.slots).view(kv_heads, batch.n, batch.max_ctx, dim).transpose(0, 1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scale, enable_gqa=True)
         out[batch.out_rows] = o.transpose(1, 2).reshape(-1, heads, dim)[batch.valid]
-    for start, end, slots in meta.prefill:
+    for start, end, slots, mask in meta.prefill:
         q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         k = k_cache.index_select(1, slots).unsqueeze(0)  # [1, Hkv, ctx, D]
         v = v_cache.index_select(1, slots).unsqueeze(0)
         q_len, ctx = end - start, slots.numel()
-        if q_len == ctx:
+        if mask is None and q_len == ctx:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:  # a chunk after cached tokens: query r sits at position ctx - q_len + r
-            mask = torch.ones(q_len, ctx, dtype=torch.bool).tril(diagonal=ctx - q_len)
+        else:  # a chunk after cached tokens (query r sits at position ctx - q_len + r) or a window
+            if mask is None:
+                mask = torch.ones(q_len, ctx, dtype=torch.bool).tril(diagonal=ctx - q_len)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:end] = o.squeeze(0).transpose(0, 1)
     return out

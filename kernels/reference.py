@@ -15,7 +15,9 @@ Paged KV cache, one pair per layer:
   cu_seqlens_q      int32 [num_seqs + 1], prefix sums of the query lengths of this step; the
                     queries of sequence i are rows cu_seqlens_q[i]:cu_seqlens_q[i+1] of `query`
                     and sit at positions context_len - q_len ... context_len - 1
-Attention is causal: the query at position p sees keys at positions 0..p. Grouped-query
+Attention is causal: the query at position p sees keys at positions 0..p. With a sliding window
+w it sees only the last w of them, positions p - w + 1 .. p (itself included), which is
+transformers' sliding_window_causal_mask (kv_idx > q_idx - sliding_window). Grouped-query
 attention: query head h reads kv head h // (num_heads // num_kv_heads).
 """
 
@@ -58,8 +60,12 @@ def paged_attention_ref(
     context_lens: torch.Tensor,
     cu_seqlens_q: torch.Tensor,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal GQA attention of query [total_q, H, D] over the paged cache, in float64."""
+    """Causal GQA attention of query [total_q, H, D] over the paged cache, in float64.
+
+    `window`: attend to the last `window` positions only (None: all of them).
+    """
     num_heads = query.shape[1]
     out = torch.empty(query.shape, dtype=torch.float64)
     for i, ctx in enumerate(context_lens.tolist()):
@@ -73,14 +79,18 @@ def paged_attention_ref(
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
         q_pos = torch.arange(ctx - (end - start), ctx).unsqueeze(1)
         k_pos = torch.arange(ctx).unsqueeze(0)
-        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        hidden = k_pos > q_pos
+        if window is not None:
+            hidden |= k_pos <= q_pos - window
+        scores = scores.masked_fill(hidden, float("-inf"))
         out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
     return out
 
 
 def paged_decode_ref(
-    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Decode: one query token per sequence, query [num_seqs, H, D]."""
     cu = torch.arange(query.shape[0] + 1, dtype=torch.int32)
-    return paged_attention_ref(query, k_cache, v_cache, block_tables, context_lens, cu, scale)
+    return paged_attention_ref(query, k_cache, v_cache, block_tables, context_lens, cu, scale, window)

@@ -17,6 +17,11 @@ paged_prefill  grid (cdiv(max_q_len, BLOCK_M), num_heads, num_seqs), BLOCK_M = 6
                q_len exit at once. Row r sits at position context_len - q_len + r, which covers
                whole prompts and chunks after cached tokens (chunked prefill, prefix cache).
                KV tiles past the tile's last position are never visited.
+Sliding window (USE_WINDOW, `window` w): the query at position p sees p - w + 1 .. p only. Decode
+               starts its KV loop at ctx - w; a prefill tile starts at its first row's window
+               start and masks keys before each row's own. Every valid row of a prefill tile
+               sees at least one key of the first KV tile (BLOCK_M <= BLOCK_N), so no running
+               max stays -inf. Without a window the kernels compile exactly as before.
 
 Memory access: both attention kernels walk a sequence's keys in tiles of BLOCK_N (>= 64) tokens
 and gather each token's cache row through the block table (block_tables[t // block_size]), so
@@ -106,11 +111,11 @@ def _attend_tile(q, k_t, v, allowed, m_i, l_i, acc, qk_scale,
 
 @triton.jit
 def _paged_decode_kernel(
-    query, k_cache, v_cache, block_tables, context_lens, out, qk_scale,
+    query, k_cache, v_cache, block_tables, context_lens, out, qk_scale, window,
     s_qn, s_qh, s_qd, s_on, s_oh, s_od, s_bt,
     s_cb, s_ct, s_ch, s_cd,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, USE_WINDOW: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -125,7 +130,10 @@ def _paged_decode_kernel(
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     bt_row = block_tables + seq.to(tl.int64) * s_bt
-    for start in range(0, ctx, BLOCK_N):
+    kv_start = 0
+    if USE_WINDOW:  # the last `window` positions only
+        kv_start = tl.maximum(ctx - window, 0)
+    for start in range(kv_start, ctx, BLOCK_N):
         k_t, v, offs_n, valid = _load_kv_tile(k_cache, v_cache, bt_row, start, ctx, kvh, s_cb, s_ct, s_ch, s_cd,
                                               BLOCK_SIZE, BLOCK_N, HEAD_DIM)
         m_i, l_i, acc = _attend_tile(q, k_t, v, valid[None, :], m_i, l_i, acc, qk_scale, PRECISION, UPCAST)
@@ -135,11 +143,12 @@ def _paged_decode_kernel(
 
 @triton.jit
 def _paged_prefill_kernel(
-    query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, qk_scale,
+    query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, qk_scale, window,
     s_qn, s_qh, s_qd, s_on, s_oh, s_od, s_bt,
     s_cb, s_ct, s_ch, s_cd,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -162,11 +171,17 @@ def _paged_prefill_kernel(
     bt_row = block_tables + seq.to(tl.int64) * s_bt
     # Causality: no row of this tile sees a key past its last valid row's position.
     kv_end = ctx - q_len + tl.minimum((tile + 1) * BLOCK_M, q_len)
-    for start in range(0, kv_end, BLOCK_N):
+    kv_start = 0
+    if USE_WINDOW:  # no row of this tile sees a key before its first row's window
+        tl.static_assert(BLOCK_M <= BLOCK_N)
+        kv_start = tl.maximum(ctx - q_len + tile * BLOCK_M - window + 1, 0)
+    for start in range(kv_start, kv_end, BLOCK_N):
         k_t, v, offs_n, valid = _load_kv_tile(k_cache, v_cache, bt_row, start, kv_end, kvh, s_cb, s_ct, s_ch, s_cd,
                                               BLOCK_SIZE, BLOCK_N, HEAD_DIM)
         # Key 0 is visible to every row (padding rows included), so no row's max stays -inf.
         allowed = valid[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:  # padding rows keep every key: they must not be left without one
+            allowed = allowed & ((offs_n[None, :] > q_pos[:, None] - window) | (offs_m[:, None] >= q_len))
         m_i, l_i, acc = _attend_tile(q, k_t, v, allowed, m_i, l_i, acc, qk_scale, PRECISION, UPCAST)
     o = acc / l_i[:, None]
     tl.store(out + rows[:, None] * s_on + head * s_oh + offs_d[None, :] * s_od, o.to(out.dtype.element_ty), mask=row_ok)
@@ -220,10 +235,12 @@ def _check_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out
 
 
-def _launch_options(dtype: torch.dtype) -> dict:
+def _launch_options(dtype: torch.dtype, window: int | None) -> dict:
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive int or None, got {window!r}")
     # fp32 inputs must not silently drop to tf32 on tensor cores.
     return {"PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-            "UPCAST": _INTERPRET and dtype == torch.bfloat16}
+            "UPCAST": _INTERPRET and dtype == torch.bfloat16, "USE_WINDOW": window is not None}
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -248,33 +265,36 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 def paged_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+                 context_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Decode attention, one query token per sequence: query [num_seqs, H, D] -> [num_seqs, H, D].
 
-    Every context_len must be >= 1 (this step's token is already in the cache).
+    Every context_len must be >= 1 (this step's token is already in the cache). `window`: attend to
+    the last `window` positions only (sliding-window layers); None: to all.
     """
     num_seqs = query.shape[0] if query.dim() == 3 else -1
     out = _check_attention(query, k_cache, v_cache, block_tables, context_lens, num_seqs, out)
+    options = _launch_options(query.dtype, window)
     if num_seqs == 0:
         return out
     num_heads, num_kv_heads, block_size = query.shape[1], k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
     _paged_decode_kernel[(num_seqs, num_kv_heads)](
-        query, k_cache, v_cache, block_tables, context_lens, out, float(scale) * _LOG2E,
+        query, k_cache, v_cache, block_tables, context_lens, out, float(scale) * _LOG2E, window or 0,
         *query.stride(), *out.stride(), block_tables.stride(0), *k_cache.stride(),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=query.shape[2],
-        BLOCK_SIZE=block_size, BLOCK_N=max(64, triton.next_power_of_2(block_size)), **_launch_options(query.dtype),
+        BLOCK_SIZE=block_size, BLOCK_N=max(64, triton.next_power_of_2(block_size)), **options,
     )
     return out
 
 
 def paged_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   context_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Varlen causal attention of query [total_q, H, D] over the paged cache -> [total_q, H, D].
 
     max_q_len must be >= every q_len (it sizes the grid; it is not read back from the device),
-    and q_len <= context_len for every sequence.
+    and q_len <= context_len for every sequence. `window`: each query attends to the last
+    `window` positions up to its own only (sliding-window layers); None: to all.
     """
     if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 1:
         raise ValueError(f"cu_seqlens_q must be int32 [num_seqs + 1], got shape {tuple(cu_seqlens_q.shape)}")
@@ -284,15 +304,16 @@ def paged_prefill(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _check_same_device(query, cu_seqlens_q)
     if not isinstance(max_q_len, int) or max_q_len < 0:
         raise ValueError(f"max_q_len must be a non-negative int, got {max_q_len!r}")
+    options = _launch_options(query.dtype, window)
     if num_seqs == 0 or max_q_len == 0 or query.shape[0] == 0:
         return out
     num_heads, num_kv_heads, block_size = query.shape[1], k_cache.shape[2], k_cache.shape[1]
     block_m = 64
     grid = (triton.cdiv(max_q_len, block_m), num_heads, num_seqs)
     _paged_prefill_kernel[grid](
-        query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, float(scale) * _LOG2E,
+        query, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, out, float(scale) * _LOG2E, window or 0,
         *query.stride(), *out.stride(), block_tables.stride(0), *k_cache.stride(),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=query.shape[2], BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=max(64, triton.next_power_of_2(block_size)), **_launch_options(query.dtype),
+        BLOCK_M=block_m, BLOCK_N=max(64, triton.next_power_of_2(block_size)), **options,
     )
     return out

@@ -131,14 +131,14 @@ def write_artifact(
                 shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST_NAME).write_text(json.dumps({**manifest, "files": files}, indent=2))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _replace_dir(new: Path, out: Path) -> None:
+def replace_dir(new: Path, out: Path) -> None:
     if not out.exists():
         os.rename(new, out)
         return

@@ -86,6 +86,22 @@ class _StopForward(Exception):
     pass
 
 
+BlockFn = Callable[[int, nn.Module], None]
+
+
+@dataclass
+class BlockDone:
+    """What one finished block hands to whoever stores it (memory or a partial artifact on disk)."""
+
+    index: int
+    prefix: str
+    block: nn.Module  # holds the folded scales and the dequantized weights
+    linears: dict[str, QuantizedLinear]  # names relative to the block
+    searches: list[GroupSearch]
+    hidden: torch.Tensor | None  # the next block's inputs (None for RTN, which needs none)
+    seconds: float
+
+
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
@@ -99,32 +115,63 @@ def quantize_model(
     Returns the codes and params to pack. With method 'awq' the model's norms and linears
     also carry the folded scales, which the artifact must store with the codes.
     """
-    blocks = adapter.blocks(model)
-    check_group_sizes(blocks, adapter, settings.group_size)
-    if settings.method == "rtn":
-        return _quantize_rtn(blocks, adapter, settings, progress)
-    if settings.method != "awq":
-        raise ValueError(f"unknown method {settings.method!r}")
-    if calib_ids is None:
-        raise ValueError("AWQ needs calibration token ids")
-
     result = QuantizeResult()
-    hidden, block_kwargs = capture_block_inputs(model, blocks[0], calib_ids)
-    block_kwargs = _cast_floats(block_kwargs, settings.dtype)
-    for i, block in enumerate(blocks):
-        start = time.perf_counter()
-        prefix = adapter.block_prefix(i)
-        storage = next(block.parameters()).dtype
-        block.float()  # fp32 masters for this block only: the rest of the model stays as stored
-        linears, searches = quantize_block(block, adapter, hidden, block_kwargs, settings)
-        block.to(storage)  # what the artifact stores (its norms are fp16) is what the next block sees
-        result.linears.update({prefix + name: ql for name, ql in linears.items()})
-        result.searches[prefix] = searches
-        _propagate(block, adapter, hidden, block_kwargs, settings)
-        result.block_seconds.append(time.perf_counter() - start)
+
+    def keep(done: BlockDone) -> None:
+        result.linears.update({done.prefix + name: ql for name, ql in done.linears.items()})
+        if done.searches:
+            result.searches[done.prefix] = done.searches
+        result.block_seconds.append(done.seconds)
         if progress:
-            progress(i + 1, len(blocks), result.block_seconds[-1])
+            progress(done.index + 1, len(adapter.blocks(model)), done.seconds)
+
+    hidden, block_kwargs = None, None
+    if settings.method == "awq":
+        if calib_ids is None:
+            raise ValueError("AWQ needs calibration token ids")
+        hidden, block_kwargs = capture_block_inputs(model, adapter.blocks(model), calib_ids)
+    quantize_blocks(adapter.blocks(model), adapter, settings, hidden, block_kwargs, on_done=keep)
     return result
+
+
+@torch.no_grad()
+def quantize_blocks(
+    blocks: nn.ModuleList,
+    adapter: ArchAdapter,
+    settings: AWQSettings,
+    hidden: torch.Tensor | None,
+    block_kwargs: list[dict] | None,
+    on_done: Callable[[BlockDone], None],
+    start: int = 0,
+    load_block: BlockFn | None = None,
+) -> None:
+    """The generic loop: blocks `start`.. in order, each loaded (if `load_block`), quantized, handed on.
+
+    `hidden` holds the inputs of block `start` (fp32, updated in place block after block); a
+    streaming caller materializes each block in `load_block` and frees it in `on_done`.
+    """
+    check_group_sizes(blocks, adapter, settings.group_size)
+    if settings.method not in ("awq", "rtn"):
+        raise ValueError(f"unknown method {settings.method!r}")
+    if settings.method == "awq" and (hidden is None or block_kwargs is None):
+        raise ValueError("AWQ needs the first block's calibration inputs and every block's kwargs")
+    for i in range(start, len(blocks)):
+        block = blocks[i]
+        if load_block:
+            load_block(i, block)
+        begin = time.perf_counter()
+        if settings.method == "rtn":
+            linears = {name: _finalize_linear(block.get_submodule(name), settings, block.get_submodule(name).weight.data.clone())
+                       for name in adapter.quantized_linears(block)}
+            searches: list[GroupSearch] = []
+        else:
+            kwargs = _cast_floats(block_kwargs[i], settings.dtype)
+            storage = next(block.parameters()).dtype
+            block.float()  # fp32 masters for this block only: the rest of the model stays as stored
+            linears, searches = quantize_block(block, adapter, hidden, kwargs, settings)
+            block.to(storage)  # what the artifact stores (its norms are fp16) is what the next block sees
+            _propagate(block, adapter, hidden, kwargs, settings)
+        on_done(BlockDone(i, adapter.block_prefix(i), block, linears, searches, hidden, time.perf_counter() - begin))
 
 
 def check_group_sizes(blocks: nn.ModuleList, adapter: ArchAdapter, group_size: int) -> None:
@@ -134,55 +181,56 @@ def check_group_sizes(blocks: nn.ModuleList, adapter: ArchAdapter, group_size: i
             check_group_size(block.get_submodule(name).in_features, group_size, adapter.block_prefix(i) + name)
 
 
-def _quantize_rtn(blocks: nn.ModuleList, adapter: ArchAdapter, settings: AWQSettings, progress: ProgressFn | None) -> QuantizeResult:
-    result = QuantizeResult()
-    for i, block in enumerate(blocks):
-        start = time.perf_counter()
-        for name in adapter.quantized_linears(block):
-            linear = block.get_submodule(name)
-            result.linears[adapter.block_prefix(i) + name] = _finalize_linear(linear, settings, linear.weight.data.clone())
-        result.block_seconds.append(time.perf_counter() - start)
-        if progress:
-            progress(i + 1, len(blocks), result.block_seconds[-1])
-    return result
-
-
 # --- capturing and running blocks -------------------------------------------------------
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, calib_ids: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, dict]:
-    """Hidden states entering the first block for every sample (fp32) and the block's kwargs.
+class _KwargsRecorder(nn.Module):
+    """Stands in for a decoder block during capture: records what the model passes it."""
 
-    The kwargs (positions, rotary embeddings, masks) are captured from a one-sample batch so
-    that every tensor in them broadcasts over any batch size.
+    def __init__(self, record: Callable[[torch.Tensor, dict], None], stop: bool):
+        super().__init__()
+        self.record, self.stop = record, stop
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if args:
+            raise TypeError("decoder blocks are expected to take everything but hidden_states by keyword")
+        self.record(hidden_states, kwargs)
+        if self.stop:
+            raise _StopForward
+        return hidden_states
+
+
+def _run_with_recorders(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, record: Callable[[int, torch.Tensor, dict], None], upto: int) -> None:
+    """Run the model on `ids` with blocks 0..upto replaced by recorders (the last one stops the pass).
+
+    The real blocks never run, so this works on a model whose blocks are not loaded yet (meta).
     """
-    captured: dict = {}
-
-    def hook(_module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
-
-    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
-    chunks = []
-    block_kwargs: dict = {}
+    originals = [blocks[i] for i in range(upto + 1)]
+    for i in range(upto + 1):
+        blocks[i] = _KwargsRecorder(lambda h, kw, i=i: record(i, h, kw), stop=i == upto)
     try:
-        with torch.no_grad():
-            for start in range(0, len(calib_ids), batch):
-                ids = calib_ids[start : start + batch]
-                for sub in ([ids[:1], ids[1:]] if start == 0 else [ids]):
-                    if len(sub) == 0:
-                        continue
-                    try:
-                        model(input_ids=sub, use_cache=False)
-                    except _StopForward:
-                        pass
-                    chunks.append(captured["hidden"].float())
-                    if not block_kwargs:
-                        block_kwargs = captured["kwargs"]
+        model(input_ids=ids, use_cache=False)
+    except _StopForward:
+        pass
     finally:
-        handle.remove()
-    return torch.cat(chunks), block_kwargs
+        for i, block in enumerate(originals):
+            blocks[i] = block
+
+
+def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, list[dict]]:
+    """Hidden states entering the first block for every sample (fp32), and each block's kwargs.
+
+    Every block gets its own kwargs (positions, rotary embeddings, masks): models that mix
+    sliding-window and global layers pass each kind a different mask and rotary table. They are
+    captured from a one-sample batch so that every tensor in them broadcasts over any batch size.
+    """
+    kwargs_per_block: list[dict] = [{} for _ in blocks]
+    _run_with_recorders(model, blocks, calib_ids[:1], lambda i, _h, kw: kwargs_per_block.__setitem__(i, kw), upto=len(blocks) - 1)
+    chunks: list[torch.Tensor] = []
+    with torch.no_grad():
+        for start in range(0, len(calib_ids), batch):
+            _run_with_recorders(model, blocks, calib_ids[start : start + batch], lambda _i, h, _kw: chunks.append(h.float()), upto=0)
+    return torch.cat(chunks), kwargs_per_block
 
 
 def _cast_floats(obj, dtype: torch.dtype):

@@ -47,8 +47,9 @@ def main() -> None:
 @click.option("--search-samples", type=int, help="Samples whose outputs score the scale search (default 16).")
 @click.option("--duo-scaling/--no-duo-scaling", default=None, help="Scale by activation and weight magnitude.")
 @click.option("--clip/--no-clip", default=None, help="Search per-group weight clipping (default on).")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
-def quantize(model, out, recipe, method, group_size, calib_source, samples, seqlen, seed, search_samples, duo_scaling, clip, force) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing output directory (or an interrupted run's blocks).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished block.")
+def quantize(model, out, recipe, method, group_size, calib_source, samples, seqlen, seed, search_samples, duo_scaling, clip, force, resume) -> None:
     """Quantize MODEL (a directory, a hub id or 'smollm2-135m') to an int4 AWQ artifact.
 
     MODEL may be left out when the recipe names one.
@@ -78,11 +79,11 @@ def quantize(model, out, recipe, method, group_size, calib_source, samples, seql
     def progress(done: int, total: int, _seconds: float) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, unit="block", desc=f"{plan.quantization.method} g{plan.quantization.group_size}")
+            bar = tqdm(total=total, initial=done - 1, unit="block", desc=f"{plan.quantization.method} g{plan.quantization.group_size}")
         bar.update(1)
 
     try:
-        path = run_quantize(model, out, plan, force=force, progress=progress)
+        path = run_quantize(model, out, plan, force=force, progress=progress, resume=resume)
     finally:
         if bar is not None:
             bar.close()
@@ -111,37 +112,53 @@ def inspect(artifact, layers) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Report path (.json; a .md is written beside it).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
 def eval_(artifact, baseline, tasks, limit, recipe, gate, output, dtype) -> None:
-    """Evaluate ARTIFACT against its FP16 baseline with lm-eval; report the delta; optionally gate."""
+    """Evaluate ARTIFACT (a quantkit artifact or an AutoAWQ GEMM checkpoint) against its FP16 baseline.
+
+    Runs lm-eval on both, reports the delta and, with --gate, exits 1 when a gate is breached.
+    """
     import json
 
-    from .artifact import load_artifact
     from .eval_tasks import check_task_data, resolve_tasks
-    from .evaluate import evaluate_pair, record_in_manifest
+    from .evaluate import evaluate_pair, open_candidate, record_in_manifest
     from .gates import check_gates, format_breaches, format_markdown, format_table, validate_gates
     from .recipe import load_recipe
 
-    art = load_artifact(artifact)  # verifies every file's hash before spending time on it
-    baseline = baseline or art.manifest.get("source", {}).get("spec")
+    candidate = open_candidate(artifact)  # verifies hashes / AWQ layout before spending time on it
+    baseline = baseline or candidate.source_model
     if not baseline:
-        raise QuantkitError("the artifact's manifest names no source model; pass --baseline MODEL.")
+        why = "an AutoAWQ checkpoint has no quantkit manifest" if candidate.foreign else "its manifest names none"
+        raise QuantkitError(f"{artifact} records no source model ({why}); pass --baseline MODEL.")
     task_names = resolve_tasks([t.strip() for t in tasks.split(",") if t.strip()])
     check_task_data()
-    gates = load_recipe(recipe).gates if recipe else art.manifest.get("recipe", {}).get("gates", {})
+    gates = load_recipe(recipe).gates if recipe else candidate.gates
     if gate and not gates:
         raise QuantkitError("--gate needs thresholds: pass --recipe FILE with a 'gates:' section.")
     validate_gates(gates)  # an unknown gate name fails now, not after the evaluation
     report = evaluate_pair(str(artifact), baseline, task_names, limit, dtype, echo=click.echo)
     click.echo(format_table(report))
-    output = output or Path(artifact) / "eval-report.json"
+    output = output or candidate.report_path
     output.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((output, json.dumps(report, indent=2)), (output.with_suffix(".md"), format_markdown(report))):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
-    record_in_manifest(artifact, report, output)
+    if not record_in_manifest(artifact, report, output):
+        click.echo(f"{artifact} is a foreign checkpoint: left untouched")
     click.echo(f"wrote {output} and {output.with_suffix('.md')}")
     if gate:
         _enforce(check_gates(report, gates), format_breaches)
+
+
+@main.command("export")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
+@click.option("--format", "fmt", default="compressed-tensors", show_default=True, help="Target layout: compressed-tensors (pack-quantized, as vLLM and llm-compressor load it).")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+def export_(artifact, out, fmt, force) -> None:
+    """Write ARTIFACT in another checkpoint layout, with the same dequantized weights."""
+    from .export import export_artifact
+
+    click.echo(f"wrote {export_artifact(artifact, out, fmt, force=force)}")
 
 
 @main.command("gate")

@@ -7,7 +7,10 @@ trailing context spaces moved to the continuation, BOS/EOS as the context of an 
 rolling windows for perplexity), so numbers are comparable with `lm_eval --model hf`.
 
 `evaluate_pair` runs baseline and candidate through the same tasks and builds the report that
-`quantkit eval` prints, writes and gates (quantkit/gates.py).
+`quantkit eval` prints, writes and gates (quantkit/gates.py). The candidate is a quantkit artifact
+or a foreign AWQ GEMM checkpoint (AutoAWQ's export, quantkit/autoawq.py): the latter has no
+manifest to name its source, gates or weights, so the report pins its weights by sha256 and
+nothing is ever written into it (`open_candidate`, `record_in_manifest`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import lm_eval.models  # noqa: F401  (lm-eval loads its own models only into an empty registry: before ours)
 import torch
@@ -278,17 +282,81 @@ def evaluate_pair(candidate: str, baseline: str, tasks: list[str], limit: int | 
         echo(f"evaluating {role}: {model} ({', '.join(short_name(t) for t in tasks)}{'' if limit is None else f', limit {limit}'})")
         results[role], wall[role] = run_tasks(model, tasks, limit, dtype)
         echo(f"  {wall[role]:.0f} s")
-    return build_report({"model": str(baseline), "dtype": dtype}, {"model": str(candidate), "dtype": dtype}, results, limit, wall, task_hashes(tasks))
+    return build_report(describe_model(baseline, dtype), describe_model(candidate, dtype), results, limit, wall, task_hashes(tasks))
 
 
-def record_in_manifest(artifact_path, report: dict, report_path) -> None:
-    """Append the evaluation's summary to the artifact's quantkit.json (temp file + rename)."""
+def describe_model(model: str | Path, dtype: str) -> dict:
+    """A model's entry in the report. A foreign AWQ checkpoint has no manifest pinning its files,
+    so the report records its weights' sha256 and its AWQ settings instead."""
+    from quantkit.autoawq import is_autoawq_checkpoint, read_awq_settings
+    from quantkit.sources import weights_sha256
+
+    record = {"model": str(model), "dtype": dtype}
+    if is_autoawq_checkpoint(model):
+        record.update(format="autoawq", weights_sha256=weights_sha256(Path(model)), quantization=read_awq_settings(model).quantization_config())
+    return record
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What `quantkit eval` evaluates: a verified quantkit artifact or a validated AutoAWQ checkpoint."""
+
+    path: Path
+    manifest: dict | None  # None: a foreign checkpoint, which carries no manifest and is never written to
+
+    @property
+    def foreign(self) -> bool:
+        return self.manifest is None
+
+    @property
+    def source_model(self) -> str | None:
+        """The dense model it was quantized from, if recorded (the default baseline)."""
+        return (self.manifest or {}).get("source", {}).get("spec")
+
+    @property
+    def gates(self) -> dict:
+        """The gates of the recipe it was quantized with, if recorded."""
+        return (self.manifest or {}).get("recipe", {}).get("gates", {})
+
+    @property
+    def report_path(self) -> Path:
+        """Where the report goes by default: inside a quantkit artifact, else the working directory
+        (a foreign checkpoint stays byte-identical to what its publisher shipped)."""
+        return self.path / "eval-report.json" if self.manifest is not None else Path.cwd() / f"eval-report-{self.path.name}.json"
+
+
+def open_candidate(path: str | Path) -> Candidate:
+    """Check the candidate before any evaluation time is spent: hashes of an artifact, settings
+    and tensor layout of an AutoAWQ checkpoint (both refuse with the reason)."""
+    from quantkit.artifact import MANIFEST_NAME, load_artifact
+    from quantkit.autoawq import check_autoawq_checkpoint, declares_quantization
+    from quantkit.errors import QuantkitError
+
+    path = Path(path)
+    if (path / MANIFEST_NAME).is_file():
+        return Candidate(path, load_artifact(path).manifest)  # verifies every file's sha256
+    if declares_quantization(path):
+        check_autoawq_checkpoint(path)
+        return Candidate(path, None)
+    raise QuantkitError(
+        f"{path} is neither a quantkit artifact (no {MANIFEST_NAME}) nor an AWQ checkpoint (no AWQ quantization_config "
+        "in config.json, no quant_config.json); pass the output of `quantkit quantize` or an AutoAWQ GEMM export."
+    )
+
+
+def record_in_manifest(artifact_path, report: dict, report_path) -> bool:
+    """Append the evaluation's summary to the artifact's quantkit.json (temp file + rename).
+
+    Returns False, writing nothing, for a foreign AWQ checkpoint: it has no manifest of ours.
+    """
     import json
     import os
-    from pathlib import Path
 
     from quantkit.artifact import MANIFEST_NAME, read_manifest
+    from quantkit.autoawq import declares_quantization
 
+    if declares_quantization(artifact_path):  # no quantkit.json: someone else's export, left untouched
+        return False
     manifest = read_manifest(Path(artifact_path))
     summary = {k: report[k] for k in ("date", "lm_eval_version", "baseline", "limit", "task_hashes", "results")}
     summary["report"] = str(report_path)
@@ -297,3 +365,4 @@ def record_in_manifest(artifact_path, report: dict, report_path) -> None:
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, target)
+    return True

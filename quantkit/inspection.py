@@ -1,4 +1,8 @@
-"""`quantkit inspect`: what an artifact holds, what it saves, and whether its files verify."""
+"""`quantkit inspect`: what an artifact holds, what it saves, and whether its files verify.
+
+A foreign AWQ checkpoint (AutoAWQ's export, no quantkit.json) gets its settings, sizes and
+whether quantkit can serve it (quantkit/autoawq.py's checks) instead of manifest and hashes.
+"""
 
 from __future__ import annotations
 
@@ -58,11 +62,50 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
+def _echo_sizes(sizes: dict[str, int], echo: Callable[[str], None]) -> None:
+    echo(f"{'':14}{'fp16':>14}{'packed':>14}{'ratio':>8}")
+    echo(f"{'linears':14}{_mib(sizes['linear_fp16_bytes']):>14}{_mib(sizes['linear_packed_bytes']):>14}"
+         f"{sizes['linear_fp16_bytes'] / max(sizes['linear_packed_bytes'], 1):>7.2f}x")
+    echo(f"{'whole model':14}{_mib(sizes['model_fp16_bytes']):>14}{_mib(sizes['model_packed_bytes']):>14}"
+         f"{sizes['model_fp16_bytes'] / max(sizes['model_packed_bytes'], 1):>7.2f}x")
+    echo("  (embeddings, norms and lm_head stay fp16)")
+
+
+def inspect_autoawq(path: Path, echo: Callable[[str], None] = print) -> bool:
+    """Settings, files and sizes of a foreign AWQ checkpoint; returns whether quantkit can serve it."""
+    from .autoawq import check_autoawq_checkpoint, read_awq_settings
+
+    settings = read_awq_settings(path)  # unreadable or contradictory settings: nothing to show
+    echo(f"checkpoint    {path}  (foreign AWQ export: no quantkit.json, so no provenance or hashes)")
+    q = settings.quantization_config()
+    echo(f"quantization  {q['quant_method']} {q['bits']}-bit, group {q['group_size']}, zero_point={q['zero_point']}, "
+         f"version={q['version']}, not converted: {q['modules_to_not_convert']}  (from {settings.source})")
+    try:
+        checkpoint = check_autoawq_checkpoint(path)
+    except QuantkitError as e:
+        echo(f"servable      NO: {e}")
+        return False
+    config = checkpoint.config
+    echo(f"model         {config.get('model_type')} ({config.get('architectures', ['?'])[0]}), "
+         f"{config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}")
+    echo(f"weights       {', '.join(checkpoint.files)}")
+    itemsize = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
+    echo("")
+    _echo_sizes(size_summary({n: (list(m.shape), itemsize.get(m.dtype, 0)) for n, m in checkpoint.tensors.items()}), echo)
+    echo("")
+    echo(f"servable      yes: {len(checkpoint.quantized_modules)} packed linears in the AWQ GEMM layout")
+    return True
+
+
 def inspect_artifact(path: Path, show_layers: bool = True, echo: Callable[[str], None] = print) -> bool:
     """Print the report; returns False when any file fails hash verification."""
     import json
 
     path = Path(path)
+    from .autoawq import declares_quantization
+
+    if declares_quantization(path):
+        return inspect_autoawq(path, echo)
     manifest = read_manifest(path)
     try:
         config = json.loads((path / "config.json").read_text())
@@ -88,12 +131,7 @@ def inspect_artifact(path: Path, show_layers: bool = True, echo: Callable[[str],
 
     sizes = size_summary(_tensor_meta(path))
     echo("")
-    echo(f"{'':14}{'fp16':>14}{'packed':>14}{'ratio':>8}")
-    echo(f"{'linears':14}{_mib(sizes['linear_fp16_bytes']):>14}{_mib(sizes['linear_packed_bytes']):>14}"
-         f"{sizes['linear_fp16_bytes'] / max(sizes['linear_packed_bytes'], 1):>7.2f}x")
-    echo(f"{'whole model':14}{_mib(sizes['model_fp16_bytes']):>14}{_mib(sizes['model_packed_bytes']):>14}"
-         f"{sizes['model_fp16_bytes'] / max(sizes['model_packed_bytes'], 1):>7.2f}x")
-    echo("  (embeddings, norms and lm_head stay fp16)")
+    _echo_sizes(sizes, echo)
 
     layers = manifest.get("layers", {})
     if show_layers and layers:

@@ -13,14 +13,16 @@ import torch
 import transformers
 
 from . import __version__
-from .artifact import artifact_tensors, awq_quantization_config, check_output_dir, write_artifact
-from .awq import ProgressFn, QuantizeResult, check_group_sizes, quantize_model
+from .artifact import artifact_tensors, awq_quantization_config, check_output_dir
+from .awq import BlockDone, ProgressFn, capture_block_inputs, check_group_sizes, quantize_blocks
 from .calibration import build_calibration_set, calibration_sha256, load_calibration_texts
 from .errors import QuantkitError
 from .models import get_adapter
 from .quantizer import SUPPORTED_BITS
+from .partial import PartialArtifact
 from .recipe import Recipe
-from .sources import load_model, load_tokenizer, resolve_model, weights_sha256
+from .shards import ShardedCheckpoint, load_block, return_freed_blocks_to_the_os, load_outside_blocks, outside_block_state, release_block, skeleton_model
+from .sources import load_tokenizer, resolve_model, weights_sha256
 
 
 def peak_rss_bytes() -> int:
@@ -52,29 +54,31 @@ def quantize(
     recipe: Recipe,
     force: bool = False,
     progress: ProgressFn | None = None,
+    resume: bool = False,
 ) -> Path:
-    """Quantize `model_spec` as `recipe` says and write the artifact to `out`."""
+    """Quantize `model_spec` as `recipe` says and write the artifact to `out`.
+
+    The source is streamed from its safetensors shards one block at a time and each finished
+    block is written out at once (quantkit/shards.py, quantkit/partial.py), so peak memory does
+    not grow with depth; with `resume`, an interrupted run continues from its last finished block.
+    """
     settings, calib = recipe.quantization, recipe.calibration
-    if settings.method not in ("awq", "rtn"):
-        raise QuantkitError(f"unknown method '{settings.method}'; use 'awq' or 'rtn'.")
-    if settings.compute_dtype not in ("bfloat16", "float16", "float32"):
-        raise QuantkitError(f"compute_dtype '{settings.compute_dtype}' is not supported; use bfloat16, float16 or float32.")
-    if settings.clip_style not in ("symmetric", "range"):
-        raise QuantkitError(f"clip_style '{settings.clip_style}' is not supported; use symmetric or range.")
-    if settings.bits not in SUPPORTED_BITS:
-        raise QuantkitError(f"{settings.bits}-bit quantization is not supported; use bits: 4.")
+    _check_settings(settings)
     out = Path(out)
     check_output_dir(out, force)
+    return_freed_blocks_to_the_os()
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
     model_dir = resolve_model(model_spec)
     adapter = get_adapter(read_model_type(model_dir))  # before loading weights: fail fast
-    # Kept in its checkpoint dtype (fp16 for the default model: half the memory of fp32);
-    # each block is raised to fp32 only while it is being quantized.
-    model = load_model(model_dir, "auto")
+    checkpoint = ShardedCheckpoint(model_dir)
+    model = skeleton_model(model_dir)
+    blocks = adapter.blocks(model)
+    check_group_sizes(blocks, adapter, settings.group_size)  # shapes only: before any weight is read
+    load_outside_blocks(model, checkpoint, adapter)
     tokenizer = load_tokenizer(model_dir)
-    check_group_sizes(adapter.blocks(model), adapter, settings.group_size)  # before calibrating
+    source_sha = weights_sha256(model_dir)
     timings["load_s"] = time.perf_counter() - start
 
     calib_ids, calib_record = None, None
@@ -91,8 +95,34 @@ def quantize(
         }
         timings["calibration_s"] = time.perf_counter() - t
 
+    identity = {
+        "source_weights_sha256": source_sha,
+        "recipe": recipe.to_dict(),
+        "calibration_tokens_sha256": calib_record["tokens_sha256"] if calib_record else None,
+        "quantkit_version": __version__,
+    }
+    partial = PartialArtifact(out)
+    first = partial.begin(identity, len(blocks), resume=resume, force=force)
+    hidden, block_kwargs = None, None
+    if settings.method == "awq":
+        hidden, block_kwargs = capture_block_inputs(model, blocks, calib_ids)
+        if first:
+            hidden.copy_(partial.hidden())
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+
+    def store(done: BlockDone) -> None:
+        state = {done.prefix + n: t for n, t in done.block.state_dict().items()}
+        quantized = {done.prefix + n: ql for n, ql in done.linears.items()}
+        partial.add_block(done.index, artifact_tensors(state, quantized, tied), done.hidden, _block_record(done))
+        release_block(done.block)
+        if progress:
+            progress(done.index + 1, len(blocks), done.seconds)
+
     t = time.perf_counter()
-    result = quantize_model(model, adapter, settings, calib_ids, progress)
+    quantize_blocks(
+        blocks, adapter, settings, hidden, block_kwargs, on_done=store, start=first,
+        load_block=lambda i, block: load_block(block, adapter.block_prefix(i), checkpoint),
+    )
     timings["quantize_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -101,34 +131,49 @@ def quantize(
     config["torch_dtype"] = "float16"
     if "dtype" in config:
         config["dtype"] = "float16"
-    tensors = artifact_tensors(model.state_dict(), result.linears, bool(getattr(model.config, "tie_word_embeddings", False)))
-    manifest = _manifest(model_spec, model_dir, recipe, calib_record, result, timings)
-    timings["write_s"] = time.perf_counter() - t  # hashing the shards is not counted
+    rest = artifact_tensors(outside_block_state(model, adapter), {}, tied)
+    records = partial.state["blocks"]
     timings["total_s"] = time.perf_counter() - start
-    manifest["timings"] = {**timings, "per_block_s": [round(s, 3) for s in result.block_seconds]}
+    manifest = _manifest(model_spec, model_dir, source_sha, recipe, calib_record, records)
+    manifest["timings"] = {**timings, "per_block_s": [r["seconds"] for r in records], "resumed_at_block": first or None}
     manifest["peak_rss_bytes"] = peak_rss_bytes()
-    return write_artifact(out, tensors, config, manifest, model_dir, force=force)
+    return partial.finalize(rest, config, manifest, model_dir, force=force)
 
 
-def _manifest(model_spec: str, model_dir: Path, recipe: Recipe, calib_record: dict | None, result: QuantizeResult, timings: dict) -> dict:
-    alphas = {
-        prefix + search.group.inspect: {"alpha": search.alpha, "linears": list(search.group.linears)}
-        for prefix, searches in result.searches.items()
-        for search in searches
+def _check_settings(settings) -> None:
+    if settings.method not in ("awq", "rtn"):
+        raise QuantkitError(f"unknown method '{settings.method}'; use 'awq' or 'rtn'.")
+    if settings.compute_dtype not in ("bfloat16", "float16", "float32"):
+        raise QuantkitError(f"compute_dtype '{settings.compute_dtype}' is not supported; use bfloat16, float16 or float32.")
+    if settings.clip_style not in ("symmetric", "range"):
+        raise QuantkitError(f"clip_style '{settings.clip_style}' is not supported; use symmetric or range.")
+    if settings.bits not in SUPPORTED_BITS:
+        raise QuantkitError(f"{settings.bits}-bit quantization is not supported; use bits: 4.")
+
+
+def _block_record(done: BlockDone) -> dict:
+    """What the manifest keeps of a block: per-linear errors and the searched scales' alphas."""
+    return {
+        "seconds": round(done.seconds, 3),
+        "layers": {
+            done.prefix + name: {"shape": list(ql.q.shape), "weight_rel_err": ql.weight_rel_err, "output_rel_err": ql.output_rel_err}
+            for name, ql in done.linears.items()
+        },
+        "scale_search": {
+            done.prefix + search.group.inspect: {"alpha": search.alpha, "linears": list(search.group.linears)}
+            for search in done.searches
+        },
     }
-    layers = {
-        name: {
-            "shape": list(ql.q.shape),
-            "weight_rel_err": ql.weight_rel_err,
-            "output_rel_err": ql.output_rel_err,
-        }
-        for name, ql in result.linears.items()
-    }
+
+
+def _manifest(model_spec: str, model_dir: Path, source_sha: str, recipe: Recipe, calib_record: dict | None, records: list[dict]) -> dict:
+    layers = {name: entry for r in records for name, entry in r["layers"].items()}
+    alphas = {name: entry for r in records for name, entry in r["scale_search"].items()}
     return {
         "format": "quantkit-artifact/1",
         "quantkit_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"spec": str(model_spec), "path": str(model_dir), "weights_sha256": weights_sha256(model_dir)},
+        "source": {"spec": str(model_spec), "path": str(model_dir), "weights_sha256": source_sha},
         "recipe": recipe.to_dict(),
         "calibration": calib_record,
         "layers": layers,

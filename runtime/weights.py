@@ -1,7 +1,10 @@
-"""Where the runtime's weights come from: a quantkit artifact, or a dense checkpoint for comparison.
+"""Where the runtime's weights come from: a quantkit artifact, an AutoAWQ GEMM checkpoint, or a
+dense checkpoint for comparison.
 
-The artifact is read through quantkit.artifact only (hashes verified on load); a dense model is a
-local Hugging Face directory, a hub id or the embedded "smollm2-135m" (quantkit.sources).
+The artifact is read through quantkit.artifact only (hashes verified on load); a directory that
+declares quantization without a quantkit manifest goes through quantkit.autoawq (settings and
+tensor layout validated, unsupported ones refused); a dense model is a local Hugging Face
+directory, a hub id or the embedded "smollm2-135m" (quantkit.sources).
 Weights are read with safetensors only, never pickle.
 """
 
@@ -15,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from quantkit.artifact import MANIFEST_NAME, load_artifact
+from quantkit.autoawq import declares_quantization, load_autoawq_checkpoint
 from quantkit.errors import QuantkitError
 from quantkit.sources import check_model_dir, resolve_model
 
@@ -32,12 +36,18 @@ class ModelWeights:
 
 
 def load_weights(spec: str | Path) -> ModelWeights:
-    """An artifact directory (has quantkit.json) or any model source quantkit.sources understands."""
+    """An artifact directory (has quantkit.json), a quantized checkpoint from elsewhere (AutoAWQ GEMM),
+    or any model source quantkit.sources understands."""
     path = Path(spec)
     if (path / MANIFEST_NAME).is_file():
         artifact = load_artifact(path)  # verifies every file's sha256
         return ModelWeights(path, artifact.config, artifact.tensors(), quantized=True)
+    # Before resolve_model: its pickle-only message suggests a dense conversion, wrong for AWQ.
+    if declares_quantization(path):
+        return _foreign_quantized(path)
     model_dir = check_model_dir(resolve_model(spec))
+    if declares_quantization(model_dir):  # a hub download can be an AutoAWQ export too
+        return _foreign_quantized(model_dir)
     tensors: dict[str, torch.Tensor] = {}
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -48,3 +58,9 @@ def load_weights(spec: str | Path) -> ModelWeights:
                 tensors[name] = handle.get_tensor(name)
     config = json.loads((model_dir / "config.json").read_text())
     return ModelWeights(model_dir, config, tensors, quantized=False)
+
+
+def _foreign_quantized(path: Path) -> ModelWeights:
+    """A checkpoint declaring quantization: served only if it is a valid AWQ GEMM export."""
+    config, tensors = load_autoawq_checkpoint(path)  # refuses other methods, layouts and mixed settings
+    return ModelWeights(path.resolve(), config, tensors, quantized=True)

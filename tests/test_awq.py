@@ -52,8 +52,8 @@ def tiny_llama(seed: int = 0, heads: int = 4, kv_heads: int = 2) -> LlamaForCaus
 
 def block_inputs(model, n: int = 8, seqlen: int = 32, settings: AWQSettings = FP32):
     ids = torch.randint(0, model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(1))
-    hidden, kwargs = capture_block_inputs(model, ADAPTER.blocks(model)[0], ids)
-    return hidden, _cast_floats(kwargs, settings.dtype)
+    hidden, kwargs = capture_block_inputs(model, ADAPTER.blocks(model), ids)
+    return hidden, _cast_floats(kwargs[0], settings.dtype)
 
 
 def test_scales_are_normalized_and_alpha_zero_is_identity():
@@ -143,8 +143,8 @@ def test_awq_lowers_a_real_block_output_error_against_rtn(smollm2_model, calibra
     blocks = ADAPTER.blocks(model)
     settings = AWQSettings(search_samples=8, batch_samples=4)
     calib, held_out = calibration_ids[:12], calibration_ids[12:]
-    hidden, kwargs = capture_block_inputs(model, blocks[0], torch.cat([calib, held_out]))
-    kwargs = _cast_floats(kwargs, torch.float32)
+    hidden, kwargs = capture_block_inputs(model, blocks, torch.cat([calib, held_out]))
+    kwargs = _cast_floats(kwargs[0], torch.float32)  # every Llama block gets the same kwargs
     with torch.no_grad():
         for block in blocks[:2]:
             hidden = ADAPTER.run_block(block, hidden, kwargs)

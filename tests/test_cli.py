@@ -126,3 +126,34 @@ def test_serve_rejects_an_unreadable_kv_cache_size_before_loading_anything(tiny_
 
 def test_serve_reports_a_missing_model_as_an_error(tmp_path):
     assert_clean_error(*run("serve", tmp_path / "nope"), "not found")
+
+
+def test_export_writes_compressed_tensors_beside_the_artifact(tiny_model_dir, tmp_path):
+    out = tmp_path / "rtn"
+    assert run("quantize", tiny_model_dir, "-o", out, "--method", "rtn", "--group-size", "32")[0] == 0
+    code, output = run("export", out, "-o", tmp_path / "ct")
+    assert code == 0, output
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["format"] == "pack-quantized"
+    assert_clean_error(*run("export", out, "-o", tmp_path / "ct"), "already exists", "--force")
+    assert_clean_error(*run("export", out, "-o", tmp_path / "x", "--format", "gguf"), "compressed-tensors")
+
+
+def test_quantize_resume_continues_an_interrupted_run(tiny_model_dir, tmp_path):
+    from quantkit.pipeline import quantize
+    from quantkit.recipe import Recipe
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(done, _total, _seconds):
+        if done == 1:
+            raise Stop
+
+    out = tmp_path / "rtn"
+    with pytest.raises(Stop):
+        quantize(tiny_model_dir, out, Recipe().with_overrides(method="rtn", group_size=32), progress=stop_after_first)
+    assert_clean_error(*run("quantize", tiny_model_dir, "-o", out, "--method", "rtn", "--group-size", "32"), "--resume", "--force")
+    code, output = run("quantize", tiny_model_dir, "-o", out, "--method", "rtn", "--group-size", "32", "--resume")
+    assert code == 0, output
+    assert json.loads((out / "quantkit.json").read_text())["timings"]["resumed_at_block"] == 1

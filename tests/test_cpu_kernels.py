@@ -188,3 +188,27 @@ def test_store_kv_writes_slots_and_skips_minus_one():
     k_cpu, v_cpu = cpu_layout(k_cache), cpu_layout(v_cache)
     store_kv(key, value, k_cpu, v_cpu, meta)
     assert torch.equal(k_cpu, cpu_layout(k_expected)) and torch.equal(v_cpu, cpu_layout(v_expected))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("window", [1, 6, 30])
+def test_cpu_sliding_window_attention_matches_reference(case, window):
+    context_lens, query_lens = CASES[case]
+    query, k_cache, v_cache, meta = random_paged_case(context_lens, query_lens, 6, 2, 32, 16, torch.float32, seed=window)
+    out = torch.full_like(query, float("nan"))
+    paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=0.2, out=out, window=window)
+    expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 0.2, window)
+    assert not out.isnan().any()
+    assert rel_err(out, expected) < FP32_RTOL
+
+
+def test_windowed_plans_gather_only_the_window_and_are_made_once_per_step():
+    query, k_cache, v_cache, meta = random_paged_case([9, 300, 40, 3], [1, 300, 1, 3], 9, 3, 64, 16, torch.bfloat16, seed=12)
+    plan = meta.windowed(8)
+    assert plan is meta.windowed(8) and meta.windowed(None) is meta and meta.windowed(300) is meta  # 300: no context is longer
+    assert plan.decode_slots.shape == (2, 8) and plan.decode_mask is None  # both decoding sequences are past the window
+    (_, _, slots, mask), = plan.prefill  # the 300-token prompt: keys from its first query's window on, all of them here
+    assert slots.numel() == 300 and mask.shape == (300, 300) and int(mask.sum(1).max()) == 8
+    out = paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=0.125, window=8)
+    expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 0.125, 8)
+    assert rel_err(out, expected) < BF16_RTOL

@@ -262,3 +262,32 @@ def _store(**over):
 def test_invalid_inputs_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --------------------------------------------------------------------------- sliding window
+
+
+@pytest.mark.parametrize("dtype,window", [(torch.float32, 1), (torch.float16, 16), (torch.bfloat16, 50)])
+def test_sliding_window_prefill_and_decode_match_reference(dtype, window):
+    """Each query sees the last `window` positions up to its own (transformers' sliding_window)."""
+    seqs = [(1, 1), (40, 40), (100, 70), (17, 1), (130, 3)]  # incl. a 70-row chunk over two query tiles
+    ctx_lens, q_lens = [c for c, _ in seqs], [q for _, q in seqs]
+    k_cache, v_cache, tables = make_cache(ctx_lens, 16, 2, 32, dtype)
+    query = torch.randn(sum(q_lens), 4, 32).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    context_lens = torch.tensor(ctx_lens, dtype=torch.int32)
+
+    out = torch.full_like(query, float("nan"))
+    paged_prefill(query, k_cache, v_cache, tables, context_lens, cu, max(q_lens), 0.2, out=out, window=window)
+    assert_matches(out, paged_attention_ref(query, k_cache, v_cache, tables, context_lens, cu, 0.2, window), dtype)
+
+    decode_q = torch.randn(len(seqs), 4, 32).to(dtype)
+    out = torch.full_like(decode_q, float("nan"))
+    paged_decode(decode_q, k_cache, v_cache, tables, context_lens, 0.2, out=out, window=window)
+    assert_matches(out, paged_decode_ref(decode_q, k_cache, v_cache, tables, context_lens, 0.2, window), dtype)
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5])
+def test_a_window_that_is_not_a_positive_int_is_refused(window):
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        paged_decode(**_inputs(), scale=0.1, window=window)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ..errors import QuantkitError
 from .base import ArchAdapter, ScalingGroup
+from .gemma3 import Gemma3Adapter
 from .llama import LlamaAdapter
 
-ADAPTERS: tuple[ArchAdapter, ...] = (LlamaAdapter(),)
+ADAPTERS: tuple[ArchAdapter, ...] = (LlamaAdapter(), Gemma3Adapter())
 
 
 def supported_model_types() -> list[str]:

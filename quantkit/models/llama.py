@@ -1,4 +1,9 @@
-"""The Llama family (Llama, Mistral, SmolLM2): pre-norm blocks, attention and a gated MLP."""
+"""The Llama family (Llama, SmolLM2, Mistral, Qwen2, Qwen3): pre-norm blocks, attention and a gated MLP.
+
+Their differences do not touch the scaling groups: q/k/v biases (Qwen2) stay unscaled when the
+inputs are (and are divided with v's outputs when v -> o folds), Qwen3's per-head q/k norms sit
+after q/k_proj, whose outputs the scales leave unchanged, and sliding windows only change masks.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,9 @@ from .base import ArchAdapter, ScalingGroup
 
 
 class LlamaAdapter(ArchAdapter):
-    model_types = ("llama", "mistral")
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
     no_clip = ("self_attn.q_proj", "self_attn.k_proj")
+    mlp_norm = "post_attention_layernorm"  # the norm whose output feeds gate/up
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.model.layers
@@ -33,7 +39,7 @@ class LlamaAdapter(ArchAdapter):
             groups.append(ScalingGroup(prev="self_attn.v_proj", linears=("self_attn.o_proj",), inspect="self_attn.o_proj"))
         groups += [
             ScalingGroup(
-                prev="post_attention_layernorm",
+                prev=self.mlp_norm,
                 linears=("mlp.gate_proj", "mlp.up_proj"),
                 inspect="mlp",
             ),

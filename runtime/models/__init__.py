@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from .llama import LlamaConfig, LlamaForCausalLM
+from .gemma3 import Gemma3Config, Gemma3ForCausalLM
+from .llama import LlamaConfig, LlamaForCausalLM, MistralConfig, Qwen2Config, Qwen3Config
 
-# architectures[0] of config.json -> (config parser, network). Mistral is Llama without a window.
+# architectures[0] of config.json -> (config parser, network). The Llama family shares one
+# network; its parsers differ in sliding-window rules and q/k norms.
 MODEL_CLASSES = {
     "LlamaForCausalLM": (LlamaConfig, LlamaForCausalLM),
-    "MistralForCausalLM": (LlamaConfig, LlamaForCausalLM),
+    "MistralForCausalLM": (MistralConfig, LlamaForCausalLM),
+    "Qwen2ForCausalLM": (Qwen2Config, LlamaForCausalLM),
+    "Qwen3ForCausalLM": (Qwen3Config, LlamaForCausalLM),
+    "Gemma3ForCausalLM": (Gemma3Config, Gemma3ForCausalLM),
 }

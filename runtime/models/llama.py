@@ -1,4 +1,10 @@
-"""The Llama family (Llama 2/3, Mistral without sliding window, SmolLM2) over the kernels' surface.
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3) over the kernels' surface.
+
+The members differ in a few details, each a config field rather than a separate network:
+- q/k/v biases (Qwen2): found in the checkpoint, build_fused_linear concatenates them;
+- per-head RMSNorm of q and k before RoPE (Qwen3: `qk_norm`), head_dim from the config;
+- a sliding window per layer (`layer_windows`: Mistral on every layer, Qwen2/3 where
+  `layer_types` says so), handed to the paged attention.
 
 Every projection comes from quantkit.kernels.build_linear, so the same code runs packed int4
 artifacts and dense fp16/bf16/fp32 checkpoints. Tokens of all sequences in a step are flattened
@@ -8,7 +14,7 @@ into one [num_tokens, hidden] batch; attention reads and writes the paged KV cac
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +23,36 @@ from torch import nn
 
 from quantkit.kernels.attention import AttentionMetadata, paged_attention, store_kv
 from quantkit.kernels.linear import build_fused_linear
+
+# --- config ------------------------------------------------------------------------------
+
+
+def parse_rope(rope: Mapping | None, default_theta: float) -> tuple[float, dict | None]:
+    """(theta, scaling) from a rope_parameters / rope_scaling dict; scaling is None for plain RoPE."""
+    rope = dict(rope or {})
+    theta = float(rope.pop("rope_theta", default_theta))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "linear", "llama3"):
+        raise ValueError(f"RoPE type {rope_type!r} is not supported (supported: default, linear, llama3)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("partial rotary embeddings (partial_rotary_factor < 1) are not supported")
+    return theta, None if rope_type == "default" else {**rope, "rope_type": rope_type}
+
+
+def windows_from_layer_types(config: Mapping, layer_types: list[str], window: int | None) -> tuple[int | None, ...]:
+    """Per layer: `window` for a sliding_attention layer, None for a full_attention one.
+
+    A window as long as the model's context never hides a position: it is dropped (None), so
+    such layers run the plain causal kernels.
+    """
+    unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ValueError(f"layer types {unknown} are not supported (supported: sliding_attention, full_attention)")
+    if len(layer_types) != config["num_hidden_layers"]:
+        raise ValueError(f"layer_types lists {len(layer_types)} layers, num_hidden_layers is {config['num_hidden_layers']}")
+    if window is not None and window >= config.get("max_position_embeddings", 2048):
+        window = None
+    return tuple(window if t == "sliding_attention" else None for t in layer_types)
 
 
 @dataclass(frozen=True)
@@ -33,17 +69,13 @@ class LlamaConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
+    qk_norm: bool = False
+    layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window, or None for full attention
 
     @classmethod
     def from_hf(cls, config: Mapping) -> LlamaConfig:
         """From a Hugging Face config.json dict (transformers 4 and 5 spellings of RoPE settings)."""
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in ("default", "llama3"):
-            raise ValueError(f"RoPE type {rope_type!r} is not supported (supported: default, llama3)")
-        if config.get("sliding_window") and config["sliding_window"] < config.get("max_position_embeddings", 0):
-            raise ValueError(f"sliding-window attention ({config['sliding_window']}) is not supported")
+        theta, scaling = parse_rope(config.get("rope_parameters") or config.get("rope_scaling"), config.get("rope_theta", 10000.0))
         heads = config["num_attention_heads"]
         return cls(
             vocab_size=config["vocab_size"],
@@ -54,21 +86,63 @@ class LlamaConfig:
             num_kv_heads=config.get("num_key_value_heads") or heads,
             head_dim=config.get("head_dim") or config["hidden_size"] // heads,
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=rope if rope_type == "llama3" else None,
+            rope_theta=theta,
+            rope_scaling=scaling,
             max_position_embeddings=config.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qk_norm=cls.qk_norm_from_hf(config),
+            layer_windows=cls.windows_from_hf(config),
         )
 
+    @staticmethod
+    def qk_norm_from_hf(config: Mapping) -> bool:
+        return False
 
-def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim))
-    if config.rope_scaling is None:
+    @staticmethod
+    def windows_from_hf(config: Mapping) -> tuple[int | None, ...]:
+        """Llama has no sliding window (transformers' LlamaModel ignores one in the config)."""
+        return (None,) * config["num_hidden_layers"]
+
+
+class MistralConfig(LlamaConfig):
+    @staticmethod
+    def windows_from_hf(config: Mapping) -> tuple[int | None, ...]:
+        """`sliding_window` on every layer, as transformers' MistralModel does (it ignores layer_types)."""
+        n = config["num_hidden_layers"]
+        return windows_from_layer_types(config, ["sliding_attention"] * n, config.get("sliding_window"))
+
+
+class Qwen2Config(LlamaConfig):
+    @staticmethod
+    def windows_from_hf(config: Mapping) -> tuple[int | None, ...]:
+        """The window applies only with use_sliding_window, to the layers `layer_types` marks (older
+        configs without layer_types: the layers from max_window_layers on, as transformers derives them)."""
+        window = config.get("sliding_window") if config.get("use_sliding_window") else None
+        types = config.get("layer_types") or [
+            "sliding_attention" if window is not None and i >= config.get("max_window_layers", 28) else "full_attention"
+            for i in range(config["num_hidden_layers"])
+        ]
+        return windows_from_layer_types(config, types, window)
+
+
+class Qwen3Config(Qwen2Config):
+    @staticmethod
+    def qk_norm_from_hf(config: Mapping) -> bool:
+        return True
+
+
+# --- building blocks (shared with gemma3.py) -----------------------------------------------
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
         return inv_freq
+    if scaling["rope_type"] == "linear":  # positions slowed down by `factor`
+        return inv_freq / scaling["factor"]
     # Llama 3.1: long wavelengths slowed by `factor`, short kept, a smooth ramp between.
-    s = config.rope_scaling
-    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
-    old_len = s["original_max_position_embeddings"]
+    factor, low, high = scaling["factor"], scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_len = scaling["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv_freq
     smooth = ((old_len / wavelen) - low) / (high - low)
     scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
@@ -79,9 +153,9 @@ def rope_inverse_frequencies(config: LlamaConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """cos/sin per position, computed in fp32 as transformers does, applied in the compute dtype."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
-        self.inv_freq = rope_inverse_frequencies(config)
+        self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin [T, 1, D] for the step's positions: computed once, used by every layer."""
@@ -106,42 +180,73 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+class HeadRMSNorm(nn.Module):
+    """Qwen3's q_norm and k_norm at once: RMSNorm over head_dim of [T, H + Hkv, D], then each head's weight."""
+
+    def __init__(self, q_weight: torch.Tensor, k_weight: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float):
+        super().__init__()
+        self.weight = torch.cat([q_weight.expand(num_heads, -1), k_weight.expand(num_kv_heads, -1)])
+        self.eps = eps
+
+    def forward(self, qk: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(qk, (qk.shape[-1],), eps=self.eps) * self.weight
+
+
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype):
+    """Fused q/k/v projection, optional q/k norm, RoPE, paged (optionally sliding-window) attention."""
+
+    def __init__(self, config, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype,
+                 window: int | None = None, scale: float | None = None, qk_norm: nn.Module | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.qkv_proj = build_fused_linear(tensors, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"], dtype)
         self.o_proj = build_fused_linear(tensors, [f"{prefix}.o_proj"], dtype)
-        self.scale = self.head_dim**-0.5
+        self.scale = self.head_dim**-0.5 if scale is None else scale
+        self.window = window
+        self.qk_norm = qk_norm
 
     def forward(self, x, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         qk, v = self.qkv_proj(x).split([q_size + kv_size, kv_size], dim=-1)
-        qk = apply_rotary(qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)  # q and k in one go
+        qk = qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.qk_norm is not None:
+            qk = self.qk_norm(qk)
+        qk = apply_rotary(qk, *rope)  # q and k in one go
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         store_kv(k, v, kv_cache[0], kv_cache[1], meta)
-        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale, window=self.window)
         return self.o_proj(out.reshape(-1, q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype):
+    """Gated MLP: down(act(gate(x)) * up(x)), gate and up fused into one projection."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, act: Callable = F.silu):
         super().__init__()
         self.gate_up_proj = build_fused_linear(tensors, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], dtype)
         self.down_proj = build_fused_linear(tensors, [f"{prefix}.down_proj"], dtype)
+        self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
+
+
+# --- the network -------------------------------------------------------------------------
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype):
+    def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, window: int | None):
         super().__init__()
-        self.input_layernorm = RMSNorm(tensors[f"{prefix}.input_layernorm.weight"].to(dtype), config.rms_norm_eps)
-        self.self_attn = Attention(config, tensors, f"{prefix}.self_attn", dtype)
-        self.post_attention_layernorm = RMSNorm(tensors[f"{prefix}.post_attention_layernorm.weight"].to(dtype), config.rms_norm_eps)
+        eps = config.rms_norm_eps
+        qk_norm = None
+        if config.qk_norm:
+            qk_norm = HeadRMSNorm(tensors[f"{prefix}.self_attn.q_norm.weight"].to(dtype), tensors[f"{prefix}.self_attn.k_norm.weight"].to(dtype),
+                                  config.num_heads, config.num_kv_heads, eps)
+        self.input_layernorm = RMSNorm(tensors[f"{prefix}.input_layernorm.weight"].to(dtype), eps)
+        self.self_attn = Attention(config, tensors, f"{prefix}.self_attn", dtype, window=window, qk_norm=qk_norm)
+        self.post_attention_layernorm = RMSNorm(tensors[f"{prefix}.post_attention_layernorm.weight"].to(dtype), eps)
         self.mlp = MLP(tensors, f"{prefix}.mlp", dtype)
 
     def forward(self, x, rope, kv_cache, meta):
@@ -153,12 +258,13 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype):
         super().__init__()
         self.config, self.dtype = config, dtype
+        windows = config.layer_windows or (None,) * config.num_layers
         self.embed_tokens = tensors["model.embed_tokens.weight"].to(dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, tensors, f"model.layers.{i}", dtype) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, tensors, f"model.layers.{i}", dtype, windows[i]) for i in range(config.num_layers))
         self.norm = RMSNorm(tensors["model.norm.weight"].to(dtype), config.rms_norm_eps)
         tied = config.tie_word_embeddings or "lm_head.weight" not in tensors
         self.lm_head = self.embed_tokens if tied else tensors["lm_head.weight"].to(dtype)
-        self.rotary = RotaryEmbedding(config)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""

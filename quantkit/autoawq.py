@@ -1,0 +1,436 @@
+"""Interop in: AWQ GEMM checkpoints as AutoAWQ (or transformers) writes them, without quantkit.json.
+
+Such a directory holds config.json (with an AWQ `quantization_config`), and/or AutoAWQ's older
+`quant_config.json` (`w_bit`, `q_group_size`, `zero_point`, `version`), safetensors weights in one
+file or in shards named by model.safetensors.index.json, and the tokenizer files. The packed tensors
+are exactly quantkit's own artifact layout (quantkit/pack.py), so once validated they go to the same
+kernels. Nothing here trusts the checkpoint: settings from both files must agree, every packed
+linear must be complete and its shapes must imply the declared group size, and anything the CPU
+kernels cannot run exactly (other layouts, bits, symmetric quantization, group sizes) is refused
+with the reason before a single tensor is loaded. Pickle weights are never read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .artifact import INDEX_NAME, MANIFEST_NAME
+from .errors import QuantkitError
+
+QUANT_CONFIG_NAME = "quant_config.json"  # AutoAWQ's settings file before transformers' quantization_config
+SUPPORTED_VERSION = "gemm"
+SUPPORTED_BITS = 4
+# kernels/cpu_int4.prepare_cpu_int4: the fused int4 op tiles K by 32, so these are the group sizes it runs.
+SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
+PACK_FACTOR = 32 // SUPPORTED_BITS  # int4 codes per int32 word
+
+# AWQ `version` values that name another packing of the weights (not loadable as GEMM tensors).
+OTHER_LAYOUTS = {
+    "gemv": "GEMV layout (qweight [out, in/8], for AutoAWQ's batch-1 CUDA kernel)",
+    "gemv_fast": "GEMV-fast layout (interleaved tiles for AutoAWQ's CUDA kernels)",
+    "marlin": "Marlin layout (tiled, symmetric, for the Marlin CUDA kernels)",
+    "exllama": "ExLlama kernel layout",
+    "exllamav2": "ExLlamaV2 kernel layout",
+    "ipex": "Intel Extension for PyTorch layout",
+}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PACKED_SUFFIXES = ("qweight", "qzeros", "scales")
+# Field names: transformers' quantization_config spelling first, then AutoAWQ's quant_config.json.
+_ALIASES = {"bits": ("bits", "w_bit"), "group_size": ("group_size", "q_group_size")}
+_SUPPORTED_HINT = f"quantkit serves AWQ GEMM checkpoints: version 'gemm', {SUPPORTED_BITS}-bit, zero_point true, group size one of {SUPPORTED_GROUP_SIZES}"
+
+
+@dataclass(frozen=True)
+class AwqSettings:
+    """A checkpoint's AWQ settings in transformers' names, whichever file(s) declared them."""
+
+    bits: int
+    group_size: int
+    zero_point: bool
+    version: str  # lower case, as transformers writes it
+    modules_to_not_convert: tuple[str, ...]
+    source: str  # the file(s) they were read from, for messages
+
+    def quantization_config(self) -> dict:
+        """The standard `quantization_config` (what quantkit artifacts, transformers and vLLM read)."""
+        return {
+            "quant_method": "awq",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "zero_point": self.zero_point,
+            "version": self.version,
+            "modules_to_not_convert": list(self.modules_to_not_convert),
+        }
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: "I32", "F16", ...
+
+
+@dataclass(frozen=True)
+class AwqCheckpoint:
+    """A validated checkpoint, before its tensors are read."""
+
+    path: Path
+    config: dict  # config.json with the standard quantization_config
+    settings: AwqSettings
+    files: dict[str, list[str]]  # weight file name -> the tensors to read from it
+    tensors: dict[str, TensorMeta]
+    quantized_modules: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------- detection
+
+
+def declares_quantization(path: str | Path) -> bool:
+    """A directory without a quantkit manifest whose config.json or quant_config.json declares
+    quantization: it must go through this module (which refuses what it cannot serve)."""
+    path = Path(path)
+    if not path.is_dir() or (path / MANIFEST_NAME).is_file():
+        return False
+    if (path / QUANT_CONFIG_NAME).is_file():
+        return True
+    config = _read_json_or_none(path / "config.json")
+    return isinstance(config, dict) and bool(config.get("quantization_config"))
+
+
+def is_autoawq_checkpoint(path: str | Path) -> bool:
+    """A foreign (non-quantkit) directory declaring AWQ quantization: AutoAWQ's or transformers' export."""
+    path = Path(path)
+    if not declares_quantization(path):
+        return False
+    if (path / QUANT_CONFIG_NAME).is_file():
+        return True
+    config = _read_json_or_none(path / "config.json") or {}
+    return str(config.get("quantization_config", {}).get("quant_method", "")).lower() == "awq"
+
+
+def _read_json_or_none(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise QuantkitError(f"cannot read {path} ({e}); check the file's permissions.") from None
+    except ValueError as e:
+        raise QuantkitError(f"{path} is not valid JSON ({e}); the checkpoint is damaged: copy or export it again.") from None
+    if not isinstance(data, dict):
+        raise QuantkitError(f"{path} holds {type(data).__name__}, not a JSON object; the checkpoint is damaged: export it again.")
+    return data
+
+
+def _field(raw: Mapping[str, Any], name: str, where: str) -> Any:
+    """One setting under either of its spellings; both present and different is a contradiction."""
+    present = {key: raw[key] for key in _ALIASES.get(name, (name,)) if key in raw}
+    if len(set(map(repr, present.values()))) > 1:
+        raise QuantkitError(f"{where} gives {name} twice with different values {present}; keep one and re-export.")
+    return next(iter(present.values()), None)
+
+
+def _normalize(raw: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Settings of one file in transformers' names; absent fields stay absent (None)."""
+    method = raw.get("quant_method")
+    if method is not None and str(method).lower() != "awq":
+        raise QuantkitError(
+            f"{where} declares quant_method '{method}'; quantkit loads only AWQ checkpoints "
+            f"(quant_method 'awq'). Quantize the dense model with `quantkit quantize` instead."
+        )
+    out = {name: _field(raw, name, where) for name in ("bits", "group_size", "zero_point", "version")}
+    if out["version"] is not None:
+        out["version"] = str(out["version"]).lower()
+    modules = raw.get("modules_to_not_convert")
+    if isinstance(modules, str):  # a lone name, not a list of its characters
+        modules = [modules]
+    if modules is not None and not (isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
+        raise QuantkitError(f"{where}: modules_to_not_convert is {modules!r}; it must be a list of module names (or null).")
+    out["modules_to_not_convert"] = None if modules is None else tuple(modules)
+    return out
+
+
+def _merge(declared: dict[str, dict[str, Any]], where: Path) -> dict[str, Any]:
+    """One value per field from all files that declare it; files that disagree are refused."""
+    merged: dict[str, Any] = {}
+    for field in ("bits", "group_size", "zero_point", "version", "modules_to_not_convert"):
+        values = {where: d[field] for where, d in declared.items() if d[field] is not None}
+        if field == "modules_to_not_convert":  # an empty list and no list mean the same
+            values = {w: v for w, v in values.items() if v}
+        if len(set(values.values())) > 1:
+            detail = ", ".join(f"{where} says {v!r}" for where, v in values.items())
+            raise QuantkitError(
+                f"{where}: the quantization settings disagree on {field} ({detail}); "
+                f"fix or delete the stale file so one set of settings remains."
+            )
+        merged[field] = next(iter(values.values()), None)
+    return merged
+
+
+def read_awq_settings(path: str | Path) -> AwqSettings:
+    """The AWQ settings of a checkpoint directory, from config.json's quantization_config and/or
+    quant_config.json (they must agree). Refuses non-AWQ methods and missing essentials; whether
+    the settings are servable is check_awq_settings's job (so `inspect` can print them regardless)."""
+    path = Path(path)
+    declared: dict[str, dict[str, Any]] = {}
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise QuantkitError(f"no config.json in {path}; pass a Hugging Face model directory (as AutoAWQ's save_quantized writes).")
+    qc = _read_json(config_path).get("quantization_config")
+    if qc is not None:
+        if not isinstance(qc, dict):
+            raise QuantkitError(f"{config_path}: quantization_config is {type(qc).__name__}, not an object; the checkpoint is damaged.")
+        if "quant_method" not in qc:
+            raise QuantkitError(f"{config_path}: quantization_config names no quant_method; add \"quant_method\": \"awq\" if it is an AWQ export.")
+        declared["config.json quantization_config"] = _normalize(qc, f"{config_path} quantization_config")
+    if (path / QUANT_CONFIG_NAME).is_file():
+        declared[QUANT_CONFIG_NAME] = _normalize(_read_json(path / QUANT_CONFIG_NAME), str(path / QUANT_CONFIG_NAME))
+    if not declared:
+        raise QuantkitError(f"{path} declares no quantization (no quantization_config in config.json, no {QUANT_CONFIG_NAME}); it is not an AWQ checkpoint.")
+    merged = _merge(declared, path)
+    source = " and ".join(declared)
+    for essential in ("bits", "group_size"):
+        if merged[essential] is None:
+            raise QuantkitError(f"{path}: {source} does not give {essential}; the quantization is unknown, so the checkpoint is refused. Add it to the settings.")
+    for name in ("bits", "group_size"):
+        if isinstance(merged[name], bool) or not isinstance(merged[name], int):
+            raise QuantkitError(f"{path}: {name} is {merged[name]!r} in {source}; it must be an integer.")
+    zero_point = merged["zero_point"]
+    if zero_point is not None and not isinstance(zero_point, bool):
+        raise QuantkitError(f"{path}: zero_point is {zero_point!r} in {source}; it must be true or false.")
+    return AwqSettings(
+        bits=merged["bits"],
+        group_size=merged["group_size"],
+        # transformers' AwqConfig and AutoAWQ both default to asymmetric GEMM when these are absent.
+        zero_point=True if zero_point is None else zero_point,
+        version=merged["version"] or SUPPORTED_VERSION,
+        modules_to_not_convert=merged["modules_to_not_convert"] or (),
+        source=source,
+    )
+
+
+def check_awq_settings(settings: AwqSettings, where: str | Path) -> None:
+    """Refuse settings the CPU int4 kernels cannot run exactly, saying why and what is supported."""
+    if settings.version != SUPPORTED_VERSION:
+        layout = OTHER_LAYOUTS.get(settings.version)
+        what = f"the {layout}" if layout else "an unknown layout"
+        raise QuantkitError(
+            f"{where}: AWQ version '{settings.version}' ({settings.source}) is {what}, not the GEMM layout; "
+            f"{_SUPPORTED_HINT}. Re-export the model with AutoAWQ's version='GEMM'."
+        )
+    if settings.bits != SUPPORTED_BITS:
+        raise QuantkitError(f"{where}: {settings.bits}-bit AWQ ({settings.source}) is not supported; {_SUPPORTED_HINT}. Re-quantize with w_bit=4.")
+    if not settings.zero_point:
+        raise QuantkitError(
+            f"{where}: zero_point false ({settings.source}) means symmetric codes without zero points, "
+            f"which the int4 kernels ((q - z) * s per group) do not read; {_SUPPORTED_HINT}. Re-quantize with zero_point=True."
+        )
+    if settings.group_size == -1:
+        raise QuantkitError(
+            f"{where}: group_size -1 (one group per whole row, {settings.source}) is not supported: the CPU int4 kernels "
+            f"need groups of {', '.join(map(str, SUPPORTED_GROUP_SIZES))} input features. Re-quantize with q_group_size=128."
+        )
+    if settings.group_size not in SUPPORTED_GROUP_SIZES:
+        raise QuantkitError(
+            f"{where}: group size {settings.group_size} ({settings.source}) is not supported by the CPU int4 kernels; "
+            f"{_SUPPORTED_HINT}. Re-quantize with one of those group sizes."
+        )
+
+
+# ---------------------------------------------------------------------------- weight files
+
+
+def _refuse_pickle_only(path: Path) -> None:
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise QuantkitError(
+            f"{path} holds only pickle weights ({', '.join(pickles)}); quantkit never loads pickle files because they can run "
+            "arbitrary code. Convert them to safetensors once, in a trusted environment (e.g. load the pickle state dict with "
+            "torch.load(..., weights_only=True) and write it with safetensors.torch.save_file, or AutoAWQ's "
+            "save_quantized(out_dir, safetensors=True)), then pass that directory."
+        )
+    raise QuantkitError(f"no *.safetensors weights in {path}; export the checkpoint with safetensors (AutoAWQ: save_quantized(..., safetensors=True)).")
+
+
+def weight_map(path: str | Path) -> dict[str, str]:
+    """Tensor name -> weight file: from the shard index if there is one, else the single safetensors file."""
+    path = Path(path)
+    index_path = path / INDEX_NAME
+    if index_path.is_file():
+        mapping = _read_json(index_path).get("weight_map")
+        if not isinstance(mapping, dict) or not mapping:
+            raise QuantkitError(f"{index_path} has no weight_map; the checkpoint is damaged: export it again.")
+        for name, file in mapping.items():
+            # The index names files in this directory only; anything else is damage or a trick.
+            if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
+                raise QuantkitError(f"{index_path} maps {name} to {file!r}, which is not a .safetensors file in {path}; fix the index.")
+        missing = sorted({f for f in mapping.values() if not (path / f).is_file()})
+        if missing:
+            raise QuantkitError(
+                f"{path}: shard(s) {', '.join(missing)} named by {INDEX_NAME} are missing; copy the complete checkpoint "
+                "(every file the index lists)."
+            )
+        return dict(mapping)
+    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if not files:
+        _refuse_pickle_only(path)
+    if len(files) > 1:
+        raise QuantkitError(
+            f"{path} has {len(files)} safetensors files ({', '.join(f.name for f in files)}) but no {INDEX_NAME} saying which "
+            "tensor lives where; copy the index with the shards."
+        )
+    with _open(files[0]) as handle:
+        return {name: files[0].name for name in handle.keys()}
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise QuantkitError(f"{file} is not a readable safetensors file ({e}); the checkpoint is damaged: copy it again.") from None
+
+
+def _tensor_meta(path: Path, mapping: Mapping[str, str]) -> dict[str, TensorMeta]:
+    """Shapes and dtypes of every mapped tensor, from the file headers; checks each is where the map says."""
+    by_file: dict[str, list[str]] = {}
+    for name, file in mapping.items():
+        by_file.setdefault(file, []).append(name)
+    meta: dict[str, TensorMeta] = {}
+    for file, names in sorted(by_file.items()):
+        with _open(path / file) as handle:
+            present = set(handle.keys())
+            absent = [n for n in names if n not in present]
+            if absent:
+                raise QuantkitError(
+                    f"{path}: {INDEX_NAME} says {', '.join(sorted(absent)[:5])}{' ...' if len(absent) > 5 else ''} "
+                    f"are in {file}, but that file does not hold them; the index and shards are from different exports: copy them again."
+                )
+            for name in names:
+                sl = handle.get_slice(name)
+                meta[name] = TensorMeta(tuple(sl.get_shape()), sl.get_dtype())
+    return meta
+
+
+# ---------------------------------------------------------------------------- tensor checks
+
+
+def _packed_modules(names: list[str] | set[str]) -> dict[str, set[str]]:
+    """Module prefix -> which of qweight/qzeros/scales it has."""
+    modules: dict[str, set[str]] = {}
+    for name in names:
+        module, _, suffix = name.rpartition(".")
+        if suffix in _PACKED_SUFFIXES:
+            modules.setdefault(module, set()).add(suffix)
+    return modules
+
+
+def _implied_group_size(module: str, meta: Mapping[str, TensorMeta]) -> int:
+    """The group size a packed linear's shapes imply; refuses shapes that are not the AWQ GEMM layout."""
+    qweight, qzeros, scales = (meta[f"{module}.{s}"] for s in _PACKED_SUFFIXES)
+    expected_dtypes = {"qweight": "I32", "qzeros": "I32", "scales": "F16"}
+    for suffix, m in zip(_PACKED_SUFFIXES, (qweight, qzeros, scales)):
+        if m.dtype != expected_dtypes[suffix] or len(m.shape) != 2:
+            raise QuantkitError(
+                f"{module}.{suffix} is {m.dtype} {list(m.shape)}; the AWQ GEMM layout stores it as a 2-D "
+                f"{expected_dtypes[suffix]} tensor. This is not an AutoAWQ GEMM export."
+            )
+    in_features, words = qweight.shape
+    n_groups, out_features = scales.shape
+    if words * PACK_FACTOR != out_features or qzeros.shape != (n_groups, words):
+        raise QuantkitError(
+            f"{module}: qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, scales {list(scales.shape)} are not the "
+            f"AWQ GEMM shapes [in, out/8], [in/g, out/8], [in/g, out]; another packing (e.g. GEMV) under a 'gemm' label is refused."
+        )
+    if n_groups == 0 or in_features % n_groups:
+        raise QuantkitError(f"{module}: {in_features} input features do not split into {n_groups} scale groups; the tensors are damaged.")
+    return in_features // n_groups
+
+
+def _not_converted(module: str, patterns: tuple[str, ...]) -> bool:
+    # AutoAWQ skips a module when any entry of modules_to_not_convert occurs in its name.
+    return any(p in module for p in patterns)
+
+
+def check_awq_tensors(meta: Mapping[str, TensorMeta], settings: AwqSettings, where: str | Path) -> tuple[str, ...]:
+    """Every packed linear complete, in the GEMM layout, all with the declared group size; returns them."""
+    modules = _packed_modules(set(meta))
+    if not modules:
+        raise QuantkitError(f"{where}: the settings declare AWQ but no tensor is packed (no *.qweight); the weights are not an AWQ export.")
+    incomplete = {m: sorted(set(_PACKED_SUFFIXES) - have) for m, have in modules.items() if have != set(_PACKED_SUFFIXES)}
+    if incomplete:
+        module, lacking = sorted(incomplete.items())[0]
+        raise QuantkitError(
+            f"{where}: {module} lacks {' and '.join(lacking)} ({len(incomplete)} packed linear(s) incomplete); every quantized "
+            "linear needs qweight, qzeros and scales. The checkpoint is incomplete or damaged: export it again."
+        )
+    doubled = sorted(m for m in modules if f"{m}.weight" in meta)
+    if doubled:
+        raise QuantkitError(f"{where}: {doubled[0]} has both a packed qweight and a dense weight; which one holds is unknown, so it is refused.")
+    skipped = sorted(m for m in modules if _not_converted(m, settings.modules_to_not_convert))
+    if skipped:
+        raise QuantkitError(
+            f"{where}: {skipped[0]} is packed although modules_to_not_convert {list(settings.modules_to_not_convert)} says it stays dense; "
+            "the settings do not describe these weights."
+        )
+    groups: dict[int, list[str]] = {}
+    for module in sorted(modules):
+        groups.setdefault(_implied_group_size(module, meta), []).append(module)
+    if len(groups) > 1:
+        detail = "; ".join(f"group {g}: {mods[0]}{f' and {len(mods) - 1} more' if len(mods) > 1 else ''}" for g, mods in sorted(groups.items()))
+        raise QuantkitError(
+            f"{where}: layers are quantized with different group sizes ({detail}); mixed group sizes are refused, "
+            f"since one group_size must describe the model. Re-quantize with a single q_group_size."
+        )
+    (implied,) = groups
+    if implied != settings.group_size:
+        raise QuantkitError(
+            f"{where}: the scales' shapes imply group size {implied} (e.g. {groups[implied][0]}) but {settings.source} says "
+            f"{settings.group_size}; the settings do not describe these weights. Fix the group size in the settings or re-export."
+        )
+    return tuple(sorted(modules))
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def check_autoawq_checkpoint(path: str | Path) -> AwqCheckpoint:
+    """Validate settings, weight files and every packed tensor's layout from file headers only."""
+    path = Path(path)
+    if not path.is_dir():
+        raise QuantkitError(f"{path} is not a directory; pass the directory AutoAWQ's save_quantized wrote.")
+    settings = read_awq_settings(path)
+    check_awq_settings(settings, path)
+    mapping = weight_map(path)
+    meta = _tensor_meta(path, mapping)
+    modules = check_awq_tensors(meta, settings, path)
+    config = _read_json(path / "config.json")
+    config["quantization_config"] = settings.quantization_config()
+    files: dict[str, list[str]] = {}
+    for name, file in sorted(mapping.items()):
+        files.setdefault(file, []).append(name)
+    return AwqCheckpoint(path, config, settings, dict(sorted(files.items())), meta, modules)
+
+
+def load_autoawq_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config (with a standard AWQ quantization_config) and tensors of a validated AutoAWQ GEMM checkpoint."""
+    checkpoint = check_autoawq_checkpoint(path)
+    tensors: dict[str, torch.Tensor] = {}
+    for file, names in checkpoint.files.items():
+        with _open(checkpoint.path / file) as handle:
+            for name in names:
+                tensors[name] = handle.get_tensor(name)
+    return checkpoint.config, tensors
