@@ -20,10 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.pack import AWQ_ORDER, PACK_FACTOR
+from quantkit.pack import unpack_int4
 
-# Bit shift that extracts column c of a packed AWQ word: column AWQ_ORDER[i] sits at bits 4*i.
-_COLUMN_SHIFTS = torch.tensor([4 * AWQ_ORDER.index(c) for c in range(PACK_FACTOR)], dtype=torch.int32)
 
 # The op tiles K in units of innerKTiles * 16; 2 is the smallest tiling and divides every
 # K that is a multiple of 32 (all supported group sizes are).
@@ -54,21 +52,14 @@ class CpuInt4Weight:
         return self.scales.shape[1]
 
 
-def unpack_awq_words(words: torch.Tensor) -> torch.Tensor:
-    """int32 [rows, cols / 8] AWQ words -> int32 codes [rows, cols] in natural column order."""
-    rows, n_words = words.shape
-    codes = (words.unsqueeze(-1) >> _COLUMN_SHIFTS) & 0xF
-    return codes.reshape(rows, n_words * PACK_FACTOR)
-
-
 def prepare_cpu_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> CpuInt4Weight:
     """Repack an AWQ GEMM triplet for the CPU kernels (done once, at load)."""
     in_features, n_groups = qweight.shape[0], scales.shape[0]
     group_size = in_features // n_groups
     if group_size not in (32, 64, 128, 256) or group_size * n_groups != in_features:
         raise ValueError(f"group size {in_features}/{n_groups} is not one of 32, 64, 128, 256 dividing in_features={in_features}")
-    codes = unpack_awq_words(qweight)  # [in, out]
-    zeros = unpack_awq_words(qzeros)  # [in / g, out]
+    codes = unpack_int4(qweight)  # [in, out]
+    zeros = unpack_int4(qzeros)  # [in / g, out]
     s = scales.float()
     scales_and_zeros = torch.stack([s, (8 - zeros).float() * s], dim=-1).to(torch.bfloat16)
     # The op wants out_features divisible by 16; AWQ guarantees 8. Pad with zero-scale columns
@@ -90,7 +81,7 @@ def int4_matmul_fused(x: torch.Tensor, weight: CpuInt4Weight) -> torch.Tensor:
 
 def dequantize_cpu_int4(weight: CpuInt4Weight, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight [out, in] in `dtype`; (q - z) * s is formed in fp32 and rounded once."""
-    codes = unpack_awq_words(weight.qweight)  # [in, out]
+    codes = unpack_int4(weight.qweight)  # [in, out]
     g = weight.group_size
     q_minus_z = (codes.view(-1, g, codes.shape[1]) - weight.zeros.unsqueeze(1)).float()
     w_t = (q_minus_z * weight.scales.float().unsqueeze(1)).view(codes.shape)

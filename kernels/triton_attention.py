@@ -21,7 +21,7 @@ Sliding window (USE_WINDOW, `window` w): the query at position p sees p - w + 1 
                starts its KV loop at ctx - w; a prefill tile starts at its first row's window
                start and masks keys before each row's own. Every valid row of a prefill tile
                sees at least one key of the first KV tile (BLOCK_M <= BLOCK_N), so no running
-               max stays -inf. Without a window the kernels compile exactly as before.
+               max stays -inf. USE_WINDOW is a constexpr: without a window its code is compiled out.
 
 Memory access: both attention kernels walk a sequence's keys in tiles of BLOCK_N (>= 64) tokens
 and gather each token's cache row through the block table (block_tables[t // block_size]), so

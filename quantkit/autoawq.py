@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .artifact import INDEX_NAME, MANIFEST_NAME
 from .errors import QuantkitError
+from .pack import PACK_FACTOR
+from .shards import open_safetensors, read_json_object, weight_map
 
 QUANT_CONFIG_NAME = "quant_config.json"  # AutoAWQ's settings file before transformers' quantization_config
 SUPPORTED_VERSION = "gemm"
 SUPPORTED_BITS = 4
 # kernels/cpu_int4.prepare_cpu_int4: the fused int4 op tiles K by 32, so these are the group sizes it runs.
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
-PACK_FACTOR = 32 // SUPPORTED_BITS  # int4 codes per int32 word
 
 # AWQ `version` values that name another packing of the weights (not loadable as GEMM tensors).
 OTHER_LAYOUTS = {
@@ -40,7 +40,6 @@ OTHER_LAYOUTS = {
     "exllamav2": "ExLlamaV2 kernel layout",
     "ipex": "Intel Extension for PyTorch layout",
 }
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _PACKED_SUFFIXES = ("qweight", "qzeros", "scales")
 # Field names: transformers' quantization_config spelling first, then AutoAWQ's quant_config.json.
 _ALIASES = {"bits": ("bits", "w_bit"), "group_size": ("group_size", "q_group_size")}
@@ -110,8 +109,8 @@ def is_autoawq_checkpoint(path: str | Path) -> bool:
         return False
     if (path / QUANT_CONFIG_NAME).is_file():
         return True
-    config = _read_json_or_none(path / "config.json") or {}
-    return str(config.get("quantization_config", {}).get("quant_method", "")).lower() == "awq"
+    qc = _read_json_or_none(path / "config.json")["quantization_config"]  # declares_quantization saw a non-empty one
+    return isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq"
 
 
 def _read_json_or_none(path: Path) -> Any:
@@ -122,18 +121,6 @@ def _read_json_or_none(path: Path) -> Any:
 
 
 # ---------------------------------------------------------------------------- settings
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise QuantkitError(f"cannot read {path} ({e}); check the file's permissions.") from None
-    except ValueError as e:
-        raise QuantkitError(f"{path} is not valid JSON ({e}); the checkpoint is damaged: copy or export it again.") from None
-    if not isinstance(data, dict):
-        raise QuantkitError(f"{path} holds {type(data).__name__}, not a JSON object; the checkpoint is damaged: export it again.")
-    return data
 
 
 def _field(raw: Mapping[str, Any], name: str, where: str) -> Any:
@@ -171,7 +158,7 @@ def _merge(declared: dict[str, dict[str, Any]], where: Path) -> dict[str, Any]:
         values = {where: d[field] for where, d in declared.items() if d[field] is not None}
         if field == "modules_to_not_convert":  # an empty list and no list mean the same
             values = {w: v for w, v in values.items() if v}
-        if len(set(values.values())) > 1:
+        if len({repr(v) for v in values.values()}) > 1:  # repr: JSON lists and objects do not hash
             detail = ", ".join(f"{where} says {v!r}" for where, v in values.items())
             raise QuantkitError(
                 f"{where}: the quantization settings disagree on {field} ({detail}); "
@@ -190,7 +177,7 @@ def read_awq_settings(path: str | Path) -> AwqSettings:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise QuantkitError(f"no config.json in {path}; pass a Hugging Face model directory (as AutoAWQ's save_quantized writes).")
-    qc = _read_json(config_path).get("quantization_config")
+    qc = read_json_object(config_path).get("quantization_config")
     if qc is not None:
         if not isinstance(qc, dict):
             raise QuantkitError(f"{config_path}: quantization_config is {type(qc).__name__}, not an object; the checkpoint is damaged.")
@@ -198,15 +185,14 @@ def read_awq_settings(path: str | Path) -> AwqSettings:
             raise QuantkitError(f"{config_path}: quantization_config names no quant_method; add \"quant_method\": \"awq\" if it is an AWQ export.")
         declared["config.json quantization_config"] = _normalize(qc, f"{config_path} quantization_config")
     if (path / QUANT_CONFIG_NAME).is_file():
-        declared[QUANT_CONFIG_NAME] = _normalize(_read_json(path / QUANT_CONFIG_NAME), str(path / QUANT_CONFIG_NAME))
+        declared[QUANT_CONFIG_NAME] = _normalize(read_json_object(path / QUANT_CONFIG_NAME), str(path / QUANT_CONFIG_NAME))
     if not declared:
         raise QuantkitError(f"{path} declares no quantization (no quantization_config in config.json, no {QUANT_CONFIG_NAME}); it is not an AWQ checkpoint.")
     merged = _merge(declared, path)
     source = " and ".join(declared)
-    for essential in ("bits", "group_size"):
-        if merged[essential] is None:
-            raise QuantkitError(f"{path}: {source} does not give {essential}; the quantization is unknown, so the checkpoint is refused. Add it to the settings.")
     for name in ("bits", "group_size"):
+        if merged[name] is None:
+            raise QuantkitError(f"{path}: {source} does not give {name}; the quantization is unknown, so the checkpoint is refused. Add it to the settings.")
         if isinstance(merged[name], bool) or not isinstance(merged[name], int):
             raise QuantkitError(f"{path}: {name} is {merged[name]!r} in {source}; it must be an integer.")
     zero_point = merged["zero_point"]
@@ -254,56 +240,6 @@ def check_awq_settings(settings: AwqSettings, where: str | Path) -> None:
 # ---------------------------------------------------------------------------- weight files
 
 
-def _refuse_pickle_only(path: Path) -> None:
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickles:
-        raise QuantkitError(
-            f"{path} holds only pickle weights ({', '.join(pickles)}); quantkit never loads pickle files because they can run "
-            "arbitrary code. Convert them to safetensors once, in a trusted environment (e.g. load the pickle state dict with "
-            "torch.load(..., weights_only=True) and write it with safetensors.torch.save_file, or AutoAWQ's "
-            "save_quantized(out_dir, safetensors=True)), then pass that directory."
-        )
-    raise QuantkitError(f"no *.safetensors weights in {path}; export the checkpoint with safetensors (AutoAWQ: save_quantized(..., safetensors=True)).")
-
-
-def weight_map(path: str | Path) -> dict[str, str]:
-    """Tensor name -> weight file: from the shard index if there is one, else the single safetensors file."""
-    path = Path(path)
-    index_path = path / INDEX_NAME
-    if index_path.is_file():
-        mapping = _read_json(index_path).get("weight_map")
-        if not isinstance(mapping, dict) or not mapping:
-            raise QuantkitError(f"{index_path} has no weight_map; the checkpoint is damaged: export it again.")
-        for name, file in mapping.items():
-            # The index names files in this directory only; anything else is damage or a trick.
-            if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
-                raise QuantkitError(f"{index_path} maps {name} to {file!r}, which is not a .safetensors file in {path}; fix the index.")
-        missing = sorted({f for f in mapping.values() if not (path / f).is_file()})
-        if missing:
-            raise QuantkitError(
-                f"{path}: shard(s) {', '.join(missing)} named by {INDEX_NAME} are missing; copy the complete checkpoint "
-                "(every file the index lists)."
-            )
-        return dict(mapping)
-    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
-    if not files:
-        _refuse_pickle_only(path)
-    if len(files) > 1:
-        raise QuantkitError(
-            f"{path} has {len(files)} safetensors files ({', '.join(f.name for f in files)}) but no {INDEX_NAME} saying which "
-            "tensor lives where; copy the index with the shards."
-        )
-    with _open(files[0]) as handle:
-        return {name: files[0].name for name in handle.keys()}
-
-
-def _open(file: Path):
-    try:
-        return safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise QuantkitError(f"{file} is not a readable safetensors file ({e}); the checkpoint is damaged: copy it again.") from None
-
-
 def _tensor_meta(path: Path, mapping: Mapping[str, str]) -> dict[str, TensorMeta]:
     """Shapes and dtypes of every mapped tensor, from the file headers; checks each is where the map says."""
     by_file: dict[str, list[str]] = {}
@@ -311,7 +247,7 @@ def _tensor_meta(path: Path, mapping: Mapping[str, str]) -> dict[str, TensorMeta
         by_file.setdefault(file, []).append(name)
     meta: dict[str, TensorMeta] = {}
     for file, names in sorted(by_file.items()):
-        with _open(path / file) as handle:
+        with open_safetensors(path / file) as handle:
             present = set(handle.keys())
             absent = [n for n in names if n not in present]
             if absent:
@@ -417,7 +353,7 @@ def check_autoawq_checkpoint(path: str | Path) -> AwqCheckpoint:
     mapping = weight_map(path)
     meta = _tensor_meta(path, mapping)
     modules = check_awq_tensors(meta, settings, path)
-    config = _read_json(path / "config.json")
+    config = read_json_object(path / "config.json")
     config["quantization_config"] = settings.quantization_config()
     files: dict[str, list[str]] = {}
     for name, file in sorted(mapping.items()):
@@ -430,7 +366,7 @@ def load_autoawq_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Ten
     checkpoint = check_autoawq_checkpoint(path)
     tensors: dict[str, torch.Tensor] = {}
     for file, names in checkpoint.files.items():
-        with _open(checkpoint.path / file) as handle:
+        with open_safetensors(checkpoint.path / file) as handle:
             for name in names:
                 tensors[name] = handle.get_tensor(name)
     return checkpoint.config, tensors

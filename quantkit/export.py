@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -50,7 +49,7 @@ from .artifact import (
     replace_dir,  # the same swap as write_artifact, so --force behaves identically
 )
 from .errors import QuantkitError
-from .pack import PACK_FACTOR, unpack_awq
+from .pack import NATURAL_ORDER, PACK_FACTOR, pack_int4, unpack_awq
 
 COMPRESSED_TENSORS = "compressed-tensors"
 SUPPORTED_FORMATS: tuple[str, ...] = (COMPRESSED_TENSORS,)
@@ -64,17 +63,8 @@ def pack_int4_rows(values: torch.Tensor) -> torch.Tensor:
     compressed_tensors' pack_to_int32(values - 8, 4) (its +8 shift undoes our -8).
     A partial last word is zero-padded, as pack_to_int32 pads before packing.
     """
-    rows, cols = values.shape
-    if values.numel() and (values.min() < 0 or values.max() > 15):
-        raise ValueError("int4 codes must lie in [0, 15]")
-    words = -(-cols // PACK_FACTOR)
-    v = torch.zeros(rows, words * PACK_FACTOR, dtype=torch.uint8)
-    v[:, :cols] = values.to(torch.uint8)
-    # Two nibbles per byte, low nibble first; four bytes per word, least significant first.
-    packed_bytes = (v[:, 0::2] | (v[:, 1::2] << 4)).reshape(rows, words, 4)
-    if sys.byteorder == "big":
-        packed_bytes = packed_bytes.flip(-1)
-    return packed_bytes.contiguous().view(torch.int32).reshape(rows, words)
+    padded = torch.nn.functional.pad(values, (0, -values.shape[1] % PACK_FACTOR))
+    return pack_int4(padded, NATURAL_ORDER)
 
 
 def awq_to_pack_quantized(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -6,11 +6,19 @@ whether quantkit can serve it (quantkit/autoawq.py's checks) instead of manifest
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors import safe_open
+
 from .artifact import read_manifest, verify_artifact
+from .autoawq import check_autoawq_checkpoint, declares_quantization, read_awq_settings
 from .errors import QuantkitError
+
+# Bytes per element of safetensors' dtype names.
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1,
+             "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1}
 
 
 def size_summary(tensors_meta: dict[str, tuple[list[int], int]]) -> dict[str, int]:
@@ -46,15 +54,12 @@ def _numel(shape: list[int]) -> int:
 
 
 def _tensor_meta(path: Path) -> dict[str, tuple[list[int], int]]:
-    from safetensors import safe_open
-
-    itemsize = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
     meta = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as handle:
             for name in handle.keys():
                 sl = handle.get_slice(name)
-                meta[name] = (list(sl.get_shape()), itemsize[sl.get_dtype()])
+                meta[name] = (list(sl.get_shape()), _ITEMSIZE[sl.get_dtype()])
     return meta
 
 
@@ -73,8 +78,6 @@ def _echo_sizes(sizes: dict[str, int], echo: Callable[[str], None]) -> None:
 
 def inspect_autoawq(path: Path, echo: Callable[[str], None] = print) -> bool:
     """Settings, files and sizes of a foreign AWQ checkpoint; returns whether quantkit can serve it."""
-    from .autoawq import check_autoawq_checkpoint, read_awq_settings
-
     settings = read_awq_settings(path)  # unreadable or contradictory settings: nothing to show
     echo(f"checkpoint    {path}  (foreign AWQ export: no quantkit.json, so no provenance or hashes)")
     q = settings.quantization_config()
@@ -89,9 +92,8 @@ def inspect_autoawq(path: Path, echo: Callable[[str], None] = print) -> bool:
     echo(f"model         {config.get('model_type')} ({config.get('architectures', ['?'])[0]}), "
          f"{config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}")
     echo(f"weights       {', '.join(checkpoint.files)}")
-    itemsize = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
     echo("")
-    _echo_sizes(size_summary({n: (list(m.shape), itemsize.get(m.dtype, 0)) for n, m in checkpoint.tensors.items()}), echo)
+    _echo_sizes(size_summary({n: (list(m.shape), _ITEMSIZE[m.dtype]) for n, m in checkpoint.tensors.items()}), echo)
     echo("")
     echo(f"servable      yes: {len(checkpoint.quantized_modules)} packed linears in the AWQ GEMM layout")
     return True
@@ -99,11 +101,7 @@ def inspect_autoawq(path: Path, echo: Callable[[str], None] = print) -> bool:
 
 def inspect_artifact(path: Path, show_layers: bool = True, echo: Callable[[str], None] = print) -> bool:
     """Print the report; returns False when any file fails hash verification."""
-    import json
-
     path = Path(path)
-    from .autoawq import declares_quantization
-
     if declares_quantization(path):
         return inspect_autoawq(path, echo)
     manifest = read_manifest(path)

@@ -21,7 +21,7 @@ from .models import get_adapter
 from .quantizer import SUPPORTED_BITS
 from .partial import PartialArtifact
 from .recipe import Recipe
-from .shards import ShardedCheckpoint, load_block, return_freed_blocks_to_the_os, load_outside_blocks, outside_block_state, release_block, skeleton_model
+from .shards import ShardedCheckpoint, load_block, load_outside_blocks, outside_block_state, release_block, skeleton_model
 from .sources import load_tokenizer, resolve_model, weights_sha256
 
 
@@ -66,7 +66,6 @@ def quantize(
     _check_settings(settings)
     out = Path(out)
     check_output_dir(out, force)
-    return_freed_blocks_to_the_os()
     timings: dict[str, float] = {}
     start = time.perf_counter()
 

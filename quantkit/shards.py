@@ -1,4 +1,4 @@
-"""A source model read from its safetensors shards a block at a time, never whole.
+"""Safetensors checkpoints read by name (index, shards), and a source model read a block at a time.
 
 The model is built as a skeleton whose parameters live on the meta device (no memory); the
 embeddings, final norm and head are loaded up front, each decoder block only while it is being
@@ -12,16 +12,19 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from accelerate import init_empty_weights
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from .artifact import INDEX_NAME
 from .errors import QuantkitError
 from .models import ArchAdapter
+from .sources import refuse_missing_safetensors
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class ShardedCheckpoint:
@@ -29,7 +32,7 @@ class ShardedCheckpoint:
 
     def __init__(self, model_dir: Path):
         self.model_dir = Path(model_dir)
-        self.files = _tensor_files(self.model_dir)
+        self.files = {name: self.model_dir / file for name, file in weight_map(self.model_dir).items()}
         self.dtype = _checkpoint_dtype(self.model_dir, self)
 
     def __contains__(self, name: str) -> bool:
@@ -55,19 +58,57 @@ class ShardedCheckpoint:
         return out
 
 
-def _tensor_files(model_dir: Path) -> dict[str, Path]:
-    index = model_dir / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        absent = sorted({f for f in weight_map.values() if not (model_dir / f).is_file()})
-        if absent:
-            raise QuantkitError(f"{index} names shards that are missing: {', '.join(absent)}; download or copy them too.")
-        return {name: model_dir / f for name, f in weight_map.items()}
-    files: dict[str, Path] = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            files.update({name: path for name in handle.keys()})
-    return files
+def read_json_object(path: Path) -> dict:
+    """A JSON object from `path`, or a QuantkitError saying what is wrong with the file."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise QuantkitError(f"cannot read {path} ({e}); check the file's permissions.") from None
+    except ValueError as e:
+        raise QuantkitError(f"{path} is not valid JSON ({e}); the checkpoint is damaged: copy or export it again.") from None
+    if not isinstance(data, dict):
+        raise QuantkitError(f"{path} holds {type(data).__name__}, not a JSON object; the checkpoint is damaged: export it again.")
+    return data
+
+
+def weight_map(path: str | Path) -> dict[str, str]:
+    """Tensor name -> weight file: from the shard index if there is one, else the single safetensors file."""
+    path = Path(path)
+    index_path = path / INDEX_NAME
+    if index_path.is_file():
+        mapping = read_json_object(index_path).get("weight_map")
+        if not isinstance(mapping, dict) or not mapping:
+            raise QuantkitError(f"{index_path} has no weight_map; the checkpoint is damaged: export it again.")
+        for name, file in mapping.items():
+            # The index names files in this directory only; anything else is damage or a trick.
+            if not isinstance(file, str) or Path(file).name != file or not file.endswith(".safetensors"):
+                raise QuantkitError(f"{index_path} maps {name} to {file!r}, which is not a .safetensors file in {path}; fix the index.")
+        missing = sorted({f for f in mapping.values() if not (path / f).is_file()})
+        if missing:
+            raise QuantkitError(
+                f"{path}: shard(s) {', '.join(missing)} named by {INDEX_NAME} are missing; copy the complete checkpoint "
+                "(every file the index lists)."
+            )
+        return dict(mapping)
+    files = sorted(p for p in path.glob("*.safetensors") if p.is_file())
+    if not files:
+        refuse_missing_safetensors(path, "AutoAWQ: save_quantized(out_dir, safetensors=True); transformers: save_pretrained(out_dir)")
+    if len(files) > 1:
+        raise QuantkitError(
+            f"{path} has {len(files)} safetensors files ({', '.join(f.name for f in files)}) but no {INDEX_NAME} saying which "
+            "tensor lives where; copy the index with the shards."
+        )
+    with open_safetensors(files[0]) as handle:
+        return {name: files[0].name for name in handle.keys()}
+
+
+def open_safetensors(file: Path):
+    """safe_open that reports a damaged file as a QuantkitError naming it."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise QuantkitError(f"{file} is not a readable safetensors file ({e}); the checkpoint is damaged: copy it again.") from None
+
 
 
 def _checkpoint_dtype(model_dir: Path, checkpoint: ShardedCheckpoint) -> torch.dtype:
@@ -82,26 +123,28 @@ def _checkpoint_dtype(model_dir: Path, checkpoint: ShardedCheckpoint) -> torch.d
     return torch.float32
 
 
-def return_freed_blocks_to_the_os() -> None:
-    """Serve every allocation of 1 MiB or more with its own mmap (glibc), released on free.
+def return_free_memory_to_the_os() -> None:
+    """Hand the C heap's free pages back to the OS (glibc malloc_trim), e.g. after freeing a block.
 
-    glibc's default threshold starts at 128 KiB but rises to 32 MiB after the first large free;
-    from then on each block's multi-MiB tensors come from the heap, which fragments, so peak
-    RSS crept up by ~20% of the model's size over depth (measured: BENCHMARKS.md). A fixed
-    threshold keeps it flat. Harmless elsewhere: on other C libraries this does nothing.
+    glibc serves tensors under 32 MiB from its heap once a large free has raised its mmap
+    threshold; freed blocks then stay resident as fragments between live allocations, and peak
+    RSS crept up with depth (measured: BENCHMARKS.md). Trimming after each block releases them.
+    (A fixed 1 MiB mmap threshold also kept it flat, but page-faulting every large temporary
+    doubled AWQ's time.) On other C libraries this does nothing.
     """
     if not sys.platform.startswith("linux"):
         return
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
-def skeleton_model(model_dir: Path) -> PreTrainedModel:
+def skeleton_model(model_dir: Path) -> "PreTrainedModel":
     """The model with every parameter on the meta device; buffers (rotary tables) are real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
@@ -112,7 +155,7 @@ def block_prefixes(adapter: ArchAdapter, model: nn.Module) -> tuple[str, ...]:
     return tuple(adapter.block_prefix(i) for i in range(len(adapter.blocks(model))))
 
 
-def load_outside_blocks(model: PreTrainedModel, checkpoint: ShardedCheckpoint, adapter: ArchAdapter) -> None:
+def load_outside_blocks(model: "PreTrainedModel", checkpoint: ShardedCheckpoint, adapter: ArchAdapter) -> None:
     """Load everything but the decoder blocks: embeddings, final norm, head (tied or not)."""
     prefixes = block_prefixes(adapter, model)
     names = [n for n in model.state_dict() if not n.startswith(prefixes)]
@@ -136,6 +179,7 @@ def load_block(block: nn.Module, prefix: str, checkpoint: ShardedCheckpoint) -> 
 def release_block(block: nn.Module) -> None:
     """Back to the meta device: the block's memory is freed once nothing else refers to it."""
     block.to("meta")
+    return_free_memory_to_the_os()
 
 
 def outside_block_state(model: nn.Module, adapter: ArchAdapter) -> dict[str, torch.Tensor]:

@@ -18,13 +18,14 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 import transformers
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from quantkit.artifact import file_sha256
 from quantkit.errors import QuantkitError
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ _EMBEDDED_DIRNAME = "smollm2-135m-instruct"
 _EMBEDDED_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SOURCE_MARKER = "quantkit_source.json"
 
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
@@ -93,19 +94,20 @@ def check_model_dir(path: Path) -> Path:
             "(as written by save_pretrained) containing config.json and *.safetensors."
         )
     if not _safetensors_files(path):
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-        if pickles:
-            raise QuantkitError(
-                f"{path} holds only pickle checkpoints ({', '.join(pickles)}); quantkit does not load "
-                "pickle files because they can run arbitrary code. Convert once in a trusted environment: "
-                "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True), "
-                "then pass out_dir."
-            )
-        raise QuantkitError(
-            f"no *.safetensors weights in model directory {path}. Pass a directory with the weights "
-            "saved as safetensors (save_pretrained(dir, safe_serialization=True))."
-        )
+        refuse_missing_safetensors(path, "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)")
     return path
+
+
+def refuse_missing_safetensors(path: Path, how_to_convert: str) -> NoReturn:
+    """The error for a weights directory without safetensors: pickle files are never opened."""
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise QuantkitError(
+            f"{path} holds only pickle weights ({', '.join(pickles)}); quantkit never loads pickle files because "
+            f"they can run arbitrary code. Convert them once, in a trusted environment ({how_to_convert}), then pass "
+            "the converted directory."
+        )
+    raise QuantkitError(f"no *.safetensors weights in {path}; save the weights as safetensors ({how_to_convert}).")
 
 
 def load_model(model_dir: Path, dtype: torch.dtype | str = torch.float32) -> transformers.PreTrainedModel:
@@ -147,7 +149,7 @@ def weights_sha256(model_dir: Path) -> str:
     combined = hashlib.sha256()
     for f in files:
         # name + per-file digest: renaming or reordering shards changes the hash too.
-        combined.update(f.name.encode() + b"\0" + _file_sha256(f).encode() + b"\n")
+        combined.update(f.name.encode() + b"\0" + file_sha256(f).encode() + b"\n")
     return combined.hexdigest()
 
 
@@ -158,14 +160,6 @@ def _reason(exc: BaseException) -> str:
 
 def _safetensors_files(model_dir: Path) -> list[Path]:
     return sorted((p for p in model_dir.glob("*.safetensors") if p.is_file()), key=lambda p: p.name)
-
-
-def _file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --- Hugging Face hub -------------------------------------------------------------------------
@@ -319,7 +313,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
 
     marker = {
         "source": f"{_EMBEDDED_PIP} {_EMBEDDED_GGUF}",
-        "gguf_sha256": _file_sha256(gguf),
+        "gguf_sha256": file_sha256(gguf),
         "license": "Apache-2.0",
         "upstream": _EMBEDDED_HUB_NAME,
         "dtype": "float16",

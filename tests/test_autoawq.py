@@ -8,7 +8,6 @@ qweight int32 [in, out/8], qzeros int32 [in/g, out/8], scales fp16 [in/g, out]; 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ from conftest import serving
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from quantkit.artifact import file_sha256
 from quantkit.errors import QuantkitError
 from quantkit.runtime.engine import LLM, EngineConfig, LLMEngine
 from quantkit.runtime.sampling import SamplingParams
@@ -217,7 +217,7 @@ def test_eval_model_scores_loglikelihoods_of_the_checkpoint(awq, hf_reference):
 
 
 def _dir_digest(path: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir())}
+    return {p.name: file_sha256(p) for p in sorted(path.iterdir())}
 
 
 def test_eval_bookkeeping_never_writes_into_a_foreign_checkpoint(awq):
@@ -362,3 +362,20 @@ def test_a_pickle_only_checkpoint_is_refused_without_being_read(make):
     (path / "pytorch_model.bin").write_bytes(b"never unpickled")  # not even a valid pickle: it must not be opened
     message = refusal(path)
     assert "pytorch_model.bin" in message and "pickle" in message and "safetensors" in message
+
+
+def test_a_packed_lm_head_is_refused_not_replaced_by_the_embeddings(make):
+    from quantkit.runtime.model_runner import ModelRunner
+
+    path = make("packed-head", shards=1)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    vocab, hidden = tensors["model.embed_tokens.weight"].shape
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (vocab, hidden), generator=gen)
+    zeros = torch.randint(0, 16, (vocab, hidden // GROUP), generator=gen)
+    tensors.update({f"lm_head.{k}": v for k, v in pack_linear(codes, zeros, torch.full((vocab, hidden // GROUP), 0.01)).items()})
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(QuantkitError, match="packs lm_head") as info:
+        ModelRunner(load_weights(path), torch.float32, 16, num_blocks=4)
+    assert "modules_to_not_convert" in str(info.value)

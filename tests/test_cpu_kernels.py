@@ -31,11 +31,6 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected).norm() / expected.norm())
 
 
-def test_awq_words_unpack_in_natural_column_order():
-    codes = torch.randint(0, 16, (5, 24), dtype=torch.int32)
-    assert torch.equal(cpu_int4.unpack_awq_words(pack_int4(codes)), codes)
-
-
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 def test_repack_keeps_every_code_and_zero_exactly(group_size):
     # With unit scales every weight is the integer q - z; the identity matrix reads W.T back

@@ -21,7 +21,7 @@ from torch import nn
 
 from quantkit.kernels.attention import AttentionMetadata
 
-from .llama import MLP, Attention, RotaryEmbedding, parse_rope, windows_from_layer_types
+from .llama import MLP, Attention, RotaryEmbedding, output_head, parse_rope, qk_norm_weight, windows_from_layer_types
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,10 @@ class DecoderLayer(nn.Module):
         def norm(name: str) -> GemmaRMSNorm:
             return GemmaRMSNorm(tensors[f"{prefix}.{name}.weight"], config.rms_norm_eps)
 
-        head_weights = torch.cat([tensors[f"{prefix}.self_attn.q_norm.weight"].expand(config.num_heads, -1),
-                                  tensors[f"{prefix}.self_attn.k_norm.weight"].expand(config.num_kv_heads, -1)])
+        qk_norm = GemmaRMSNorm(qk_norm_weight(config, tensors, f"{prefix}.self_attn"), config.rms_norm_eps)
         self.input_layernorm = norm("input_layernorm")
         self.self_attn = Attention(config, tensors, f"{prefix}.self_attn", dtype, window=window,
-                                   scale=config.query_pre_attn_scalar**-0.5, qk_norm=GemmaRMSNorm(head_weights, config.rms_norm_eps))
+                                   scale=config.query_pre_attn_scalar**-0.5, qk_norm=qk_norm)
         self.post_attention_layernorm = norm("post_attention_layernorm")
         self.pre_feedforward_layernorm = norm("pre_feedforward_layernorm")
         self.mlp = MLP(tensors, f"{prefix}.mlp", dtype, act=partial(F.gelu, approximate="tanh"))
@@ -125,7 +124,7 @@ class Gemma3ForCausalLM(nn.Module):
             DecoderLayer(config, tensors, f"model.layers.{i}", dtype, i) for i in range(config.num_layers)
         )
         self.norm = GemmaRMSNorm(tensors["model.norm.weight"], config.rms_norm_eps)
-        self.lm_head = tensors["lm_head.weight"].to(dtype) if "lm_head.weight" in tensors else self.embed_tokens
+        self.lm_head = output_head(tensors, self.embed_tokens, False, dtype)  # tied checkpoints omit lm_head.weight
         self.global_rotary = RotaryEmbedding(config.head_dim, *config.global_rope)
         self.local_rotary = RotaryEmbedding(config.head_dim, *config.local_rope)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.errors import QuantkitError
 from quantkit.kernels.attention import AttentionMetadata, paged_attention, store_kv
 from quantkit.kernels.linear import build_fused_linear
 
@@ -180,13 +181,29 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
+def qk_norm_weight(config, tensors: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """q_norm's weight for each query head, then k_norm's for each kv head: [H + Hkv, D], to
+    normalize q and k in one call on the fused [T, H + Hkv, D] projection."""
+    return torch.cat([tensors[f"{prefix}.q_norm.weight"].expand(config.num_heads, -1),
+                      tensors[f"{prefix}.k_norm.weight"].expand(config.num_kv_heads, -1)])
+
+
+def output_head(tensors: Mapping[str, torch.Tensor], embed_tokens: torch.Tensor, tied: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The logits matrix: the embeddings when tied (or the checkpoint stores no head), else lm_head."""
+    if "lm_head.qweight" in tensors:  # would otherwise fall back to the embeddings: wrong logits
+        raise QuantkitError("the checkpoint packs lm_head, which the runtime only reads dense; "
+                            "re-quantize with lm_head in modules_to_not_convert.")
+    if tied or "lm_head.weight" not in tensors:
+        return embed_tokens
+    return tensors["lm_head.weight"].to(dtype)
+
+
 class HeadRMSNorm(nn.Module):
     """Qwen3's q_norm and k_norm at once: RMSNorm over head_dim of [T, H + Hkv, D], then each head's weight."""
 
-    def __init__(self, q_weight: torch.Tensor, k_weight: torch.Tensor, num_heads: int, num_kv_heads: int, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
-        self.weight = torch.cat([q_weight.expand(num_heads, -1), k_weight.expand(num_kv_heads, -1)])
-        self.eps = eps
+        self.weight, self.eps = weight, eps
 
     def forward(self, qk: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(qk, (qk.shape[-1],), eps=self.eps) * self.weight
@@ -240,10 +257,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, window: int | None):
         super().__init__()
         eps = config.rms_norm_eps
-        qk_norm = None
-        if config.qk_norm:
-            qk_norm = HeadRMSNorm(tensors[f"{prefix}.self_attn.q_norm.weight"].to(dtype), tensors[f"{prefix}.self_attn.k_norm.weight"].to(dtype),
-                                  config.num_heads, config.num_kv_heads, eps)
+        qk_norm = HeadRMSNorm(qk_norm_weight(config, tensors, f"{prefix}.self_attn").to(dtype), eps) if config.qk_norm else None
         self.input_layernorm = RMSNorm(tensors[f"{prefix}.input_layernorm.weight"].to(dtype), eps)
         self.self_attn = Attention(config, tensors, f"{prefix}.self_attn", dtype, window=window, qk_norm=qk_norm)
         self.post_attention_layernorm = RMSNorm(tensors[f"{prefix}.post_attention_layernorm.weight"].to(dtype), eps)
@@ -262,8 +276,7 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = tensors["model.embed_tokens.weight"].to(dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, tensors, f"model.layers.{i}", dtype, windows[i]) for i in range(config.num_layers))
         self.norm = RMSNorm(tensors["model.norm.weight"].to(dtype), config.rms_norm_eps)
-        tied = config.tie_word_embeddings or "lm_head.weight" not in tensors
-        self.lm_head = self.embed_tokens if tied else tensors["lm_head.weight"].to(dtype)
+        self.lm_head = output_head(tensors, self.embed_tokens, config.tie_word_embeddings, dtype)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
