@@ -15,6 +15,7 @@ codes are computed from fp32 master weights that the search itself never mutates
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -185,19 +186,60 @@ def check_group_sizes(blocks: nn.ModuleList, adapter: ArchAdapter, group_size: i
 
 
 class _KwargsRecorder(nn.Module):
-    """Stands in for a decoder block during capture: records what the model passes it."""
+    """Stands in for a decoder block during capture: records what the model passes it.
 
-    def __init__(self, record: Callable[[torch.Tensor, dict], None], stop: bool):
+    Arguments are recorded by name (positional ones bound through the block's signature), as
+    `ArchAdapter.run_block` passes them back. Attributes the decoder loop reads from its layers
+    (a layer's attention type, say) come from the block it stands in for.
+    """
+
+    def __init__(self, block: nn.Module, record: Callable[[torch.Tensor, dict], None], stop: bool):
         super().__init__()
         self.record, self.stop = record, stop
+        self.__dict__["_block"] = block  # not a submodule: the block's (meta) tensors stay out of the pass
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if args:
-            raise TypeError("decoder blocks are expected to take everything but hidden_states by keyword")
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_block" not in self.__dict__:
+                raise
+            return getattr(self.__dict__["_block"], name)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        hidden_states, kwargs = _by_name(self.__dict__["_block"], args, kwargs)
         self.record(hidden_states, kwargs)
         if self.stop:
             raise _StopForward
         return hidden_states
+
+
+def _by_name(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """The hidden states (the first argument) and every other argument of a call to `block`, by name."""
+    signature = inspect.signature(block.forward)
+    first = next(iter(signature.parameters.values()), None)
+    if first is None or first.kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        rest = dict(kwargs)  # an opaque (*args, **kwargs) signature: only keywords have names
+        if len(args) == 1 or (not args and "hidden_states" in rest):
+            return (args[0] if args else rest.pop("hidden_states")), rest
+        raise TypeError(f"{type(block).__name__}.forward does not name its parameters; pass all but the hidden states by keyword")
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{type(block).__name__} was called with arguments its forward does not take ({e})") from None
+    arguments = dict(bound.arguments)
+    hidden_states = arguments.pop(first.name)
+    named: dict = {}
+    for name, value in arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            if value:
+                raise TypeError(f"{type(block).__name__} takes *{name}, which cannot be passed back by name")
+        else:
+            named[name] = value
+    return hidden_states, named
 
 
 def _run_with_recorders(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, record: Callable[[int, torch.Tensor, dict], None], upto: int) -> None:
@@ -207,7 +249,7 @@ def _run_with_recorders(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tens
     """
     originals = [blocks[i] for i in range(upto + 1)]
     for i in range(upto + 1):
-        blocks[i] = _KwargsRecorder(lambda h, kw, i=i: record(i, h, kw), stop=i == upto)
+        blocks[i] = _KwargsRecorder(originals[i], lambda h, kw, i=i: record(i, h, kw), stop=i == upto)
     try:
         model(input_ids=ids, use_cache=False)
     except _StopForward:
@@ -217,6 +259,7 @@ def _run_with_recorders(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tens
             blocks[i] = block
 
 
+@torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, list[dict]]:
     """Hidden states entering the first block for every sample (fp32), and each block's kwargs.
 
@@ -227,9 +270,8 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: tor
     kwargs_per_block: list[dict] = [{} for _ in blocks]
     _run_with_recorders(model, blocks, calib_ids[:1], lambda i, _h, kw: kwargs_per_block.__setitem__(i, kw), upto=len(blocks) - 1)
     chunks: list[torch.Tensor] = []
-    with torch.no_grad():
-        for start in range(0, len(calib_ids), batch):
-            _run_with_recorders(model, blocks, calib_ids[start : start + batch], lambda _i, h, _kw: chunks.append(h.float()), upto=0)
+    for start in range(0, len(calib_ids), batch):
+        _run_with_recorders(model, blocks, calib_ids[start : start + batch], lambda _i, h, _kw: chunks.append(h.float()), upto=0)
     return torch.cat(chunks), kwargs_per_block
 
 

@@ -5,10 +5,13 @@ Layout of `.<out>.partial/` beside the output directory:
   hidden-00007.safetensors  the calibration activations leaving block 7 (AWQ only)
   partial.json              the commit point: identity of the run and the blocks finished
 A block counts as finished only once partial.json says so, and partial.json is replaced
-atomically after the block's files are in place, so a crash at any moment leaves a state that
-resumes to exactly the result of an uninterrupted run. `finalize` turns the directory into the
-artifact (shards named model-XXXXX-of-NNNNN, index, config, tokenizer, manifest with hashes)
-and renames it into place.
+atomically after the block's files are durably in place (fsync before every rename, of the
+directory after it), so a crash -- of the process or of the machine -- at any moment leaves a
+state that resumes to exactly the result of an uninterrupted run. Without partial.json nothing
+is committed and a new run clears the directory. `finalize` turns the directory into the
+artifact (shards named model-XXXXX-of-NNNNN, index, config, tokenizer, manifest with hashes);
+it removes partial.json only just before renaming the directory into place, so a finalize that
+crashes is simply redone by --resume.
 """
 
 from __future__ import annotations
@@ -28,21 +31,55 @@ from .errors import QuantkitError
 STATE_NAME = "partial.json"
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _durable_replace(tmp: Path, path: Path) -> None:
+    """Rename `tmp` over `path` so that after a power loss either the old or the complete new file is there.
+
+    Without the first fsync the rename can reach the disk before the data (an empty file that
+    partial.json already counts); without the second the rename itself can be lost.
+    """
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    _durable_replace(tmp, path)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
+    _durable_replace(tmp, path)
+
+
+def _block_name(index: int) -> str:
+    return f"block-{index:05d}.safetensors"
+
+
+def _hidden_name(index: int) -> str:
+    return f"hidden-{index:05d}.safetensors"
+
+
+def _shard_names(num_blocks: int) -> list[str]:
+    """Final shard names: the tensors outside the blocks first, then one shard per block."""
+    total = num_blocks + 1
+    return [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
 
 
 _LABELS = {
     "source_weights_sha256": "source model weights",
     "recipe": "recipe",
+    "source_config": "source model config",
     "calibration_tokens_sha256": "calibration tokens",
     "quantkit_version": "quantkit version",
 }
@@ -82,8 +119,9 @@ class PartialArtifact:
     def begin(self, identity: dict, num_blocks: int, resume: bool, force: bool) -> int:
         """Open the partial directory; returns the first block still to do.
 
-        `identity` names what the result depends on (source weights, recipe, calibration tokens,
-        quantkit version): resuming with any of them changed would splice two different runs.
+        `identity` names what the result depends on (source weights and config, recipe,
+        calibration tokens, quantkit version): resuming with any of them changed would splice
+        two different runs.
         """
         if self.dir.exists() and not resume:
             if not force:
@@ -91,52 +129,94 @@ class PartialArtifact:
                     f"an interrupted quantization into {self.out} was found ({self.dir}); pass --resume to "
                     "continue it from its last finished block, or --force to start over."
                 )
-            shutil.rmtree(self.dir)
-        if resume and self.state_path.is_file():
-            self.state = json.loads(self.state_path.read_text())
+        elif resume and self.state_path.is_file():
+            self.state = self._read_state()
             changed = describe_differences(self.state["identity"], identity)
             if changed:
                 raise QuantkitError(
                     f"cannot resume {self.dir}: this run differs from the interrupted one in {', '.join(changed)}; "
-                    "source model weights, recipe, calibration and quantkit version must all be the same. "
+                    "source model weights and config, recipe, calibration and quantkit version must all be the same. "
                     "Run again with the original inputs, or pass --force instead of --resume to start over."
                 )
+            self._check_files(num_blocks)
             return len(self.state["blocks"])
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # Nothing committed (or --force): whatever is in the directory is left over -- e.g. the
+        # shards of a finalize that crashed after removing partial.json -- and must not end up
+        # in this artifact.
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
         self.state = {"identity": identity, "num_blocks": num_blocks, "blocks": []}
         _atomic_write_text(self.state_path, json.dumps(self.state, indent=1))
         return 0
 
+    def _read_state(self) -> dict:
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError) as e:
+            state = e
+        if not isinstance(state, dict) or not {"identity", "num_blocks", "blocks"} <= set(state):
+            detail = state if isinstance(state, Exception) else "not a partial.json"
+            raise QuantkitError(f"{self.state_path} is unreadable ({detail}); the interrupted run cannot be resumed: pass --force to start over.")
+        return state
+
+    def _check_files(self, num_blocks: int) -> None:
+        """Every committed block's shard is present (renamed, if a finalize crashed) and the depth agrees."""
+        done = len(self.state["blocks"])
+        names = _shard_names(num_blocks)
+        missing = [
+            _block_name(i) for i in range(done)
+            if not (self.dir / _block_name(i)).is_file() and not (self.dir / names[i + 1]).is_file()
+        ]
+        if self.state["num_blocks"] != num_blocks or done > num_blocks:
+            missing.append(f"(partial.json counts {self.state['num_blocks']} blocks, the model has {num_blocks})")
+        if missing:
+            raise QuantkitError(
+                f"cannot resume {self.dir}: {', '.join(missing)} missing or inconsistent; the directory was changed "
+                "since the run was interrupted: pass --force to start over."
+            )
+
     def hidden(self) -> torch.Tensor:
         """The activations entering the first unfinished block (saved when the previous one finished)."""
-        last = len(self.state["blocks"]) - 1
-        with safe_open(str(self.dir / f"hidden-{last:05d}.safetensors"), framework="pt") as handle:
+        path = self.dir / _hidden_name(len(self.state["blocks"]) - 1)
+        if not path.is_file():
+            raise QuantkitError(f"cannot resume {self.dir}: {path.name} is missing (was the directory changed?); pass --force to start over.")
+        with safe_open(str(path), framework="pt") as handle:
             return handle.get_tensor("hidden")
 
     def add_block(self, index: int, tensors: dict[str, torch.Tensor], hidden: torch.Tensor | None, record: dict) -> None:
         """Store a finished block; it counts as done once partial.json is replaced."""
         if index != len(self.state["blocks"]):
             raise RuntimeError(f"block {index} finished out of order (expected {len(self.state['blocks'])})")
-        _atomic_save(tensors, self.dir / f"block-{index:05d}.safetensors")
+        _atomic_save(tensors, self.dir / _block_name(index))
         if hidden is not None:
-            _atomic_save({"hidden": hidden}, self.dir / f"hidden-{index:05d}.safetensors")
+            _atomic_save({"hidden": hidden}, self.dir / _hidden_name(index))
         record = {**record, "tensors": sorted(tensors), "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
         self.state["blocks"].append(record)
         _atomic_write_text(self.state_path, json.dumps(self.state, indent=1))
-        (self.dir / f"hidden-{index - 1:05d}.safetensors").unlink(missing_ok=True)  # no longer a resume point
+        if index > 0:  # only after the commit: until then it is the resume point
+            (self.dir / _hidden_name(index - 1)).unlink(missing_ok=True)
 
     def finalize(self, rest: dict[str, torch.Tensor], config: dict, manifest: dict, tokenizer_dir: Path, force: bool) -> Path:
-        """Name the shards, add index, config, tokenizer and manifest, and rename into place."""
+        """Name the shards, add index, config, tokenizer and manifest, and rename into place.
+
+        Every step before partial.json is removed can be redone: a crash in between leaves a
+        directory that --resume finalizes again.
+        """
         blocks = self.state["blocks"]
         if len(blocks) != self.state["num_blocks"]:
             raise RuntimeError(f"finalize with {len(blocks)} of {self.state['num_blocks']} blocks done")
-        total = len(blocks) + 1
-        names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+        if self.out.exists() and not force:  # before anything changes, so that --resume --force can finish
+            raise QuantkitError(
+                f"output directory {self.out} appeared while quantizing; pass --resume --force to finish this run "
+                "into it (replacing it), or move it away and pass --resume."
+            )
+        names = _shard_names(len(blocks))
         _atomic_save(rest, self.dir / names[0])
         weight_map = {t: names[0] for t in rest}
         for i, record in enumerate(blocks):
-            if (self.dir / f"block-{i:05d}.safetensors").exists():  # else renamed by a finalize that crashed
-                os.replace(self.dir / f"block-{i:05d}.safetensors", self.dir / names[i + 1])
+            if (self.dir / _block_name(i)).exists():  # else renamed by a finalize that crashed
+                os.replace(self.dir / _block_name(i), self.dir / names[i + 1])
             weight_map.update({t: names[i + 1] for t in record["tensors"]})
         total_size = sum(t.numel() * t.element_size() for t in rest.values()) + sum(r["bytes"] for r in blocks)
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
@@ -145,11 +225,12 @@ class PartialArtifact:
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copy2(Path(tokenizer_dir) / name, self.dir / name)
-        for leftover in [self.state_path, *self.dir.glob("hidden-*.safetensors")]:
+        for leftover in [*self.dir.glob("hidden-*.safetensors"), *self.dir.glob("*.tmp")]:
             leftover.unlink()
-        files = {p.name: file_sha256(p) for p in sorted(self.dir.iterdir()) if p.is_file()}
+        files = {p.name: file_sha256(p) for p in sorted(self.dir.iterdir()) if p.is_file() and p.name != STATE_NAME}
         (self.dir / MANIFEST_NAME).write_text(json.dumps({**manifest, "files": files}, indent=2))
-        if self.out.exists() and not force:
-            raise QuantkitError(f"output directory {self.out} appeared while quantizing; pass --force to replace it.")
+        for f in [*self.dir.iterdir(), self.dir]:  # the artifact is durable before the commit point goes
+            _fsync(f)
+        self.state_path.unlink()
         replace_dir(self.dir, self.out)
         return self.out

@@ -71,8 +71,9 @@ def quantize(
 
     model_dir = resolve_model(model_spec)
     adapter = get_adapter(read_model_type(model_dir))  # before loading weights: fail fast
+    source_config = json.loads((model_dir / "config.json").read_text())
     checkpoint = ShardedCheckpoint(model_dir)
-    model = skeleton_model(model_dir)
+    model = skeleton_model(model_dir, checkpoint.dtype)
     blocks = adapter.blocks(model)
     check_group_sizes(blocks, adapter, settings.group_size)  # shapes only: before any weight is read
     load_outside_blocks(model, checkpoint, adapter)
@@ -94,16 +95,10 @@ def quantize(
         }
         timings["calibration_s"] = time.perf_counter() - t
 
-    identity = {
-        "source_weights_sha256": source_sha,
-        "recipe": recipe.to_dict(),
-        "calibration_tokens_sha256": calib_record["tokens_sha256"] if calib_record else None,
-        "quantkit_version": __version__,
-    }
     partial = PartialArtifact(out)
-    first = partial.begin(identity, len(blocks), resume=resume, force=force)
+    first = partial.begin(_identity(source_sha, source_config, recipe, calib_record), len(blocks), resume=resume, force=force)
     hidden, block_kwargs = None, None
-    if settings.method == "awq":
+    if settings.method == "awq" and first < len(blocks):  # all done: a crashed finalize, nothing to calibrate
         hidden, block_kwargs = capture_block_inputs(model, blocks, calib_ids)
         if first:
             hidden.copy_(partial.hidden())
@@ -118,14 +113,14 @@ def quantize(
             progress(done.index + 1, len(blocks), done.seconds)
 
     t = time.perf_counter()
-    quantize_blocks(
-        blocks, adapter, settings, hidden, block_kwargs, on_done=store, start=first,
-        load_block=lambda i, block: load_block(block, adapter.block_prefix(i), checkpoint),
-    )
+    if first < len(blocks):
+        quantize_blocks(
+            blocks, adapter, settings, hidden, block_kwargs, on_done=store, start=first,
+            load_block=lambda i, block: load_block(block, adapter.block_prefix(i), checkpoint),
+        )
     timings["quantize_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    config = json.loads((model_dir / "config.json").read_text())
+    config = dict(source_config)
     config["quantization_config"] = awq_quantization_config(settings.group_size, settings.bits)
     config["torch_dtype"] = "float16"
     if "dtype" in config:
@@ -148,6 +143,21 @@ def _check_settings(settings) -> None:
         raise QuantkitError(f"clip_style '{settings.clip_style}' is not supported; use symmetric or range.")
     if settings.bits not in SUPPORTED_BITS:
         raise QuantkitError(f"{settings.bits}-bit quantization is not supported; use bits: 4.")
+
+
+def _identity(source_sha: str, source_config: dict, recipe: Recipe, calib_record: dict | None) -> dict:
+    """Everything the quantized tensors depend on: a resumed run must match the interrupted one in all of it.
+
+    The config counts as much as the weights (depth, norm epsilon, rotary base, windows); of
+    the recipe only the sections that shape the tensors do (its name and gates do not).
+    """
+    return {
+        "source_weights_sha256": source_sha,
+        "source_config": source_config,
+        "recipe": {k: v for k, v in recipe.to_dict().items() if k in ("quantization", "calibration")},
+        "calibration_tokens_sha256": calib_record["tokens_sha256"] if calib_record else None,
+        "quantkit_version": __version__,
+    }
 
 
 def _block_record(done: BlockDone) -> dict:

@@ -110,16 +110,20 @@ def open_safetensors(file: Path):
         raise QuantkitError(f"{file} is not a readable safetensors file ({e}); the checkpoint is damaged: copy it again.") from None
 
 
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
 
 def _checkpoint_dtype(model_dir: Path, checkpoint: ShardedCheckpoint) -> torch.dtype:
-    config = json.loads((model_dir / "config.json").read_text())
+    """The dtype from_pretrained(dtype="auto") picks: the config's, else the first float tensor's."""
+    config = read_json_object(model_dir / "config.json")
     name = config.get("dtype") or config.get("torch_dtype")
     if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
-    for name, path in checkpoint.files.items():  # no dtype in the config: the first float tensor's
-        with safe_open(str(path), framework="pt") as handle:
-            if handle.get_slice(name).get_dtype().startswith(("F", "BF")):
-                return handle.get_tensor(name).dtype
+    for name, path in checkpoint.files.items():
+        with open_safetensors(path) as handle:
+            dtype = _FLOAT_DTYPES.get(handle.get_slice(name).get_dtype())  # the header only: no tensor is read
+        if dtype is not None:
+            return dtype
     return torch.float32
 
 
@@ -140,14 +144,19 @@ def return_free_memory_to_the_os() -> None:
         pass
 
 
-def skeleton_model(model_dir: Path) -> "PreTrainedModel":
-    """The model with every parameter on the meta device; buffers (rotary tables) are real."""
+def skeleton_model(model_dir: Path, dtype: torch.dtype) -> "PreTrainedModel":
+    """The model with every parameter on the meta device; buffers (rotary tables) are real.
+
+    Built in `dtype` (ShardedCheckpoint.dtype) as from_pretrained builds it, so that buffers
+    created in the default dtype (Gemma's embed_scale) match an in-memory load even when the
+    config names no dtype.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_dir)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
 
 
@@ -155,25 +164,43 @@ def block_prefixes(adapter: ArchAdapter, model: nn.Module) -> tuple[str, ...]:
     return tuple(adapter.block_prefix(i) for i in range(len(adapter.blocks(model))))
 
 
+def _tied_head(model: "PreTrainedModel") -> list[str]:
+    """The head's name when it is tied to the embeddings: from_pretrained ties it rather than loading it."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return []
+    return [n for n in model.state_dict() if n.endswith("lm_head.weight")]
+
+
+def _to_read(module: nn.Module, names: list[str], prefix: str, checkpoint: ShardedCheckpoint) -> list[str]:
+    """`names` less the persistent buffers the checkpoint lacks: those keep their initial values, as
+    from_pretrained leaves them (the skeleton's buffers are real). A missing parameter is an error."""
+    buffers = {n for n, _ in module.named_buffers()}
+    return [n for n in names if n not in buffers or prefix + n in checkpoint]
+
+
 def load_outside_blocks(model: "PreTrainedModel", checkpoint: ShardedCheckpoint, adapter: ArchAdapter) -> None:
     """Load everything but the decoder blocks: embeddings, final norm, head (tied or not)."""
     prefixes = block_prefixes(adapter, model)
-    names = [n for n in model.state_dict() if not n.startswith(prefixes)]
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    head = [n for n in names if n not in checkpoint and tied and n.endswith("lm_head.weight")]
-    model.load_state_dict(checkpoint.read([n for n in names if n not in head]), strict=False, assign=True)
+    head = _tied_head(model)
+    # A tied head is never read, even if the checkpoint stores it too: that would be a second
+    # copy of the (large) embedding matrix, and from_pretrained ignores it as well.
+    names = [n for n in model.state_dict() if not n.startswith(prefixes) and n not in head]
+    model.load_state_dict(checkpoint.read(_to_read(model, names, "", checkpoint)), strict=False, assign=True)
     if head:
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(prefixes)]
     if still_meta:
-        raise QuantkitError(f"{checkpoint.model_dir} has no weights for {', '.join(still_meta)}; the checkpoint is incomplete.")
+        raise QuantkitError(
+            f"{checkpoint.model_dir} has no weights for {', '.join(still_meta)}; the checkpoint does not match its "
+            "config.json: re-save it with save_pretrained."
+        )
 
 
 def load_block(block: nn.Module, prefix: str, checkpoint: ShardedCheckpoint) -> None:
     """Materialize one block's parameters from the shards (replacing its meta tensors)."""
-    names = list(block.state_dict())
+    names = _to_read(block, list(block.state_dict()), prefix, checkpoint)
     tensors = checkpoint.read([prefix + n for n in names])
-    block.load_state_dict({n: tensors[prefix + n] for n in names}, strict=True, assign=True)
+    block.load_state_dict({n: tensors[prefix + n] for n in names}, strict=False, assign=True)  # not strict: see _to_read
 
 
 def release_block(block: nn.Module) -> None:

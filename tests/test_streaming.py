@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -171,3 +172,204 @@ def test_memory_does_not_grow_with_depth(tiny_model_dir, tmp_path, method):
     between = runs[1]["between_blocks"]
     assert len(between) == 12 and max(between) - min(between) < 0.1 * growth, between
     assert runs[1]["peak"] - runs[0]["peak"] < 0.8 * growth, (sizes, runs)
+
+
+# --- crash safety, resume identity, loading: review fixes ------------------------------------
+
+RTN = Recipe().with_overrides(method="rtn", group_size=32)
+
+
+def test_a_crashed_finalize_is_finished_by_resume_without_redoing_blocks(four_block_model, uninterrupted, tmp_path, monkeypatch):
+    import quantkit.partial
+
+    out = tmp_path / "awq"
+    real_hash = quantkit.partial.file_sha256
+
+    def crash(path):  # every shard renamed, index written, hidden states deleted: then the crash
+        raise Interrupted
+
+    monkeypatch.setattr(quantkit.partial, "file_sha256", crash)
+    with pytest.raises(Interrupted):
+        quantize(four_block_model, out, AWQ)
+    assert not list((tmp_path / ".awq.partial").glob("hidden-*"))
+    monkeypatch.setattr(quantkit.partial, "file_sha256", real_hash)
+    done = []
+    quantize(four_block_model, out, AWQ, resume=True, progress=lambda d, _t, _s: done.append(d))
+    assert done == []
+    assert_same_weights(artifact_weights(out), artifact_weights(uninterrupted))
+
+
+def test_a_fresh_start_clears_files_no_partial_json_committed(four_block_model, tmp_path):
+    """E.g. a finalize that crashed after removing partial.json: its shards must not join a new run's artifact."""
+    out = tmp_path / "rtn"
+    stale = tmp_path / ".rtn.partial"
+    stale.mkdir()
+    torch.save({}, stale / "junk.bin")
+    (stale / "model-00001-of-00009.safetensors").write_bytes(b"stale")
+    quantize(four_block_model, out, RTN, resume=True)
+    assert not (out / "junk.bin").exists() and not (out / "model-00001-of-00009.safetensors").exists()
+    manifest = json.loads((out / "quantkit.json").read_text())
+    assert sorted(manifest["files"]) == sorted(p.name for p in out.iterdir() if p.name != "quantkit.json")
+
+
+def test_an_output_directory_appearing_mid_run_keeps_the_run_resumable(four_block_model, tmp_path):
+    out = tmp_path / "rtn"
+
+    def create_out(done: int, total: int, _seconds: float) -> None:
+        if done == total:
+            out.mkdir()
+
+    with pytest.raises(QuantkitError, match="--resume --force"):
+        quantize(four_block_model, out, RTN, progress=create_out)
+    done = []
+    quantize(four_block_model, out, RTN, resume=True, force=True, progress=lambda d, _t, _s: done.append(d))
+    assert done == [] and (out / "quantkit.json").is_file()
+
+
+def test_resume_refuses_a_changed_config_but_not_a_renamed_recipe(four_block_model, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(four_block_model, model)
+    out = tmp_path / "rtn"
+    with pytest.raises(Interrupted):
+        quantize(model, out, RTN, progress=interrupt_after(1))
+    config = json.loads((model / "config.json").read_text())
+    original = dict(config)
+    config["rms_norm_eps"] = 1e-3  # same weights, a different model
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QuantkitError, match=r"source model config \(rms_norm_eps: 1e-06 -> 0.001\)"):
+        quantize(model, out, RTN, resume=True)
+    (model / "config.json").write_text(json.dumps(original))
+    renamed = dataclasses.replace(RTN, name="renamed", gates={"ppl_ratio": 1.1})  # nothing that shapes the tensors
+    done = []
+    quantize(model, out, renamed, resume=True, progress=lambda d, _t, _s: done.append(d))
+    assert done == [2, 3, 4]
+
+
+def test_block_files_are_durable_before_partial_json_counts_them(tmp_path, monkeypatch):
+    import os
+
+    import quantkit.partial
+    from quantkit.partial import PartialArtifact
+
+    partial = PartialArtifact(tmp_path / "out")
+    partial.begin({"x": 1}, num_blocks=2, resume=False, force=False)
+    events = []
+    real_replace = os.replace
+    monkeypatch.setattr(quantkit.partial, "_fsync", lambda p: events.append(("fsync", Path(p).name)))
+    monkeypatch.setattr(quantkit.partial.os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b)))
+    partial.add_block(0, {"w": torch.ones(2)}, torch.zeros(3), {"seconds": 0.0})
+    d = partial.dir.name
+    assert events == [
+        ("fsync", "block-00000.safetensors.tmp"), ("replace", "block-00000.safetensors"), ("fsync", d),
+        ("fsync", "hidden-00000.safetensors.tmp"), ("replace", "hidden-00000.safetensors"), ("fsync", d),
+        ("fsync", "partial.json.tmp"), ("replace", "partial.json"), ("fsync", d),
+    ]
+
+
+def _tied_checkpoint_with_head_and_no_dtype(model_dir: Path, out: Path) -> Path:
+    """The tiny tied Llama, re-saved in fp16 with lm_head.weight stored too and no dtype in its config."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(model_dir, out)
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        tensors = {n: handle.get_tensor(n).half() for n in handle.keys()}
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_a_tied_head_stored_in_the_checkpoint_is_tied_not_loaded_twice(tiny_model_dir, tmp_path):
+    from quantkit.shards import ShardedCheckpoint, load_outside_blocks, skeleton_model
+
+    model_dir = _tied_checkpoint_with_head_and_no_dtype(tiny_model_dir, tmp_path / "m")
+    checkpoint = ShardedCheckpoint(model_dir)
+    assert checkpoint.dtype == torch.float16  # the first float tensor's, as from_pretrained(dtype="auto")
+    model = skeleton_model(model_dir, checkpoint.dtype)
+    load_outside_blocks(model, checkpoint, get_adapter("llama"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_the_skeleton_has_the_buffers_from_pretrained_gives(tmp_path):
+    """Buffers made in the default dtype (Gemma's embed_scale) follow the checkpoint's, config dtype or not."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from quantkit.shards import ShardedCheckpoint, skeleton_model
+
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("dtype", None), raw.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    reference = dict(load_model(tmp_path, "auto").named_buffers())
+    skeleton = dict(skeleton_model(tmp_path, ShardedCheckpoint(tmp_path).dtype).named_buffers())
+    assert {n: b.dtype for n, b in skeleton.items()} == {n: b.dtype for n, b in reference.items()}
+    assert all(torch.equal(skeleton[n], reference[n]) for n in reference)
+
+
+def test_persistent_buffers_the_checkpoint_lacks_keep_their_initial_values(tiny_model_dir):
+    from quantkit.shards import ShardedCheckpoint, load_block, load_outside_blocks, skeleton_model
+
+    adapter = get_adapter("llama")
+    checkpoint = ShardedCheckpoint(tiny_model_dir)
+    model = skeleton_model(tiny_model_dir, checkpoint.dtype)
+    model.model.register_buffer("extra", torch.arange(3.0))  # persistent: in state_dict(), not in the checkpoint
+    block = adapter.blocks(model)[0]
+    block.register_buffer("extra", torch.arange(2.0))
+    load_outside_blocks(model, checkpoint, adapter)
+    load_block(block, adapter.block_prefix(0), checkpoint)
+    assert torch.equal(model.model.extra, torch.arange(3.0)) and torch.equal(block.extra, torch.arange(2.0))
+    assert not any(p.is_meta for p in block.parameters())
+
+
+def test_capture_binds_positional_arguments_and_lends_the_layers_attributes():
+    """Decoder loops that pass arguments positionally or read attributes of their layers (a mask per attention type)."""
+    from torch import nn
+
+    from quantkit.awq import capture_block_inputs
+
+    class Layer(nn.Module):
+        def __init__(self, kind: str):
+            super().__init__()
+            self.attention_type = kind
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, hidden_states, mask, scale=1.0, **kwargs):
+            return hidden_states * scale + mask
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.layers = nn.ModuleList([Layer("full"), Layer("sliding")])
+
+        def forward(self, input_ids, use_cache=False):
+            h = self.embed(input_ids)
+            masks = {"full": torch.zeros(1), "sliding": torch.ones(1)}
+            for layer in self.layers:
+                h = layer(h, masks[layer.attention_type], 2.0, note=layer.attention_type)
+            return h
+
+    model = Toy()
+    ids = torch.randint(0, 10, (3, 5))
+    hidden, kwargs = capture_block_inputs(model, model.layers, ids)
+    assert torch.equal(hidden, model.embed(ids).detach().float())
+    assert [set(k) for k in kwargs] == [{"mask", "scale", "note"}] * 2
+    assert torch.equal(kwargs[1]["mask"], torch.ones(1)) and kwargs[1]["scale"] == 2.0 and kwargs[1]["note"] == "sliding"
+    assert all(isinstance(layer, Layer) for layer in model.layers)  # the real layers are back
+
+
+def test_resume_names_a_missing_block_shard(four_block_model, tmp_path):
+    out = tmp_path / "rtn"
+    with pytest.raises(Interrupted):
+        quantize(four_block_model, out, RTN, progress=interrupt_after(2))
+    (tmp_path / ".rtn.partial" / "block-00001.safetensors").unlink()
+    with pytest.raises(QuantkitError, match=r"block-00001.safetensors missing.*--force"):
+        quantize(four_block_model, out, RTN, resume=True)
