@@ -255,15 +255,18 @@ def _workload_options(f):
 @_workload_options
 def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cache_memory, memory_budget, concurrency, context_tokens,
                   workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
-    """One workload, all queued at t=0: HF one-at-a-time and static batching vs quantkit's engine, bf16 vs int4."""
+    """One workload, all queued at t=0: HF one-at-a-time and static batching vs quantkit's engine, bf16 vs int4.
+
+    ARTIFACT is a quantkit artifact or an AutoAWQ GEMM checkpoint (which needs --baseline).
+    """
     from quantkit.bench import run as qb
     from quantkit.bench.report import console, ratios_table, runs_table
     from quantkit.bench.workload import parse_range
 
-    from .artifact import MANIFEST_NAME
+    from .evaluate import open_candidate
 
-    if not (artifact / MANIFEST_NAME).is_file():
-        raise QuantkitError(f"{artifact} is not a quantkit artifact (no {MANIFEST_NAME}); make one with `quantkit quantize`.")
+    if open_candidate(artifact).foreign and not baseline:  # an AutoAWQ checkpoint names no source model
+        raise QuantkitError(f"{artifact} is an AutoAWQ checkpoint with no record of its dense model; pass --baseline MODEL.")
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in _OFFLINE_MODES]
     if unknown or not chosen:

@@ -379,3 +379,20 @@ def test_a_packed_lm_head_is_refused_not_replaced_by_the_embeddings(make):
     with pytest.raises(QuantkitError, match="packs lm_head") as info:
         ModelRunner(load_weights(path), torch.float32, 16, num_blocks=4)
     assert "modules_to_not_convert" in str(info.value)
+
+
+def test_bench_offline_measures_an_autoawq_checkpoint_against_the_baseline_it_is_given(make, tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+
+    path = make("bench")
+    fast = ["--requests", "3", "--prompt-tokens", "8-16", "--output-tokens", "3-5", "--modes",
+            "engine-one-at-a-time-int4,engine-continuous-int4", "--kv-cache-memory", "4MiB", "-o", str(tmp_path / "out")]
+    refused = CliRunner().invoke(main, ["bench", "offline", str(path), *fast])
+    assert refused.exit_code == 2 and "--baseline" in refused.output
+    result = CliRunner().invoke(main, ["bench", "offline", str(path), "--baseline", str(tiny_model_dir), *fast])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "offline.json").read_text())
+    for mode in ("engine-one-at-a-time-int4", "engine-continuous-int4"):
+        assert (data["results"][mode]["completed"], data["results"][mode]["failed"]) == (3, 0)

@@ -266,7 +266,7 @@ def test_offline_mode_runs_every_way_of_serving_the_same_workload(tiny_artifact,
 
 
 @pytest.mark.parametrize("args, message", [
-    (["offline", "{model}", "--requests", "2"], "is not a quantkit artifact"),
+    (["offline", "{model}", "--requests", "2"], "neither a quantkit artifact"),
     (["offline", "{artifact}", "--modes", "turbo"], "unknown mode(s) turbo"),
     (["offline", "{artifact}", "--prompt-tokens", "9-3"], "prompt token range 9-3 is empty"),
     (["offline", "{artifact}", "--requests", "0"], "at least one request"),
