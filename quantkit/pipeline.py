@@ -41,11 +41,14 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def read_model_type(model_dir: Path) -> str:
+def read_source_config(model_dir: Path) -> dict:
+    """The source's config.json, which must name its model_type (the adapter is chosen by it)."""
     try:
-        return json.loads((model_dir / "config.json").read_text())["model_type"]
-    except (OSError, KeyError, json.JSONDecodeError) as e:
+        config = json.loads((model_dir / "config.json").read_text())
+        config["model_type"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise QuantkitError(f"{model_dir}/config.json is unreadable or has no model_type ({e}); pass a Hugging Face model directory.") from None
+    return config
 
 
 def quantize(
@@ -70,8 +73,8 @@ def quantize(
     start = time.perf_counter()
 
     model_dir = resolve_model(model_spec)
-    adapter = get_adapter(read_model_type(model_dir))  # before loading weights: fail fast
-    source_config = json.loads((model_dir / "config.json").read_text())
+    source_config = read_source_config(model_dir)
+    adapter = get_adapter(source_config["model_type"])  # before loading weights: fail fast
     checkpoint = ShardedCheckpoint(model_dir)
     model = skeleton_model(model_dir, checkpoint.dtype)
     blocks = adapter.blocks(model)
