@@ -23,6 +23,15 @@ import torch
 TINY_VOCAB = 512
 
 
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """`n` greedy tokens from a transformers model, recomputing the whole prefix each step (no cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
 @contextlib.contextmanager
 def serving(app) -> Iterator[str]:
     """An ASGI app under a real uvicorn server on a free loopback port, in a thread; yields its URL."""

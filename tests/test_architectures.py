@@ -18,6 +18,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import hf_greedy
 
 from quantkit.runtime.engine import LLM
 from quantkit.runtime.model_runner import ModelRunner, StepInput
@@ -75,14 +76,6 @@ def tiny(request, tiny_model_dir, tmp_path_factory):
 def prompts(lengths: list[int], seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, 500, (n,), generator=g).tolist() for n in lengths]
-
-
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import serving
+from conftest import hf_greedy, serving
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -154,14 +154,6 @@ def hf_reference(awq, tiny_model_dir):
     assert set(missing) <= {"lm_head.weight"} and not unexpected  # lm_head is tied to the embeddings
     model.tie_weights()
     return model
-
-
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def test_load_weights_reads_the_sharded_checkpoint_as_quantized(awq):
