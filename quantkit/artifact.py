@@ -9,12 +9,13 @@ leaves no half artifact; loading re-hashes every file before trusting it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,10 +114,7 @@ def write_artifact(
     """Write the artifact to a temporary sibling directory, hash it, then rename it to `out`."""
     out = Path(out)
     check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with building_dir(out) as tmp:
         shards = _shards(tensors, max_shard_bytes)
         names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards):
@@ -126,15 +124,46 @@ def write_artifact(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / MANIFEST_NAME).write_text(json.dumps({**manifest, "files": files}, indent=2))
+        copy_tokenizer_files(tokenizer_dir, tmp)
+        (tmp / MANIFEST_NAME).write_text(json.dumps({**manifest, "files": hash_files(tmp)}, indent=2))
+    return out
+
+
+@contextlib.contextmanager
+def building_dir(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out` to fill; renamed to `out` (replacing it) only if the block succeeds.
+
+    A failure or an interruption removes it, so `out` is either the old directory or the complete new one.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def copy_tokenizer_files(source_dir: Path, target_dir: Path) -> None:
+    """The tokenizer and generation files of `source_dir` that exist, copied unchanged."""
+    for name in TOKENIZER_FILES:
+        if (Path(source_dir) / name).is_file():
+            shutil.copy2(Path(source_dir) / name, Path(target_dir) / name)
+
+
+def hash_files(directory: Path, exclude: tuple[str, ...] = ()) -> dict[str, str]:
+    """sha256 of every file in `directory` (not recursive), by name: what a manifest records."""
+    return {p.name: file_sha256(p) for p in sorted(Path(directory).iterdir()) if p.is_file() and p.name not in exclude}
+
+
+def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in `directory`."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            out.update({name: handle.get_tensor(name) for name in handle.keys()})
     return out
 
 
@@ -174,12 +203,7 @@ class Artifact:
         return sorted(self.path.glob("*.safetensors"))
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for f in self.weight_files:
-            with safe_open(str(f), framework="pt") as handle:
-                for name in handle.keys():
-                    out[name] = handle.get_tensor(name)
-        return out
+        return read_safetensors_dir(self.path)
 
 
 def read_manifest(path: Path) -> dict:

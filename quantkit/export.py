@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -41,12 +39,13 @@ from .artifact import (
     INDEX_NAME,
     MANIFEST_NAME,
     QUANTIZED_SUFFIXES,
-    TOKENIZER_FILES,
     Artifact,
+    building_dir,  # the same temp dir and swap as write_artifact, so --force behaves identically
     check_output_dir,
+    copy_tokenizer_files,
     file_sha256,
+    hash_files,
     load_artifact,
-    replace_dir,  # the same swap as write_artifact, so --force behaves identically
 )
 from .errors import QuantkitError
 from .pack import NATURAL_ORDER, PACK_FACTOR, pack_int4, unpack_awq
@@ -245,15 +244,10 @@ def export_artifact(artifact_path: Path | str, out_dir: Path | str, fmt: str = C
     artifact = load_artifact(source)
     group_size = _check_source(artifact)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with building_dir(out) as tmp:
         quantization_config = _write_compressed_tensors(artifact, tmp, group_size)
-        for name in TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
-        written = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        copy_tokenizer_files(source, tmp)
+        written = hash_files(tmp)
         manifest = {
             "format": fmt,
             "quantkit_version": quantkit_version,
@@ -267,8 +261,4 @@ def export_artifact(artifact_path: Path | str, out_dir: Path | str, fmt: str = C
             "files": written,
         }
         (tmp / EXPORT_MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .artifact import INDEX_NAME, MANIFEST_NAME, TOKENIZER_FILES, file_sha256, replace_dir
+from .artifact import INDEX_NAME, MANIFEST_NAME, copy_tokenizer_files, hash_files, replace_dir
 from .errors import QuantkitError
 
 STATE_NAME = "partial.json"
@@ -222,13 +222,10 @@ class PartialArtifact:
         index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
         (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
         (self.dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy2(Path(tokenizer_dir) / name, self.dir / name)
+        copy_tokenizer_files(tokenizer_dir, self.dir)
         for leftover in [*self.dir.glob("hidden-*.safetensors"), *self.dir.glob("*.tmp")]:
             leftover.unlink()
-        files = {p.name: file_sha256(p) for p in sorted(self.dir.iterdir()) if p.is_file() and p.name != STATE_NAME}
-        (self.dir / MANIFEST_NAME).write_text(json.dumps({**manifest, "files": files}, indent=2))
+        (self.dir / MANIFEST_NAME).write_text(json.dumps({**manifest, "files": hash_files(self.dir, exclude=(STATE_NAME,))}, indent=2))
         for f in [*self.dir.iterdir(), self.dir]:  # the artifact is durable before the commit point goes
             _fsync(f)
         self.state_path.unlink()

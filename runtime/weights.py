@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from quantkit.artifact import MANIFEST_NAME, load_artifact
+from quantkit.artifact import MANIFEST_NAME, load_artifact, read_safetensors_dir
 from quantkit.autoawq import declares_quantization, load_autoawq_checkpoint
 from quantkit.errors import QuantkitError
 from quantkit.sources import check_model_dir, resolve_model
@@ -48,14 +47,9 @@ def load_weights(spec: str | Path) -> ModelWeights:
     model_dir = check_model_dir(resolve_model(spec))
     if declares_quantization(model_dir):  # a hub download can be an AutoAWQ export too
         return _foreign_quantized(model_dir)
-    tensors: dict[str, torch.Tensor] = {}
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
+    if not any(model_dir.glob("*.safetensors")):
         raise QuantkitError(f"{model_dir} has no *.safetensors weights; quantkit loads safetensors only (convert .bin checkpoints first).")
-    for f in files:
-        with safe_open(str(f), framework="pt") as handle:
-            for name in handle.keys():
-                tensors[name] = handle.get_tensor(name)
+    tensors = read_safetensors_dir(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     return ModelWeights(model_dir, config, tensors, quantized=False)
 

@@ -22,6 +22,7 @@ from quantkit.artifact import (
     dequantized_state_dict,
     file_sha256,
     load_artifact,
+    read_safetensors_dir,
     write_artifact,
 )
 from quantkit.awq import AWQSettings, quantize_model
@@ -42,14 +43,6 @@ from quantkit.sources import load_model
 GROUP = 32
 SETTINGS = AWQSettings(method="rtn", compute_dtype="float32", group_size=GROUP)
 LINEAR_WITH_BIAS = ("q_proj", "k_proj", "v_proj", "o_proj")  # Llama's attention_bias=True
-
-
-def read_all(directory: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            out.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +115,7 @@ def test_mapping_matches_the_librarys_autoawq_converter():
 
 
 def test_layout_shapes_and_dtypes_are_what_vllm_allocates(exported, quantized_tensors):
-    tensors = read_all(exported)
+    tensors = read_safetensors_dir(exported)
     for module in quantized_modules(quantized_tensors):
         in_features, packed_out = quantized_tensors[f"{module}.qweight"].shape
         out_features = packed_out * 8
@@ -150,7 +143,7 @@ def test_library_checkpoint_dequantizer_reproduces_quantkit_fp16_exactly(exporte
     from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
 
     reader = CompressedTensorsDequantizer(str(exported), dtype=torch.float16)
-    theirs = reader.validate(read_all(exported))  # validate = decompress + no leftover qparams
+    theirs = reader.validate(read_safetensors_dir(exported))  # validate = decompress + no leftover qparams
     ours = dequantized_state_dict(load_artifact(artifact_dir), torch.float16)
     assert theirs.keys() == ours.keys()
     assert sum(n.endswith("_proj.weight") for n in ours) == 14  # 7 linears x 2 layers
@@ -165,7 +158,7 @@ def test_pack_quantized_decompressor_reproduces_quantkit_fp32_exactly(exported, 
 
     config = QuantizationConfig.model_validate(json.loads((exported / "config.json").read_text())["quantization_config"])
     scheme = config.config_groups["group_0"]
-    tensors = read_all(exported)
+    tensors = read_safetensors_dir(exported)
     ours = dequantized_state_dict(load_artifact(artifact_dir), torch.float32)
     modules = sorted(n[: -len(".weight_packed")] for n in tensors if n.endswith(".weight_packed"))
     assert len(modules) == 14
@@ -207,9 +200,9 @@ def test_sharded_artifact_exports_to_matching_shards(quantized_tensors, tiny_mod
     for name, shard in index["weight_map"].items():
         with safe_open(str(out / shard), framework="pt") as handle:
             assert name in handle.keys()
-    tensors = read_all(out)
+    tensors = read_safetensors_dir(out)
     assert set(index["weight_map"]) == set(tensors)
-    single = read_all(export_artifact(make_artifact(quantized_tensors, tiny_model_dir, tmp_path / "one"), tmp_path / "ct1"))
+    single = read_safetensors_dir(export_artifact(make_artifact(quantized_tensors, tiny_model_dir, tmp_path / "one"), tmp_path / "ct1"))
     assert tensors.keys() == single.keys()
     assert all(torch.equal(tensors[n], t) for n, t in single.items())
 

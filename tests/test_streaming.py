@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from quantkit.artifact import artifact_tensors
+from quantkit.artifact import artifact_tensors, read_safetensors_dir
 from quantkit.awq import quantize_model
 from quantkit.bench.synthetic import checkpoint_bytes, synthetic_llama
 from quantkit.calibration import build_calibration_set, load_calibration_texts
@@ -36,14 +36,6 @@ def interrupt_after(blocks: int):
             raise Interrupted
 
     return progress
-
-
-def artifact_weights(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            out.update({n: handle.get_tensor(n) for n in handle.keys()})
-    return out
 
 
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -71,14 +63,14 @@ def test_streamed_artifact_equals_quantizing_the_whole_model_in_memory(four_bloc
     ids = build_calibration_set(texts, load_tokenizer(four_block_model), c.samples, c.seqlen, c.seed)
     result = quantize_model(model, get_adapter("llama"), recipe.quantization, ids)
     in_memory = artifact_tensors(model.state_dict(), result.linears, tied_lm_head=False)
-    assert_same_weights(artifact_weights(uninterrupted), in_memory)
+    assert_same_weights(read_safetensors_dir(uninterrupted), in_memory)
 
 
 def test_the_artifact_is_sharded_per_block_with_an_index_that_covers_every_tensor(uninterrupted):
     index = json.loads((uninterrupted / "model.safetensors.index.json").read_text())
     files = sorted(uninterrupted.glob("*.safetensors"))
     assert len(files) == 5  # embeddings, norm and head + one shard per block
-    assert sorted(index["weight_map"]) == sorted(artifact_weights(uninterrupted))
+    assert sorted(index["weight_map"]) == sorted(read_safetensors_dir(uninterrupted))
     assert {f.name for f in files} == set(index["weight_map"].values())
     assert not list(uninterrupted.parent.glob(".*partial*"))  # nothing left behind
 
@@ -95,7 +87,7 @@ def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(four_blo
     done = []
     quantize(four_block_model, out, AWQ, resume=True, progress=lambda d, _t, _s: done.append(d))
     assert done == list(range(stop_after + 1, 5))  # finished blocks were not redone
-    assert_same_weights(artifact_weights(out), artifact_weights(uninterrupted))
+    assert_same_weights(read_safetensors_dir(out), read_safetensors_dir(uninterrupted))
     assert json.loads((out / "config.json").read_text()) == json.loads((uninterrupted / "config.json").read_text())
     manifest = json.loads((out / "quantkit.json").read_text())
     assert manifest["timings"]["resumed_at_block"] == stop_after
@@ -183,20 +175,20 @@ def test_a_crashed_finalize_is_finished_by_resume_without_redoing_blocks(four_bl
     import quantkit.partial
 
     out = tmp_path / "awq"
-    real_hash = quantkit.partial.file_sha256
+    real_hash = quantkit.partial.hash_files
 
-    def crash(path):  # every shard renamed, index written, hidden states deleted: then the crash
+    def crash(directory, exclude=()):  # every shard renamed, index written, hidden states deleted: then the crash
         raise Interrupted
 
-    monkeypatch.setattr(quantkit.partial, "file_sha256", crash)
+    monkeypatch.setattr(quantkit.partial, "hash_files", crash)
     with pytest.raises(Interrupted):
         quantize(four_block_model, out, AWQ)
     assert not list((tmp_path / ".awq.partial").glob("hidden-*"))
-    monkeypatch.setattr(quantkit.partial, "file_sha256", real_hash)
+    monkeypatch.setattr(quantkit.partial, "hash_files", real_hash)
     done = []
     quantize(four_block_model, out, AWQ, resume=True, progress=lambda d, _t, _s: done.append(d))
     assert done == []
-    assert_same_weights(artifact_weights(out), artifact_weights(uninterrupted))
+    assert_same_weights(read_safetensors_dir(out), read_safetensors_dir(uninterrupted))
 
 
 def test_a_fresh_start_clears_files_no_partial_json_committed(four_block_model, tmp_path):
