@@ -2,13 +2,15 @@
 
 Prints tables and writes JSON (benchmarks/results/kernels.json):
   1. the machine's memory read bandwidth (a large fp32 reduction), the roof for memory-bound decode;
-  2. per layer shape of the default model (SmolLM2-135M) and M in 1, 4, 16, 64, 256: time of the
-     fused int4 op, dequantize + bf16 matmul, bf16 matmul, fp32 matmul, and the weight bandwidth
-     each achieves (weight bytes / time); plus the fused-vs-dense crossover that sets
-     kernels/cpu_int4.DENSE_FROM_ROWS;
-  3. CPU paged attention candidates for decode (per-sequence SDPA, one padded SDPA, compiled
-     flex_attention) at several batch sizes and context lengths;
-  4. a whole-model decode step at batch 1, int4 vs bf16, through the runtime's model.
+  2. per layer shape of the default model (SmolLM2-135M) and M in 1, 4, 16, 64, 256: time of
+     quantkit's C++ int4 kernel, PyTorch's fused int4 op, dequantize + bf16 matmul, bf16 matmul,
+     fp32 matmul, and the weight bandwidth each achieves (weight bytes / time); plus the
+     kernel-vs-dense crossovers that set kernels/cpu_int4.NATIVE_DENSE_FROM_ROWS and DENSE_FROM_ROWS;
+  3. CPU paged attention candidates for decode (quantkit's C++ kernel, the plain-torch grouped
+     matmuls, per-sequence SDPA, one padded SDPA, compiled flex_attention) at several batch sizes
+     and context lengths;
+  4. a whole-model decode step at batch 1, int4 vs bf16, through the runtime's model, with
+     quantkit's C++ kernels and with the plain-torch paths (QUANTKIT_CPU_KERNELS=0).
 
     python benchmarks/kernels.py            # everything (a few minutes)
     python benchmarks/kernels.py --quick    # fewer repeats
@@ -29,7 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import write_results  # noqa: E402
-from quantkit.kernels import cpu_int4  # noqa: E402
+from quantkit.kernels import cpu_ext, cpu_int4  # noqa: E402
 from quantkit.kernels.attention import AttentionMetadata, cpu_layout, paged_attention  # noqa: E402
 from quantkit.kernels.threads import cpu_threads, threads_for_tokens  # noqa: E402
 from quantkit.pack import pack_int4  # noqa: E402
@@ -79,15 +81,39 @@ def random_awq(k: int, n: int, seed: int):
     return pack_int4(codes), pack_int4(zeros), scales
 
 
-def int4_bytes(k: int, n: int) -> int:
-    return k * n // 2 + (k // GROUP_SIZE) * n * 4  # codes + bf16 scale and zero per group
+def int4_bytes(k: int, n: int, per_group_bytes: int = 4) -> int:
+    """Codes + per-group constants: PyTorch's op reads a bf16 scale and zero (4 bytes), quantkit's
+    kernel an fp16 scale and a uint8 zero point (3 bytes)."""
+    return k * n // 2 + (k // GROUP_SIZE) * n * per_group_bytes
+
+
+def plain_torch(enabled: bool):
+    """Context: QUANTKIT_CPU_KERNELS=0 while preparing/planning, i.e. PyTorch's paths."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def switch():
+        old = os.environ.get(cpu_ext.SWITCH)
+        if enabled:
+            os.environ[cpu_ext.SWITCH] = "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop(cpu_ext.SWITCH, None)
+            else:
+                os.environ[cpu_ext.SWITCH] = old
+
+    return switch()
 
 
 def matmul_table(min_seconds: float) -> list[dict]:
     """Each M timed with the thread count the runtime uses for a step of M tokens (kernels/threads.py)."""
     rows = []
     for name, k, n in LAYER_SHAPES:
-        weight = cpu_int4.prepare_cpu_int4(*random_awq(k, n, seed=k + n))
+        awq = random_awq(k, n, seed=k + n)
+        weight = cpu_int4.prepare_torch_int4(*awq)
+        native = cpu_int4.prepare_native_int4(*awq)
         w_bf16 = torch.randn(n, k).to(torch.bfloat16)
         w_fp32 = w_bf16.float()
         for m in ROWS:
@@ -96,31 +122,38 @@ def matmul_table(min_seconds: float) -> list[dict]:
             threads = threads_for_tokens(m, MAX_THREADS)
             with cpu_threads(threads):
                 t = {
+                    "int4_quantkit": timeit(lambda: cpu_int4.native_int4_linear(x, native), min_seconds),
                     "int4_fused": timeit(lambda: cpu_int4.int4_matmul_fused(x, weight), min_seconds),
                     "int4_dequant_bf16": timeit(lambda: F.linear(x, cpu_int4.dequantize_cpu_int4(weight, torch.bfloat16)), min_seconds),
                     "bf16": timeit(lambda: F.linear(x, w_bf16), min_seconds),
                     "fp32": timeit(lambda: F.linear(x32, w_fp32), min_seconds),
                 }
-            bytes_read = {"int4_fused": int4_bytes(k, n), "int4_dequant_bf16": int4_bytes(k, n), "bf16": 2 * k * n, "fp32": 4 * k * n}
+            bytes_read = {"int4_quantkit": int4_bytes(k, n, 3), "int4_fused": int4_bytes(k, n), "int4_dequant_bf16": int4_bytes(k, n), "bf16": 2 * k * n, "fp32": 4 * k * n}
             rows.append({
                 "layer": name, "in": k, "out": n, "m": m, "threads": threads,
                 "seconds": t,
                 "weight_gbps": {key: bytes_read[key] / t[key] / 1e9 for key in t},
-                "int4_speedup_vs_bf16": t["bf16"] / t["int4_fused"],
+                "int4_speedup_vs_bf16": t["bf16"] / t["int4_quantkit"],
+                "torch_int4_speedup_vs_bf16": t["bf16"] / t["int4_fused"],
             })
     return rows
 
 
 def crossover(min_seconds: float) -> list[dict]:
-    """Fused int4 vs dequantize + bf16, summed over one block's layers, by rows."""
-    layers = [(cpu_int4.prepare_cpu_int4(*random_awq(k, n, seed=k * n)), k) for _, k, n in LAYER_SHAPES]
+    """Each int4 kernel vs its own dequantize + bf16 matmul, summed over one block's layers, by rows."""
+    awqs = [random_awq(k, n, seed=k * n) for _, k, n in LAYER_SHAPES]
+    torch_layers = [cpu_int4.prepare_torch_int4(*a) for a in awqs]
+    native_layers = [cpu_int4.prepare_native_int4(*a) for a in awqs]
     out = []
     for m in CROSSOVER_ROWS:
-        xs = [torch.randn(m, k).to(torch.bfloat16) for _, k in layers]
+        xs = [torch.randn(m, k).to(torch.bfloat16) for _, k, _ in LAYER_SHAPES]
         with cpu_threads(threads_for_tokens(m, MAX_THREADS)):
-            fused = timeit(lambda: [cpu_int4.int4_matmul_fused(x, w) for x, (w, _) in zip(xs, layers)], min_seconds)
-            dense = timeit(lambda: [F.linear(x, cpu_int4.dequantize_cpu_int4(w, torch.bfloat16)) for x, (w, _) in zip(xs, layers)], min_seconds)
-        out.append({"m": m, "fused_s": fused, "dequant_bf16_s": dense, "fused_over_dense": fused / dense})
+            fused = timeit(lambda: [cpu_int4.int4_matmul_fused(x, w) for x, w in zip(xs, torch_layers)], min_seconds)
+            dense = timeit(lambda: [F.linear(x, cpu_int4.dequantize_cpu_int4(w, torch.bfloat16)) for x, w in zip(xs, torch_layers)], min_seconds)
+            native = timeit(lambda: [cpu_int4.native_int4_linear(x, w) for x, w in zip(xs, native_layers)], min_seconds)
+            native_dense = timeit(lambda: [x @ cpu_int4.dequantize_native_int4(w, torch.bfloat16) for x, w in zip(xs, native_layers)], min_seconds)
+        out.append({"m": m, "fused_s": fused, "dequant_bf16_s": dense, "fused_over_dense": fused / dense,
+                    "quantkit_s": native, "quantkit_dequant_bf16_s": native_dense, "quantkit_over_dense": native / native_dense})
     return out
 
 
@@ -135,32 +168,36 @@ def attention_candidates(min_seconds: float) -> list[dict]:
         v_cache = torch.randn_like(k_cache)
         tables = torch.randperm(blocks).view(batch, -1).tolist()
         q = torch.randn(batch, heads, head_dim).to(torch.bfloat16)
-        meta = AttentionMetadata.build(tables, [ctx - (i * 7) % 50 for i in range(batch)], [1] * batch, block_size)
+        context_lens = [ctx - (i * 7) % 50 for i in range(batch)]
+        meta = AttentionMetadata.build(tables, context_lens, [1] * batch, block_size)
+        with plain_torch(True):  # the fallback's plan: gather indices and padding mask
+            torch_meta = AttentionMetadata.build(tables, context_lens, [1] * batch, block_size)
         scale = head_dim**-0.5
         k_flat, v_flat = k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)
         k_cpu, v_cpu = cpu_layout(k_cache), cpu_layout(v_cache)  # the runtime's head-major CPU cache
 
         def per_sequence():
             for row in range(batch):
-                slots = meta.decode_slots[row]
+                slots = torch_meta.decode_slots[row]
                 k = k_flat[slots].transpose(0, 1).unsqueeze(0)
                 v = v_flat[slots].transpose(0, 1).unsqueeze(0)
                 F.scaled_dot_product_attention(q[row].view(1, heads, 1, head_dim), k, v, scale=scale, enable_gqa=True)
 
         def padded_sdpa():
-            k = k_flat[meta.decode_slots].transpose(1, 2)  # [n, Hkv, max_ctx, D]
-            v = v_flat[meta.decode_slots].transpose(1, 2)
-            mask = meta.decode_mask if meta.decode_mask is not None else None
+            k = k_flat[torch_meta.decode_slots].transpose(1, 2)  # [n, Hkv, max_ctx, D]
+            v = v_flat[torch_meta.decode_slots].transpose(1, 2)
+            mask = torch_meta.decode_mask
             return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
         row = {"batch": batch, "context": ctx, "threads": threads_for_tokens(batch, MAX_THREADS)}
         with cpu_threads(row["threads"]):
-            row["grouped_matmul_s"] = timeit(lambda: paged_attention(q, k_cpu, v_cpu, meta, scale), min_seconds)  # the runtime's choice
+            row["quantkit_kernel_s"] = timeit(lambda: paged_attention(q, k_cpu, v_cpu, meta, scale), min_seconds)  # the runtime's choice
+            row["grouped_matmul_s"] = timeit(lambda: paged_attention(q, k_cpu, v_cpu, torch_meta, scale), min_seconds)  # its fallback
             row["padded_sdpa_s"] = timeit(padded_sdpa, min_seconds)
             row["per_sequence_sdpa_s"] = timeit(per_sequence, min_seconds)
             if flex is not None:
-                k = k_flat[meta.decode_slots].transpose(1, 2)
-                v = v_flat[meta.decode_slots].transpose(1, 2)
+                k = k_flat[torch_meta.decode_slots].transpose(1, 2)
+                v = v_flat[torch_meta.decode_slots].transpose(1, 2)
                 row["flex_compiled_s"] = timeit(lambda: flex(q.unsqueeze(2), k, v, scale), min_seconds)
                 row["flex_note"] = "K/V pre-gathered (gather not timed), so this is a lower bound for flex"
         results.append(row)
@@ -188,7 +225,7 @@ def decode_step(min_seconds: float, artifact: Path) -> dict:
     The artifact only fixes the weight format; speed does not depend on AWQ vs RTN codes, so a
     missing artifact is made with the quick RTN method.
     """
-    from quantkit.runtime.model_runner import ModelRunner, StepInput
+    from quantkit.runtime.model_runner import ModelRunner
     from quantkit.runtime.weights import load_weights
 
     if not (artifact / "quantkit.json").is_file():
@@ -197,15 +234,25 @@ def decode_step(min_seconds: float, artifact: Path) -> dict:
 
         quantize("smollm2-135m", artifact, Recipe().with_overrides(method="rtn", group_size=64), force=True)
     out = {"artifact": str(artifact), "context": 256}
-    for name, spec in (("int4", artifact), ("bf16", "smollm2-135m")):
-        runner = ModelRunner(load_weights(spec), torch.bfloat16, block_size=16, num_blocks=32)
+    variants = (("int4", artifact, False), ("bf16", "smollm2-135m", False), ("int4_plain_torch", artifact, True), ("bf16_plain_torch", "smollm2-135m", True))
+    for name, spec, fallback in variants:
+        with plain_torch(fallback):  # weights are prepared and each step planned for one set of kernels
+            out[name] = _time_decode_step(ModelRunner(load_weights(spec), torch.bfloat16, block_size=16, num_blocks=32), min_seconds, fallback)
+    return out
+
+
+def _time_decode_step(runner, min_seconds: float, fallback: bool) -> dict:
+    from quantkit.runtime.model_runner import StepInput
+
+    with plain_torch(fallback):
         table = list(range(17))
         runner.run(StepInput([list(range(100, 356))], [0], [table], [True]))  # prefill 256 tokens
         step = StepInput([[42]], [256], [table], [True])  # then decode position 256, over and over
-        out[f"{name}_s"] = timeit(lambda: runner.run(step), min_seconds)
-        out[f"{name}_layers_only_s"] = timeit(lambda: runner._forward(step), min_seconds)  # without the lm_head
-        out[f"{name}_linear_weight_bytes"] = sum(m.weight_bytes() for m in runner.model.modules() if hasattr(m, "weight_bytes"))
-    return out
+        return {
+            "step_s": timeit(lambda: runner.run(step), min_seconds),
+            "layers_only_s": timeit(lambda: runner._forward(step), min_seconds),  # without the lm_head
+            "linear_weight_bytes": sum(m.weight_bytes() for m in runner.model.modules() if hasattr(m, "weight_bytes")),
+        }
 
 
 def main() -> None:
@@ -221,40 +268,47 @@ def main() -> None:
     print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s ({MAX_THREADS} threads), {bandwidth_1 / 1e9:.1f} GB/s (1 thread)\n")
 
     table = matmul_table(min_seconds)
-    print(f"{'layer':10} {'M':>4} {'thr':>3} | {'int4 us':>8} {'deq+bf16':>9} {'bf16 us':>8} {'fp32 us':>8} | {'int4/bf16':>9} | {'int4 GB/s':>9} {'% of BW':>7}")
+    print(f"{'layer':10} {'M':>4} {'thr':>3} | {'qk int4':>8} {'torch i4':>8} {'deq+bf16':>9} {'bf16 us':>8} {'fp32 us':>8} | {'int4/bf16':>9} | {'int4 GB/s':>9} {'% of BW':>7}")
     for r in table:
-        s, bw = r["seconds"], r["weight_gbps"]["int4_fused"]
+        s, bw = r["seconds"], r["weight_gbps"]["int4_quantkit"]
         print(
-            f"{r['layer']:10} {r['m']:>4} {r['threads']:>3} | {s['int4_fused'] * 1e6:8.1f} {s['int4_dequant_bf16'] * 1e6:9.1f} {s['bf16'] * 1e6:8.1f} {s['fp32'] * 1e6:8.1f} |"
+            f"{r['layer']:10} {r['m']:>4} {r['threads']:>3} | {s['int4_quantkit'] * 1e6:8.1f} {s['int4_fused'] * 1e6:8.1f} {s['int4_dequant_bf16'] * 1e6:9.1f} {s['bf16'] * 1e6:8.1f} {s['fp32'] * 1e6:8.1f} |"
             f" {r['int4_speedup_vs_bf16']:8.2f}x | {bw:9.1f} {100 * bw * 1e9 / (bandwidth if r['threads'] > 1 else bandwidth_1):6.0f}%"
         )
     block = {}
     for m in ROWS:
         rows = [r for r in table if r["m"] == m]
-        t_int4 = sum(r["seconds"]["int4_fused"] for r in rows)
+        t_int4 = sum(r["seconds"]["int4_quantkit"] for r in rows)
+        t_torch = sum(r["seconds"]["int4_fused"] for r in rows)
         t_bf16 = sum(r["seconds"]["bf16"] for r in rows)
-        bytes_int4 = sum(int4_bytes(r["in"], r["out"]) for r in rows)
+        bytes_int4 = sum(int4_bytes(r["in"], r["out"], 3) for r in rows)
         roof = bandwidth if threads_for_tokens(m, MAX_THREADS) > 1 else bandwidth_1
-        block[m] = {"int4_s": t_int4, "bf16_s": t_bf16, "speedup": t_bf16 / t_int4, "int4_gbps": bytes_int4 / t_int4 / 1e9, "fraction_of_read_bw": bytes_int4 / t_int4 / roof}
+        block[m] = {"int4_s": t_int4, "torch_int4_s": t_torch, "bf16_s": t_bf16, "speedup": t_bf16 / t_int4, "torch_speedup": t_bf16 / t_torch,
+                    "int4_gbps": bytes_int4 / t_int4 / 1e9, "fraction_of_read_bw": bytes_int4 / t_int4 / roof}
     print("\nwhole block (7 linears):")
     for m, b in block.items():
-        print(f"  M={m:<4} int4 {b['int4_s'] * 1e6:8.1f} us  bf16 {b['bf16_s'] * 1e6:8.1f} us  speedup {b['speedup']:.2f}x  int4 {b['int4_gbps']:.1f} GB/s ({100 * b['fraction_of_read_bw']:.0f}% of read BW at the same threads)")
+        print(f"  M={m:<4} quantkit int4 {b['int4_s'] * 1e6:8.1f} us  torch int4 {b['torch_int4_s'] * 1e6:8.1f} us  bf16 {b['bf16_s'] * 1e6:8.1f} us"
+              f"  speedup {b['speedup']:.2f}x (torch's op {b['torch_speedup']:.2f}x)  {b['int4_gbps']:.1f} GB/s ({100 * b['fraction_of_read_bw']:.0f}% of read BW at the same threads)")
 
     cross = crossover(min_seconds)
-    print("\nfused int4 vs dequantize + bf16 matmul (one block's linears):")
+    print("\nint4 kernel vs its dequantize + bf16 matmul (one block's linears):")
     for c in cross:
-        print(f"  M={c['m']:<3} fused {c['fused_s'] * 1e6:8.1f} us  dequant+bf16 {c['dequant_bf16_s'] * 1e6:8.1f} us  ratio {c['fused_over_dense']:.2f}")
+        print(f"  M={c['m']:<4} quantkit {c['quantkit_s'] * 1e6:8.1f} us vs dense {c['quantkit_dequant_bf16_s'] * 1e6:8.1f} us (ratio {c['quantkit_over_dense']:.2f})"
+              f"  | torch fused {c['fused_s'] * 1e6:8.1f} us vs dense {c['dequant_bf16_s'] * 1e6:8.1f} us (ratio {c['fused_over_dense']:.2f})")
 
     attn = attention_candidates(min_seconds)
     print("\nCPU decode attention, one layer (9 heads / 3 KV heads, d=64, bf16):")
     for a in attn:
         flex = f"  flex(compiled) {a['flex_compiled_s'] * 1e6:8.1f} us" if "flex_compiled_s" in a else ""
-        print(f"  batch {a['batch']:>3} ctx {a['context']:>4}: grouped matmul (chosen) {a['grouped_matmul_s'] * 1e6:8.1f} us  padded SDPA {a['padded_sdpa_s'] * 1e6:8.1f} us  per-sequence SDPA {a['per_sequence_sdpa_s'] * 1e6:8.1f} us{flex}")
+        print(f"  batch {a['batch']:>3} ctx {a['context']:>4}: quantkit C++ (chosen) {a['quantkit_kernel_s'] * 1e6:8.1f} us  grouped matmul {a['grouped_matmul_s'] * 1e6:8.1f} us  padded SDPA {a['padded_sdpa_s'] * 1e6:8.1f} us  per-sequence SDPA {a['per_sequence_sdpa_s'] * 1e6:8.1f} us{flex}")
 
     step = decode_step(min_seconds, args.artifact)
-    if step:
-        print(f"\nwhole-model decode step, batch 1, context 256: int4 {step['int4_s'] * 1e3:.2f} ms, bf16 {step['bf16_s'] * 1e3:.2f} ms, speedup {step['bf16_s'] / step['int4_s']:.2f}x")
-        print(f"  decoder layers only (no lm_head): int4 {step['int4_layers_only_s'] * 1e3:.2f} ms, bf16 {step['bf16_layers_only_s'] * 1e3:.2f} ms, speedup {step['bf16_layers_only_s'] / step['int4_layers_only_s']:.2f}x")
+    print("\nwhole-model decode step, batch 1, context 256 (bf16 activations):")
+    for kernels, suffix in (("quantkit C++ kernels", ""), ("plain torch", "_plain_torch")):
+        i4, bf = step[f"int4{suffix}"], step[f"bf16{suffix}"]
+        print(f"  {kernels:20}: int4 {i4['step_s'] * 1e3:6.2f} ms, bf16 {bf['step_s'] * 1e3:6.2f} ms, speedup {bf['step_s'] / i4['step_s']:.2f}x"
+              f" | layers only: int4 {i4['layers_only_s'] * 1e3:6.2f} ms, bf16 {bf['layers_only_s'] * 1e3:6.2f} ms, speedup {bf['layers_only_s'] / i4['layers_only_s']:.2f}x")
+    print(f"  int4 step, quantkit's kernels over the plain-torch paths: {step['int4_plain_torch']['step_s'] / step['int4']['step_s']:.2f}x")
 
     write_results(args.out, {
         "memory_read_bandwidth_bytes_per_s": bandwidth,

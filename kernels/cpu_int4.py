@@ -1,6 +1,13 @@
-"""The CPU speed path for AWQ int4 weights: PyTorch's fused int4 kernels.
+"""The CPU speed path for AWQ int4 weights: quantkit's C++ kernel, else PyTorch's fused int4 op.
 
-`_weight_int4pack_mm_for_cpu` reads 4-bit codes in its own tiled layout and computes
+quantkit's kernel (kernels/csrc/cpu_kernels.cpp, int4_linear; needs AVX-512 BF16) computes
+(q - z) * s exactly in fp32 per group and reuses each group's widened codes for every row of x, so
+it is 1.1-1.2x faster than PyTorch's op at one row and 2-2.4x faster from 16 rows on (one block of
+SmolLM2-135M, benchmarks/kernels.py). From NATIVE_DENSE_FROM_ROWS rows on, its dequantize op writes
+the weight out once and a dense bf16 matmul (oneDNN) takes over. Without the extension (no
+compiler, another CPU, QUANTKIT_CPU_KERNELS=0), the PyTorch path below runs.
+
+PyTorch's `_weight_int4pack_mm_for_cpu` reads 4-bit codes in its own tiled layout and computes
 w = (q - 8) * scale + zero per group, with bf16 activations, scales and zeros. An AWQ weight
 is w = (q - z) * s = (q - 8) * s + (8 - z) * s, so the repack keeps the codes exactly and sets
 zero = (8 - z) * s. Both s and zero are rounded to bf16 (the op's only fast dtype): that costs
@@ -22,6 +29,8 @@ import torch
 
 from quantkit.pack import unpack_int4
 
+from . import cpu_ext
+
 
 # The op tiles K in units of innerKTiles * 16; 2 is the smallest tiling and divides every
 # K that is a multiple of 32 (all supported group sizes are).
@@ -30,6 +39,11 @@ _INNER_K_TILES = 2
 # From this many rows on, bf16 activations take dequantize + bf16 matmul instead of the fused op
 # (measured: fused faster at 256, about even at 512, dense 1.3-1.7x faster at 1024). None: never.
 DENSE_FROM_ROWS: int | None = 1024
+
+# The same for quantkit's kernel, whose dequantize is fast (one block's linears, 2 threads: even at
+# 128 rows, dense 1.25x faster at 256 and 1.5x at 512; benchmarks/kernels.py).
+NATIVE_DENSE_FROM_ROWS = 128
+_NATIVE_COLUMNS = 64  # the kernel's output block: scales and zeros are padded to a multiple
 
 
 @dataclass(frozen=True)
@@ -52,12 +66,46 @@ class CpuInt4Weight:
         return self.scales.shape[1]
 
 
-def prepare_cpu_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> CpuInt4Weight:
-    """Repack an AWQ GEMM triplet for the CPU kernels (done once, at load)."""
-    in_features, n_groups = qweight.shape[0], scales.shape[0]
+@dataclass(frozen=True)
+class NativeInt4Weight:
+    """One AWQ linear in quantkit's C++ kernel layout (kernels/csrc/cpu_kernels.cpp, int4_pack)."""
+
+    codes: torch.Tensor  # uint8 [out / 64 (rounded up), in / 4, 4, 32]
+    scales: torch.Tensor  # fp16 [in / g, out padded to 64]
+    zeros: torch.Tensor  # uint8 [in / g, out padded to 64]
+    group_size: int
+    in_features: int
+    out_features: int
+
+
+def _check_group_size(in_features: int, n_groups: int) -> int:
     group_size = in_features // n_groups
     if group_size not in (32, 64, 128, 256) or group_size * n_groups != in_features:
         raise ValueError(f"group size {in_features}/{n_groups} is not one of 32, 64, 128, 256 dividing in_features={in_features}")
+    return group_size
+
+
+def prepare_cpu_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> CpuInt4Weight | NativeInt4Weight:
+    """Repack an AWQ GEMM triplet for the fastest CPU kernel this machine has (done once, at load)."""
+    ops = cpu_ext.ops()
+    if ops is not None and ops.int4_available():
+        return prepare_native_int4(qweight, qzeros, scales)
+    return prepare_torch_int4(qweight, qzeros, scales)
+
+
+def prepare_native_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> NativeInt4Weight:
+    in_features, out_features = qweight.shape[0], scales.shape[1]
+    group_size = _check_group_size(in_features, scales.shape[0])
+    pad = -out_features % _NATIVE_COLUMNS  # padded columns: scale 0, zero 0, never written out
+    zeros = torch.nn.functional.pad(unpack_int4(qzeros).to(torch.uint8), (0, pad))
+    padded_scales = torch.nn.functional.pad(scales.to(torch.float16), (0, pad))
+    codes = cpu_ext.ops().int4_pack(unpack_int4(qweight))
+    return NativeInt4Weight(codes, padded_scales.contiguous(), zeros.contiguous(), group_size, in_features, out_features)
+
+
+def prepare_torch_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> CpuInt4Weight:
+    """PyTorch's fused-op layout."""
+    group_size = _check_group_size(qweight.shape[0], scales.shape[0])
     codes = unpack_int4(qweight)  # [in, out]
     zeros = unpack_int4(qzeros)  # [in / g, out]
     s = scales.float()
@@ -88,8 +136,29 @@ def dequantize_cpu_int4(weight: CpuInt4Weight, dtype: torch.dtype) -> torch.Tens
     return w_t.t().to(dtype)
 
 
-def int4_matmul(x: torch.Tensor, weight: CpuInt4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, in] -> [M, out] in x.dtype, choosing the fused op or dequantize + dense by M and dtype."""
+def native_int4_linear(x: torch.Tensor, weight: NativeInt4Weight) -> torch.Tensor:
+    """x [M, in] bf16 -> [M, out] bf16 with quantkit's int4 kernel."""
+    out = torch.empty(x.shape[0], weight.out_features, dtype=torch.bfloat16)
+    cpu_ext.ops().int4_linear(x, weight.codes, weight.scales, weight.zeros, weight.group_size, out)
+    return out
+
+
+def dequantize_native_int4(weight: NativeInt4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W.T [in, out] in `dtype`; (q - z) * s is formed in fp32 and rounded once."""
+    kernel_dtype = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+    w_t = torch.empty(weight.in_features, weight.out_features, dtype=kernel_dtype)
+    cpu_ext.ops().int4_dequantize(weight.codes, weight.scales, weight.zeros, weight.group_size, w_t)
+    return w_t.to(dtype)
+
+
+def int4_matmul(x: torch.Tensor, weight: CpuInt4Weight | NativeInt4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, in] -> [M, out] in x.dtype, choosing the kernel or dequantize + dense by M and dtype."""
+    if isinstance(weight, NativeInt4Weight):
+        if x.dtype == torch.bfloat16 and x.shape[0] < NATIVE_DENSE_FROM_ROWS:
+            y = native_int4_linear(x.contiguous(), weight)
+        else:  # many rows, or an exact fp32 comparison: the weight once, then a dense matmul
+            y = torch.matmul(x, dequantize_native_int4(weight, x.dtype))
+        return y if bias is None else y + bias.to(y.dtype)
     if x.dtype == torch.bfloat16 and (DENSE_FROM_ROWS is None or x.shape[0] < DENSE_FROM_ROWS):
         y = int4_matmul_fused(x.contiguous(), weight)
         return y if bias is None else y + bias.to(y.dtype)

@@ -1,8 +1,9 @@
 """Linear layers for the runtime: one surface, the implementation chosen by device, dtype and M.
 
 The runtime builds every projection with `build_linear` and never asks whether it is packed:
-- AWQ-packed weights -> QuantLinear: Triton W4A16 GEMM on CUDA, on CPU the fused int4 op for few
-  rows (bf16) or dequantize + dense matmul for many rows / other dtypes (kernels/cpu_int4.py);
+- AWQ-packed weights -> QuantLinear: Triton W4A16 GEMM on CUDA; on CPU quantkit's C++ int4 kernel
+  (or PyTorch's fused int4 op where it cannot build) for bf16 batches of up to ~128 rows, and
+  dequantize + dense matmul for more rows or other dtypes (kernels/cpu_int4.py);
 - dense weights -> DenseLinear: a plain matmul in the runtime's dtype (for fp16/bf16/fp32
   comparisons through the same model code).
 """
@@ -27,7 +28,7 @@ class QuantLinear(nn.Module):
         self.out_features = scales.shape[1]
         self.group_size = self.in_features // scales.shape[0]
         self.bias = bias
-        self.cpu_weight: cpu_int4.CpuInt4Weight | None = None
+        self.cpu_weight: cpu_int4.CpuInt4Weight | cpu_int4.NativeInt4Weight | None = None
         self.awq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         if qweight.is_cuda:
             self.awq = (qweight, qzeros, scales)  # the Triton kernel reads the AWQ layout directly

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.kernels import cpu_ext
 from quantkit.kernels.attention import AttentionMetadata, allocate_kv_cache
 from quantkit.kernels.threads import cpu_threads, threads_for_tokens
 
@@ -46,6 +47,7 @@ class ModelRunner:
             raise QuantkitError(f"{weights.path}/config.json: {e}") from None
         self.dtype, self.block_size = dtype, block_size
         self.max_threads = torch.get_num_threads()
+        cpu_ext.available()  # build or load the C++ CPU kernels now, not inside the first request
         with torch.inference_mode():
             self.model = network(self.config, weights.tensors, dtype)
         c = self.config

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantkit.kernels import cpu_int4
+from quantkit.kernels import cpu_ext, cpu_int4
 from quantkit.kernels.attention import AttentionMetadata, cpu_layout, paged_attention, store_kv
 from quantkit.kernels.linear import DenseLinear, QuantLinear, build_linear
 from quantkit.kernels.reference import paged_attention_ref, store_kv_ref, w4a16_matmul_ref
@@ -36,18 +36,30 @@ def test_repack_keeps_every_code_and_zero_exactly(group_size):
     # With unit scales every weight is the integer q - z; the identity matrix reads W.T back
     # through the fused op, and integers this small are exact in bf16.
     qweight, qzeros, scales, codes, zeros = random_awq(256, 48, group_size, seed=group_size, unit_scales=True)
-    weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
+    weight = cpu_int4.prepare_torch_int4(qweight, qzeros, scales)
     eye = torch.eye(256, dtype=torch.bfloat16)
     w_t = cpu_int4.int4_matmul_fused(eye, weight)
     expected = codes - zeros.repeat_interleave(group_size, dim=0)
     assert torch.equal(w_t.float(), expected.float())
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 17, 64, 1030])  # 1030: past DENSE_FROM_ROWS
+@pytest.fixture(params=["c++ kernel", "plain torch"])
+def int4_impl(request, monkeypatch):
+    """Each int4 matmul test runs on quantkit's C++ kernel and on PyTorch's fused-op path."""
+    if request.param == "plain torch":
+        monkeypatch.setenv(cpu_ext.SWITCH, "0")
+    else:
+        monkeypatch.delenv(cpu_ext.SWITCH, raising=False)
+        assert cpu_ext.available() and cpu_ext.ops().int4_available(), "quantkit's C++ int4 kernel is not available on this machine"
+    return request.param
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 17, 64, 200, 1030])  # 200, 1030: past the dense thresholds
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_matmul_bf16_matches_reference(rows, group_size):
+def test_int4_matmul_bf16_matches_reference(rows, group_size, int4_impl):
     qweight, qzeros, scales, _, _ = random_awq(384, 136, group_size, seed=rows * 1000 + group_size)
     weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
+    assert isinstance(weight, cpu_int4.NativeInt4Weight) == (int4_impl == "c++ kernel")
     x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
     y = cpu_int4.int4_matmul(x, weight)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 136)
@@ -55,7 +67,7 @@ def test_int4_matmul_bf16_matches_reference(rows, group_size):
 
 
 @pytest.mark.parametrize("rows", [1, 17])
-def test_int4_matmul_fp32_matches_reference_to_fp32_precision(rows):
+def test_int4_matmul_fp32_matches_reference_to_fp32_precision(rows, int4_impl):
     qweight, qzeros, scales, _, _ = random_awq(256, 64, 64, seed=rows)
     weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
     x = torch.randn(rows, 256)
@@ -66,20 +78,20 @@ def test_int4_matmul_fp32_matches_reference_to_fp32_precision(rows):
 
 def test_fused_and_dense_paths_agree_on_the_same_rows():
     qweight, qzeros, scales, _, _ = random_awq(576, 192, 64, seed=7)
-    weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
+    weight = cpu_int4.prepare_torch_int4(qweight, qzeros, scales)
     x = torch.randn(4, 576).to(torch.bfloat16)
     fused = cpu_int4.int4_matmul_fused(x, weight)
     dense = torch.nn.functional.linear(x, cpu_int4.dequantize_cpu_int4(weight, torch.bfloat16))
     assert rel_err(fused, dense.double()) < BF16_RTOL
 
 
-def test_unsupported_group_size_is_rejected_with_the_sizes_that_work():
+def test_unsupported_group_size_is_rejected_with_the_sizes_that_work(int4_impl):
     qweight, qzeros, scales, _, _ = random_awq(96, 16, 32, seed=1)
     with pytest.raises(ValueError, match="32, 64, 128, 256"):
         cpu_int4.prepare_cpu_int4(qweight, qzeros, scales[:2])  # 96 / 2 = 48
 
 
-def test_quant_linear_keeps_leading_dims_and_adds_bias():
+def test_quant_linear_keeps_leading_dims_and_adds_bias(int4_impl):
     qweight, qzeros, scales, _, _ = random_awq(128, 40, 32, seed=3)
     bias = torch.randn(40)
     layer = QuantLinear(qweight, qzeros, scales, bias)
@@ -100,7 +112,83 @@ def test_build_linear_picks_packed_or_dense_from_the_checkpoint():
         build_linear(tensors, "c", torch.float32)
 
 
+# ---------------------------------------------------------------- quantkit's C++ int4 kernel
+
+
+def native_ops():
+    ops = cpu_ext.ops()
+    assert ops is not None and ops.int4_available(), "quantkit's C++ int4 kernel is not available on this machine"
+    return ops
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_pack_and_dequantize_keep_every_code_and_zero_exactly(group_size, dtype):
+    # Unit scales: every weight is the integer q - z, exact in bf16 and fp32. 200 columns: the
+    # last 64-column block is partly padding, which must not leak into the output.
+    native_ops()
+    qweight, qzeros, scales, codes, zeros = random_awq(512, 200, group_size, seed=group_size, unit_scales=True)
+    weight = cpu_int4.prepare_native_int4(qweight, qzeros, scales)
+    w_t = cpu_int4.dequantize_native_int4(weight, dtype)
+    assert w_t.shape == (512, 200) and w_t.dtype == dtype
+    assert torch.equal(w_t.float(), (codes - zeros.repeat_interleave(group_size, dim=0)).float())
+
+
+def test_native_dequantize_is_exact_in_fp32_with_real_scales():
+    native_ops()
+    qweight, qzeros, scales, _, _ = random_awq(256, 72, 64, seed=11)
+    w_t = cpu_int4.dequantize_native_int4(cpu_int4.prepare_native_int4(qweight, qzeros, scales), torch.float32)
+    from quantkit.pack import dequantize_awq
+
+    assert torch.equal(w_t, dequantize_awq(qweight, qzeros, scales, torch.float64).t().float())
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 127])  # every row-tile remainder of the kernel
+@pytest.mark.parametrize("group_size", [32, 64, 256])
+def test_native_int4_linear_matches_reference_for_every_row_tiling(rows, group_size):
+    native_ops()
+    qweight, qzeros, scales, _, _ = random_awq(512, 136, group_size, seed=rows + group_size)
+    weight = cpu_int4.prepare_native_int4(qweight, qzeros, scales)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    out = torch.full((rows, 136), float("nan"), dtype=torch.bfloat16)
+    native_ops().int4_linear(x, weight.codes, weight.scales, weight.zeros, group_size, out)
+    assert not out.isnan().any()
+    assert rel_err(out, w4a16_matmul_ref(x, qweight, qzeros, scales)) < BF16_RTOL
+
+
+def test_native_int4_linear_rows_do_not_depend_on_their_batch():
+    # Batch invariance: a row's result is the same bits alone as among others (any row tile).
+    qweight, qzeros, scales, _, _ = random_awq(576, 192, 32, seed=5)
+    weight = cpu_int4.prepare_native_int4(qweight, qzeros, scales)
+    native_ops()
+    x = torch.randn(11, 576).to(torch.bfloat16)
+    together = cpu_int4.native_int4_linear(x, weight)
+    for i in range(11):
+        assert torch.equal(cpu_int4.native_int4_linear(x[i : i + 1], weight)[0], together[i])
+
+
+def test_native_kernel_rejects_mismatched_operands_with_a_message():
+    ops = native_ops()
+    qweight, qzeros, scales, _, _ = random_awq(128, 64, 32, seed=2)
+    weight = cpu_int4.prepare_native_int4(qweight, qzeros, scales)
+    with pytest.raises(RuntimeError, match="x must be contiguous bf16"):
+        ops.int4_linear(torch.randn(2, 128), weight.codes, weight.scales, weight.zeros, 32, torch.empty(2, 64, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="packed codes do not match K"):
+        ops.int4_linear(torch.randn(2, 96).bfloat16(), weight.codes, weight.scales, weight.zeros, 32, torch.empty(2, 64, dtype=torch.bfloat16))
+
+
 # ---------------------------------------------------------------- paged attention (CPU path)
+
+
+@pytest.fixture(params=["c++ kernel", "plain torch"])
+def decode_impl(request, monkeypatch):
+    """Each attention test runs on the C++ decode kernel and on the plain-torch fallback."""
+    if request.param == "plain torch":
+        monkeypatch.setenv(cpu_ext.SWITCH, "0")
+    else:
+        monkeypatch.delenv(cpu_ext.SWITCH, raising=False)
+        assert cpu_ext.available(), "quantkit's C++ CPU kernels did not build on this machine (see the warning)"
+    return request.param
 
 
 def random_paged_case(context_lens, query_lens, heads, kv_heads, head_dim, block_size, dtype, seed):
@@ -133,7 +221,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 2), (3, 3)])
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_cpu_paged_attention_matches_reference_fp32(case, heads, kv_heads, block_size):
+def test_cpu_paged_attention_matches_reference_fp32(case, heads, kv_heads, block_size, decode_impl):
     context_lens, query_lens = CASES[case]
     query, k_cache, v_cache, meta = random_paged_case(context_lens, query_lens, heads, kv_heads, 32, block_size, torch.float32, seed=block_size + heads)
     out = torch.full_like(query, float("nan"))
@@ -143,7 +231,7 @@ def test_cpu_paged_attention_matches_reference_fp32(case, heads, kv_heads, block
     assert rel_err(out, expected) < FP32_RTOL
 
 
-def test_short_prefill_chunks_split_into_several_padded_batches(monkeypatch):
+def test_short_prefill_chunks_split_into_several_padded_batches(monkeypatch, decode_impl):
     import quantkit.kernels.attention as attention
 
     monkeypatch.setattr(attention, "SHORT_PREFILL_BATCH", 2)
@@ -156,7 +244,7 @@ def test_short_prefill_chunks_split_into_several_padded_batches(monkeypatch):
     assert rel_err(out, expected) < FP32_RTOL
 
 
-def test_cpu_paged_attention_matches_reference_bf16():
+def test_cpu_paged_attention_matches_reference_bf16(decode_impl):
     query, k_cache, v_cache, meta = random_paged_case([9, 40, 3, 17], [1, 12, 3, 1], 9, 3, 64, 16, torch.bfloat16, seed=11)
     out = torch.full_like(query, float("nan"))
     paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=0.125, out=out)
@@ -187,7 +275,7 @@ def test_store_kv_writes_slots_and_skips_minus_one():
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("window", [1, 6, 30])
-def test_cpu_sliding_window_attention_matches_reference(case, window):
+def test_cpu_sliding_window_attention_matches_reference(case, window, decode_impl):
     context_lens, query_lens = CASES[case]
     query, k_cache, v_cache, meta = random_paged_case(context_lens, query_lens, 6, 2, 32, 16, torch.float32, seed=window)
     out = torch.full_like(query, float("nan"))
@@ -197,13 +285,63 @@ def test_cpu_sliding_window_attention_matches_reference(case, window):
     assert rel_err(out, expected) < FP32_RTOL
 
 
-def test_windowed_plans_gather_only_the_window_and_are_made_once_per_step():
+def test_windowed_plans_gather_only_the_window_and_are_made_once_per_step(decode_impl):
     query, k_cache, v_cache, meta = random_paged_case([9, 300, 40, 3], [1, 300, 1, 3], 9, 3, 64, 16, torch.bfloat16, seed=12)
     plan = meta.windowed(8)
     assert plan is meta.windowed(8) and meta.windowed(None) is meta and meta.windowed(300) is meta  # 300: no context is longer
-    assert plan.decode_slots.shape == (2, 8) and plan.decode_mask is None  # both decoding sequences are past the window
+    if decode_impl == "plain torch":
+        assert plan.decode_slots.shape == (2, 8) and plan.decode_mask is None  # both decoding sequences are past the window
+    else:  # the kernel reads the block tables itself and gets the window as an argument
+        assert plan.decode_slots is None and plan.decode_seqs.tolist() == [0, 2]
     (_, _, slots, mask), = plan.prefill  # the 300-token prompt: keys from its first query's window on, all of them here
     assert slots.numel() == 300 and mask.shape == (300, 300) and int(mask.sum(1).max()) == 8
     out = paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=0.125, window=8)
     expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 0.125, 8)
     assert rel_err(out, expected) < BF16_RTOL
+
+
+# ---------------------------------------------------------------- the C++ decode kernel itself
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, FP32_RTOL), (torch.bfloat16, BF16_RTOL), (torch.float16, BF16_RTOL)])
+@pytest.mark.parametrize("head_dim", [24, 64, 128])  # 24: the portable loops; 64/128: the AVX-512 path where the CPU has it
+def test_cpp_decode_kernel_matches_reference_over_long_uneven_contexts(dtype, rtol, head_dim):
+    assert cpu_ext.available(), "quantkit's C++ CPU kernels did not build on this machine (see the warning)"
+    context_lens = [1, 15, 16, 17, 333, 700]
+    query, k_cache, v_cache, meta = random_paged_case(context_lens, [1] * 6, 8, 2, head_dim, 16, dtype, seed=head_dim)
+    out = torch.full_like(query, float("nan"))
+    paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=head_dim**-0.5, out=out)
+    expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, head_dim**-0.5)
+    assert not out.isnan().any()
+    assert rel_err(out, expected) < rtol
+
+
+def test_cpp_decode_kernel_reads_strided_query_rows_and_writes_only_decode_rows():
+    # The model hands it q as a view into the fused [T, H + Hkv, D] projection; prefill rows are
+    # written by the SDPA path, so the kernel must leave them alone.
+    assert cpu_ext.available()
+    query, k_cache, v_cache, meta = random_paged_case([9, 40, 3, 17], [1, 12, 3, 1], 4, 2, 32, 16, torch.float32, seed=3)
+    fused = torch.cat([query, torch.randn(query.shape[0], 2, 32)], dim=1)
+    strided = fused[:, :4]
+    assert not strided.is_contiguous()
+    out = torch.full_like(query, float("nan"))
+    cpu_ext.ops().paged_decode(strided, cpu_layout(k_cache), cpu_layout(v_cache), meta.block_tables, meta.context_lens,
+                               meta.decode_rows, meta.decode_seqs, 16, 32**-0.5, 0, out)
+    expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 32**-0.5)
+    decode_rows = meta.decode_rows
+    assert rel_err(out[decode_rows], expected[decode_rows]) < FP32_RTOL
+    others = torch.ones(query.shape[0], dtype=torch.bool)
+    others[decode_rows] = False
+    assert out[others].isnan().all()
+
+
+def test_cpp_decode_kernel_is_batch_invariant():
+    # A sequence's output does not depend on which other sequences share the call, bit for bit.
+    assert cpu_ext.available()
+    query, k_cache, v_cache, meta = random_paged_case([50, 7, 300, 129], [1, 1, 1, 1], 9, 3, 64, 16, torch.bfloat16, seed=9)
+    k_cpu, v_cpu = cpu_layout(k_cache), cpu_layout(v_cache)
+    together = paged_attention(query, k_cpu, v_cpu, meta, scale=0.125)
+    for i in range(4):
+        alone_meta = AttentionMetadata.build([meta.block_tables[i].tolist()], [meta.context_lens_list[i]], [1], 16)
+        alone = paged_attention(query[i : i + 1], k_cpu, v_cpu, alone_meta, scale=0.125)
+        assert torch.equal(alone[0], together[i])

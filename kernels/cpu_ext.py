@@ -1,0 +1,73 @@
+"""quantkit's C++ CPU kernels (kernels/csrc/cpu_kernels.cpp), built on first use for this machine.
+
+They are compiled with the machine's C++ compiler for its own instruction set (-march=native,
+so AVX-512 where the CPU has it) through torch's extension builder, once per source version,
+torch version and CPU: later processes load the cached library in milliseconds. Every kernel
+here has a plain-torch fallback in the module that uses it; QUANTKIT_CPU_KERNELS=0 selects the
+fallbacks (benchmarks compare the two that way). A failed build warns once, naming the fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+SWITCH = "QUANTKIT_CPU_KERNELS"  # "0": plain-torch paths only
+_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH, "1") != "0"
+
+
+@functools.cache
+def _cpu_identity() -> str:
+    """What -march=native compiles for: a library built on one CPU may not run on another."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def build_directory() -> Path:
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
+    return root / "cpu_kernels" / key
+
+
+@functools.cache
+def _load() -> bool:
+    from torch.utils.cpp_extension import load
+
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        load(name="quantkit_cpu_kernels", sources=[str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+             build_directory=str(directory), is_python_module=False, verbose=False)
+    except Exception as e:  # no compiler, no ninja, a compile error: fall back, loudly
+        warnings.warn(
+            f"quantkit's C++ CPU kernels did not build ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}); "
+            f"using the slower plain-torch paths. Install g++ and ninja (pip install ninja) to get them, "
+            f"or set {SWITCH}=0 to choose the plain-torch paths without this warning.",
+            RuntimeWarning, stacklevel=3,
+        )
+        return False
+    return True
+
+
+def available() -> bool:
+    """True when the C++ kernels are enabled and loaded (building them if needed)."""
+    return enabled() and _load()
+
+
+def ops():
+    """torch.ops.quantkit_cpu when available, else None."""
+    return torch.ops.quantkit_cpu if available() else None
