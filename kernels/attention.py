@@ -226,6 +226,27 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
     v_cache.index_copy_(1, slots, value.transpose(0, 1).to(v_cache.dtype))
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """transformers' x * cos + rotate_half(x) * sin, where rotate_half(x) = roll(x, D/2) * [-1, 1]."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
+
+
+def rotate_and_store_kv(qk: torch.Tensor, value: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, meta: AttentionMetadata, num_heads: int) -> torch.Tensor:
+    """RoPE on q and k (qk [T, H + Hkv, D], cos/signed_sin [T, 1, D]), then k and value into the cache.
+
+    Returns the rotated qk (on CPU with quantkit's kernels: qk itself, rotated in place in one pass
+    per token together with the cache write).
+    """
+    if (qk.device.type == "cpu" and qk.dtype in (torch.bfloat16, torch.float16, torch.float32) and cpu_ext.available()
+            and qk.stride(-1) == 1 and qk.stride(-2) == qk.shape[-1] and value.stride(-1) == 1 and value.stride(-2) == value.shape[-1]):
+        cpu_ext.ops().rope_store(qk, value, cos, signed_sin, k_cache, v_cache, meta.slot_mapping, num_heads)
+        return qk
+    qk = apply_rotary(qk, cos, signed_sin)
+    store_kv(qk[:, num_heads:], value, k_cache, v_cache, meta)
+    return qk
+
+
 def paged_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,

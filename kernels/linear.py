@@ -4,8 +4,8 @@ The runtime builds every projection with `build_linear` and never asks whether i
 - AWQ-packed weights -> QuantLinear: Triton W4A16 GEMM on CUDA; on CPU quantkit's C++ int4 kernel
   (or PyTorch's fused int4 op where it cannot build) for bf16 batches of up to ~128 rows, and
   dequantize + dense matmul for more rows or other dtypes (kernels/cpu_int4.py);
-- dense weights -> DenseLinear: a plain matmul in the runtime's dtype (for fp16/bf16/fp32
-  comparisons through the same model code).
+- dense weights -> DenseLinear: a matmul in the runtime's dtype (for fp16/bf16/fp32 comparisons
+  through the same model code); `dense_linear` also serves the models' output heads.
 """
 
 from __future__ import annotations
@@ -16,7 +16,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_int4
+from . import cpu_ext, cpu_int4
+
+# bf16 calls with at most this many rows use quantkit's C++ GEMV on CPU: it streams the weight
+# at 28-32 GB/s where oneDNN's matmul reaches 10-20 GB/s for 1-4 rows (2,048 rows of weights
+# not in cache; benchmarks/kernels.py). Larger batches are compute-bound: oneDNN.
+GEMV_MAX_ROWS = 4
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] @ weight[out, in].T (+ bias) in x's dtype."""
+    if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
+            and x.shape[0] <= GEMV_MAX_ROWS and x.shape[1] % 32 == 0 and weight.is_contiguous() and _gemv_available()):
+        out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
+        cpu_ext.ops().dense_gemv(x.contiguous(), weight, out)
+        return out if bias is None else out + bias
+    return F.linear(x, weight, bias)
+
+
+def _gemv_available() -> bool:
+    ops = cpu_ext.ops()
+    return ops is not None and ops.int4_available()  # same instruction set (AVX-512 BF16)
 
 
 class QuantLinear(nn.Module):
@@ -66,7 +86,9 @@ class DenseLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        lead = x.shape[:-1]
+        y = dense_linear(x.to(self.weight.dtype).reshape(-1, self.in_features), self.weight, self.bias)
+        return y.reshape(*lead, self.out_features)
 
     def weight_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()

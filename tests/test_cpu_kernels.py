@@ -345,3 +345,82 @@ def test_cpp_decode_kernel_is_batch_invariant():
         alone_meta = AttentionMetadata.build([meta.block_tables[i].tolist()], [meta.context_lens_list[i]], [1], 16)
         alone = paged_attention(query[i : i + 1], k_cpu, v_cpu, alone_meta, scale=0.125)
         assert torch.equal(alone[0], together[i])
+
+
+# ---------------------------------------------------------------- RMSNorm (kernels/norm.py)
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = x.double()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, FP32_RTOL), (torch.bfloat16, BF16_RTOL), (torch.float16, BF16_RTOL)])
+@pytest.mark.parametrize("rows", [1, 3, 300])
+def test_rms_norm_and_add_rms_norm_match_reference(dtype, rtol, rows, decode_impl):
+    from quantkit.kernels.norm import add_rms_norm, rms_norm
+
+    g = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 576, generator=g) * 3).to(dtype)
+    residual = torch.randn(rows, 576, generator=g).to(dtype)
+    weight = (torch.rand(576, generator=g) + 0.5).to(dtype)
+    assert rel_err(rms_norm(x, weight, 1e-5), rms_norm_ref(x, weight, 1e-5)) < rtol
+
+    expected_sum = (x.double() + residual.double()).to(dtype)  # the sum is rounded to the dtype, as an add would be
+    normed, new_residual = add_rms_norm(x.clone(), residual.clone(), weight, 1e-5)
+    assert torch.equal(new_residual, expected_sum)
+    assert rel_err(normed, rms_norm_ref(expected_sum, weight, 1e-5)) < rtol
+    first, passthrough = add_rms_norm(x, None, weight, 1e-5)  # block 0: no residual yet
+    assert passthrough is x and rel_err(first, rms_norm_ref(x, weight, 1e-5)) < rtol
+
+
+# ---------------------------------------------------------------- dense GEMV, RoPE + KV store
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])  # 5: past GEMV_MAX_ROWS, oneDNN's matmul
+@pytest.mark.parametrize("out_features", [37, 576])  # 37: not a multiple of the kernel's 4 rows
+def test_dense_linear_bf16_matches_reference(rows, out_features):
+    from quantkit.kernels.linear import dense_linear
+
+    g = torch.Generator().manual_seed(rows * out_features)
+    x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
+    weight = torch.randn(out_features, 576, generator=g).to(torch.bfloat16)
+    bias = torch.randn(out_features, generator=g).to(torch.bfloat16)
+    y = dense_linear(x, weight, bias)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, out_features)
+    assert rel_err(y, x.double() @ weight.double().t() + bias.double()) < BF16_RTOL
+
+
+def rotate_ref(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    x, half = x.double(), x.shape[-1] // 2
+    rotated = torch.cat([x[..., half:], x[..., :half]], dim=-1)  # roll by D/2; the sign is in signed_sin
+    return x * cos.double() + rotated * signed_sin.double()
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, FP32_RTOL), (torch.bfloat16, BF16_RTOL)])
+def test_rotate_and_store_kv_rotates_q_and_k_and_writes_the_cache(dtype, rtol, decode_impl):
+    from quantkit.kernels.attention import rotate_and_store_kv
+
+    heads, kv_heads, dim, tokens = 6, 2, 32, 5
+    g = torch.Generator().manual_seed(3)
+    fused = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)  # a q/k/v projection's output
+    qk_flat, v_flat = fused.split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
+    qk, v = qk_flat.reshape(tokens, heads + kv_heads, dim), v_flat.reshape(tokens, kv_heads, dim)  # strided views
+    angles = torch.rand(tokens, 1, dim // 2, generator=g) * 6
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(dtype)
+    signed_sin = torch.cat([-angles.sin(), angles.sin()], -1).to(dtype)
+    expected_qk = rotate_ref(qk, cos, signed_sin)
+    expected_v = v.clone()
+    k_cache = torch.full((kv_heads, 4 * 16, dim), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    meta = AttentionMetadata.build([[2, 0]], [21], [tokens], 16)  # positions 16..20: block 0 of the table, i.e. cache block 0
+    meta.slot_mapping, meta.skips_slots = torch.tensor([5, -1, 40, 17, 63]), True
+    rotated = rotate_and_store_kv(qk, v, cos, signed_sin, k_cache, v_cache, meta, heads)
+    assert rel_err(rotated, expected_qk) < rtol
+    for t, slot in enumerate(meta.slot_mapping.tolist()):
+        if slot >= 0:
+            assert rel_err(k_cache[:, slot], expected_qk[t, heads:]) < rtol
+            assert torch.equal(v_cache[:, slot], expected_v[t])
+    written = torch.zeros(64, dtype=torch.bool)
+    written[[5, 40, 17, 63]] = True
+    assert k_cache[:, ~written].isnan().all() and v_cache[:, ~written].isnan().all()  # slot -1: nothing written

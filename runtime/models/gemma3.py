@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.kernels.attention import AttentionMetadata
+from quantkit.kernels.linear import dense_linear
 
 from .llama import MLP, Attention, RotaryEmbedding, output_head, parse_rope, qk_norm_weight, windows_from_layer_types
 
@@ -138,6 +139,6 @@ class Gemma3ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits for the rows that sample (soft-capped if the config says so)."""
-        logits = F.linear(hidden, self.lm_head).float()
+        logits = dense_linear(hidden, self.lm_head).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.kernels.attention import AttentionMetadata, paged_attention, store_kv
-from quantkit.kernels.linear import build_fused_linear
+from quantkit.kernels.attention import AttentionMetadata, paged_attention, rotate_and_store_kv
+from quantkit.kernels.linear import build_fused_linear, dense_linear
+from quantkit.kernels.norm import add_rms_norm, rms_norm
 
 # --- config ------------------------------------------------------------------------------
 
@@ -165,20 +166,17 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([cos, cos], -1).to(dtype).unsqueeze(1), torch.cat([-sin, sin], -1).to(dtype).unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """transformers' x * cos + rotate_half(x) * sin, where rotate_half(x) = roll(x, D/2) * [-1, 1]."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float):
         super().__init__()
         self.weight, self.eps = weight, eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One fused op (it accumulates in fp32 for bf16 input); the unfused form costs ~6 ops per
-        # norm, which at batch-1 decode is ~15% of the step.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): the pre-norm residual step in one pass (kernels/norm.py)."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def qk_norm_weight(config, tensors: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor:
@@ -228,11 +226,9 @@ class Attention(nn.Module):
         qk = qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.qk_norm is not None:
             qk = self.qk_norm(qk)
-        qk = apply_rotary(qk, *rope)  # q and k in one go
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        store_kv(k, v, kv_cache[0], kv_cache[1], meta)
-        out = paged_attention(q, kv_cache[0], kv_cache[1], meta, self.scale, window=self.window)
+        qk = rotate_and_store_kv(qk, v, *rope, kv_cache[0], kv_cache[1], meta, self.num_heads)  # q and k in one go
+        out = paged_attention(qk[:, : self.num_heads], kv_cache[0], kv_cache[1], meta, self.scale, window=self.window)
         return self.o_proj(out.reshape(-1, q_size))
 
 
@@ -263,9 +259,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(tensors[f"{prefix}.post_attention_layernorm.weight"].to(dtype), eps)
         self.mlp = MLP(tensors, f"{prefix}.mlp", dtype)
 
-    def forward(self, x, rope, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, rope, kv_cache, meta):
+        """x: the previous block's output, residual: the running sum before it (None at block 0)."""
+        h, residual = self.input_layernorm.add_and_norm(x, residual)
+        h, residual = self.post_attention_layernorm.add_and_norm(self.self_attn(h, rope, kv_cache, meta), residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -281,12 +279,12 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""
-        x = F.embedding(input_ids, self.embed_tokens)
+        x, residual = F.embedding(input_ids, self.embed_tokens), None
         rope = self.rotary(positions, self.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        return self.norm.add_and_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits for the rows that sample."""
-        return F.linear(hidden, self.lm_head).float()
+        return dense_linear(hidden, self.lm_head).float()

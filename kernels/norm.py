@@ -1,0 +1,43 @@
+"""RMSNorm for the runtime: one surface, quantkit's C++ kernel on CPU, eager torch elsewhere.
+
+`add_rms_norm` is the pre-norm residual step of a decoder block, residual = x + residual and
+normed = RMSNorm(residual), done in place in one pass over each row on CPU (eager torch needs
+an add and a norm, ~7 small ops, which at batch-1 decode cost more than the arithmetic).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu_ext
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and weight.dtype == x.dtype and cpu_ext.available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32 for low-precision x."""
+    if _use_kernel(x, weight):
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        cpu_ext.ops().rms_norm(x, weight, eps, out)
+        return out
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual); residual None (the first block): (RMSNorm(x), x).
+
+    May overwrite x and residual (they are the block's own intermediates).
+    """
+    if residual is None:
+        return rms_norm(x, weight, eps), x
+    if _use_kernel(x, weight) and x.is_contiguous() and residual.is_contiguous():
+        cpu_ext.ops().add_rms_norm(x, residual, weight, eps)
+        return x, residual
+    residual = x + residual
+    return F.rms_norm(residual, (residual.shape[-1],), weight, eps), residual
