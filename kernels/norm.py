@@ -1,4 +1,4 @@
-"""RMSNorm for the runtime: one surface, quantkit's C++ kernel on CPU, eager torch elsewhere.
+"""RMSNorm and the gated-MLP activation for the runtime: quantkit's C++ kernels on CPU, eager torch elsewhere.
 
 `add_rms_norm` is the pre-norm residual step of a decoder block, residual = x + residual and
 normed = RMSNorm(residual), done in place in one pass over each row on CPU (eager torch needs
@@ -41,3 +41,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         return x, residual
     residual = x + residual
     return F.rms_norm(residual, (residual.shape[-1],), weight, eps), residual
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dim (a fused gate/up projection)."""
+    if gate_up.device.type == "cpu" and gate_up.dtype in _KERNEL_DTYPES and gate_up.is_contiguous() and cpu_ext.available():
+        out = torch.empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2, dtype=gate_up.dtype)
+        cpu_ext.ops().silu_and_mul(gate_up, out)
+        return out
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

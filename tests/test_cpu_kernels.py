@@ -424,3 +424,13 @@ def test_rotate_and_store_kv_rotates_q_and_k_and_writes_the_cache(dtype, rtol, d
     written = torch.zeros(64, dtype=torch.bool)
     written[[5, 40, 17, 63]] = True
     assert k_cache[:, ~written].isnan().all() and v_cache[:, ~written].isnan().all()  # slot -1: nothing written
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, FP32_RTOL), (torch.bfloat16, BF16_RTOL)])
+def test_silu_and_mul_matches_reference_over_large_magnitudes(dtype, rtol, decode_impl):
+    from quantkit.kernels.norm import silu_and_mul
+
+    g = torch.Generator().manual_seed(8)
+    gate_up = (torch.randn(7, 2 * 1536, generator=g) * 20).to(dtype)  # |x| up to ~90: both tails of the sigmoid
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    assert rel_err(silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up) < rtol

@@ -26,6 +26,8 @@
 //
 // rope_store: RoPE on q and k and the K/V cache write in one pass per token.
 //
+// silu_and_mul: a gated MLP's activation in one pass.
+//
 // rms_norm / add_rms_norm: RMSNorm of each row in one pass, optionally adding the residual first
 // (in place, as vLLM's fused_add_rms_norm does).
 
@@ -56,7 +58,6 @@ inline float to_float(c10::BFloat16 x) {
 }
 
 // exp(x) for x <= 0 as 2^n * p(f), p a degree-6 fit of 2^f on [0, 1): relative error below 3e-7.
-// Written as plain arithmetic so that the loops over it vectorize.
 inline float exp_nonpositive(float x) {
   x = x < -87.f ? -87.f : x;
   const float t = x * 1.44269504088896341f;
@@ -75,13 +76,72 @@ inline float exp_nonpositive(float x) {
   return p * two_n;
 }
 
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+// The same polynomial on 16 lanes (lane for lane the scalar function's result).
+inline __m512 exp_nonpositive16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5353362e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+#endif
+
+// A row of T as fp32 (vectorized where the loop over a 16-bit struct type would not be).
+template <typename T>
+inline void to_floats(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<T, double>)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, load16(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// fp32 -> T, rounding to nearest even.
+template <typename T>
+inline void from_floats(const float* src, T* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+#endif
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, _mm512_loadu_ps(src + i));
+  if constexpr (std::is_same_v<T, c10::Half>)
+    for (; i + 16 <= n; i += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
 // Softmax numerators in place; returns their sum.
 inline float exp_shifted(float* scores, int64_t len) {
   float top = -INFINITY;
   for (int64_t i = 0; i < len; ++i) top = scores[i] > top ? scores[i] : top;
-  for (int64_t i = 0; i < len; ++i) scores[i] = exp_nonpositive(scores[i] - top);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 shift = _mm512_set1_ps(top);
+  for (; i + 16 <= len; i += 16) _mm512_storeu_ps(scores + i, exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(scores + i), shift)));
+#endif
+  for (; i < len; ++i) scores[i] = exp_nonpositive(scores[i] - top);
   float sum = 0.f;
-  for (int64_t i = 0; i < len; ++i) sum += scores[i];
+  for (int64_t j = 0; j < len; ++j) sum += scores[j];
   return sum;
 }
 
@@ -125,25 +185,30 @@ void decode_generic(const T* q, const T* k_head, const T* v_head, T* out, int64_
 }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+
+// Calls fn(position, slot) for positions first .. last - 1, one block-table lookup per block.
+template <typename Fn>
+inline void for_each_slot(const DecodeTask& t, Fn&& fn) {
+  for (int64_t p = t.first; p < t.last;) {
+    const int64_t block = p / t.block_size, end = std::min(t.last, (block + 1) * t.block_size);
+    const int64_t base = int64_t(t.table[block]) * t.block_size - block * t.block_size;
+    for (; p < end; ++p) fn(p, base + p);
+  }
 }
 
 // Head dim = 16 * CHUNKS: a K or V row is CHUNKS registers, converted to fp32 once and used by
-// every query head of the group.
-template <typename T, int CHUNKS>
+// every query head of the group. GROUPS > 0 (query heads per KV head known at compile time, and
+// few): the output accumulates in registers; GROUPS == 0: any number, accumulated in L1.
+template <typename T, int CHUNKS, int GROUPS>
 void decode_avx512(const T* q, const T* k_head, const T* v_head, T* out, const DecodeTask& t,
                    std::vector<float>& scores, std::vector<float>& acc) {
   constexpr int64_t D = CHUNKS * 16;
-  const int64_t len = t.last - t.first, G = t.groups;
+  const int64_t len = t.last - t.first, G = GROUPS > 0 ? GROUPS : t.groups;
   scores.resize(G * len);
   std::vector<float> qf(G * D);
   for (int64_t i = 0; i < G * D; ++i) qf[i] = to_float(q[i]) * t.scale;
-  for (int64_t p = t.first; p < t.last; ++p) {
-    const T* k = k_head + t.slot(p) * D;
+  for_each_slot(t, [&](int64_t p, int64_t slot) {
+    const T* k = k_head + slot * D;
     __m512 row[CHUNKS];
     for (int c = 0; c < CHUNKS; ++c) row[c] = load16(k + c * 16);
     for (int64_t g = 0; g < G; ++g) {
@@ -152,22 +217,53 @@ void decode_avx512(const T* q, const T* k_head, const T* v_head, T* out, const D
       for (int c = 1; c < CHUNKS; ++c) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), row[c], dot);
       scores[g * len + p - t.first] = _mm512_reduce_add_ps(dot);
     }
-  }
+  });
   std::vector<float> sums(G);
   for (int64_t g = 0; g < G; ++g) sums[g] = exp_shifted(scores.data() + g * len, len);
-  acc.assign(G * D, 0.f);
-  for (int64_t p = t.first; p < t.last; ++p) {
-    const T* v = v_head + t.slot(p) * D;
-    __m512 row[CHUNKS];
-    for (int c = 0; c < CHUNKS; ++c) row[c] = load16(v + c * 16);
-    for (int64_t g = 0; g < G; ++g) {
-      const __m512 w = _mm512_set1_ps(scores[g * len + p - t.first]);
-      float* a = acc.data() + g * D;
-      for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(a + c * 16, _mm512_fmadd_ps(w, row[c], _mm512_loadu_ps(a + c * 16)));
-    }
+  if constexpr (GROUPS > 0) {
+    __m512 a[GROUPS][CHUNKS];
+    for (int g = 0; g < GROUPS; ++g)
+      for (int c = 0; c < CHUNKS; ++c) a[g][c] = _mm512_setzero_ps();
+    for_each_slot(t, [&](int64_t p, int64_t slot) {
+      const T* v = v_head + slot * D;
+      __m512 row[CHUNKS];
+      for (int c = 0; c < CHUNKS; ++c) row[c] = load16(v + c * 16);
+      for (int g = 0; g < GROUPS; ++g) {
+        const __m512 w = _mm512_set1_ps(scores[g * len + p - t.first]);
+        for (int c = 0; c < CHUNKS; ++c) a[g][c] = _mm512_fmadd_ps(w, row[c], a[g][c]);
+      }
+    });
+    acc.resize(G * D);
+    for (int g = 0; g < GROUPS; ++g)
+      for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(acc.data() + g * D + c * 16, a[g][c]);
+  } else {
+    acc.assign(G * D, 0.f);
+    for_each_slot(t, [&](int64_t p, int64_t slot) {
+      const T* v = v_head + slot * D;
+      __m512 row[CHUNKS];
+      for (int c = 0; c < CHUNKS; ++c) row[c] = load16(v + c * 16);
+      for (int64_t g = 0; g < G; ++g) {
+        const __m512 w = _mm512_set1_ps(scores[g * len + p - t.first]);
+        float* a = acc.data() + g * D;
+        for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(a + c * 16, _mm512_fmadd_ps(w, row[c], _mm512_loadu_ps(a + c * 16)));
+      }
+    });
   }
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<T>(acc[g * D + d] / sums[g]);
+}
+
+// Register accumulation while GROUPS * CHUNKS <= 16 (half the vector registers).
+template <typename T, int CHUNKS>
+void decode_avx512_dispatch(const T* q, const T* k_head, const T* v_head, T* out, const DecodeTask& t,
+                            std::vector<float>& scores, std::vector<float>& acc) {
+  switch (CHUNKS * t.groups <= 16 ? t.groups : 0) {
+    case 1: return decode_avx512<T, CHUNKS, 1>(q, k_head, v_head, out, t, scores, acc);
+    case 2: return decode_avx512<T, CHUNKS, 2>(q, k_head, v_head, out, t, scores, acc);
+    case 3: return decode_avx512<T, CHUNKS, 3>(q, k_head, v_head, out, t, scores, acc);
+    case 4: return decode_avx512<T, CHUNKS, 4>(q, k_head, v_head, out, t, scores, acc);
+    default: return decode_avx512<T, CHUNKS, 0>(q, k_head, v_head, out, t, scores, acc);
+  }
 }
 #endif
 
@@ -177,10 +273,10 @@ void decode_one(const T* q, const T* k_head, const T* v_head, T* out, int64_t D,
 #if defined(__AVX512F__)
   if constexpr (!std::is_same_v<T, double>) {
     switch (D) {
-      case 32: return decode_avx512<T, 2>(q, k_head, v_head, out, t, scores, acc);
-      case 64: return decode_avx512<T, 4>(q, k_head, v_head, out, t, scores, acc);
-      case 128: return decode_avx512<T, 8>(q, k_head, v_head, out, t, scores, acc);
-      case 256: return decode_avx512<T, 16>(q, k_head, v_head, out, t, scores, acc);
+      case 32: return decode_avx512_dispatch<T, 2>(q, k_head, v_head, out, t, scores, acc);
+      case 64: return decode_avx512_dispatch<T, 4>(q, k_head, v_head, out, t, scores, acc);
+      case 128: return decode_avx512_dispatch<T, 8>(q, k_head, v_head, out, t, scores, acc);
+      case 256: return decode_avx512_dispatch<T, 16>(q, k_head, v_head, out, t, scores, acc);
       default: break;
     }
   }
@@ -540,24 +636,24 @@ void dense_gemv(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out) 
 // ~6 ops (and a separate add) of the eager form: at batch-1 decode those were ~1 ms of a 10 ms step.
 template <typename T>
 void rms_norm_rows(const T* x, T* residual, const T* weight, T* out, int64_t rows, int64_t hidden, float eps) {
+  std::vector<float> w(hidden);
+  to_floats(weight, w.data(), hidden);
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / hidden), [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(hidden);
+    std::vector<float> row(hidden), add(hidden);
     for (int64_t r = r0; r < r1; ++r) {
-      const T* src = x + r * hidden;
-      float sum = 0.f;
+      to_floats(x + r * hidden, row.data(), hidden);
       if (residual != nullptr) {
         T* res = residual + r * hidden;
-        for (int64_t i = 0; i < hidden; ++i) {
-          res[i] = static_cast<T>(to_float(res[i]) + to_float(src[i]));
-          row[i] = to_float(res[i]);
-        }
-      } else {
-        for (int64_t i = 0; i < hidden; ++i) row[i] = to_float(src[i]);
+        to_floats(res, add.data(), hidden);
+        for (int64_t i = 0; i < hidden; ++i) add[i] += row[i];
+        from_floats(add.data(), res, hidden);  // the sum, rounded to T as a separate add would be
+        to_floats(res, row.data(), hidden);
       }
+      float sum = 0.f;
       for (int64_t i = 0; i < hidden; ++i) sum += row[i] * row[i];
       const float inv = 1.f / std::sqrt(sum / static_cast<float>(hidden) + eps);
-      T* dst = out + r * hidden;
-      for (int64_t i = 0; i < hidden; ++i) dst[i] = static_cast<T>(row[i] * inv * to_float(weight[i]));
+      for (int64_t i = 0; i < hidden; ++i) row[i] = row[i] * inv * w[i];
+      from_floats(row.data(), out + r * hidden, hidden);
     }
   });
 }
@@ -599,18 +695,17 @@ template <typename T>
 void rope_store_impl(T* qk, int64_t qk_row, const T* v, int64_t v_row, const T* cos, const T* sin, T* k_cache, T* v_cache, const int64_t* slots,
                      int64_t tokens, int64_t heads, int64_t kv_heads, int64_t D, int64_t cache_slots) {
   const int64_t half = D / 2, all = heads + kv_heads;
-  at::parallel_for(0, tokens, std::max<int64_t>(1, 4096 / (all * D)), [&](int64_t t0, int64_t t1) {
-    std::vector<float> x(D);
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 65536 / (all * D)), [&](int64_t t0, int64_t t1) {
+    std::vector<float> x(D), y(D), cf(D), sf(D);
     for (int64_t t = t0; t < t1; ++t) {
-      const T* c = cos + t * D;
-      const T* sn = sin + t * D;
+      to_floats(cos + t * D, cf.data(), D);
+      to_floats(sin + t * D, sf.data(), D);
       for (int64_t h = 0; h < all; ++h) {
         T* row = qk + t * qk_row + h * D;
-        for (int64_t d = 0; d < D; ++d) x[d] = to_float(row[d]);
-        for (int64_t d = 0; d < D; ++d) {
-          const float rotated = d < half ? x[d + half] : x[d - half];
-          row[d] = static_cast<T>(x[d] * to_float(c[d]) + rotated * to_float(sn[d]));
-        }
+        to_floats(row, x.data(), D);
+        for (int64_t d = 0; d < half; ++d) y[d] = x[d] * cf[d] + x[d + half] * sf[d];
+        for (int64_t d = half; d < D; ++d) y[d] = x[d] * cf[d] + x[d - half] * sf[d];
+        from_floats(y.data(), row, D);
       }
       const int64_t slot = slots[t];
       if (slot < 0) continue;
@@ -643,6 +738,50 @@ void rope_store(at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos, cons
   });
 }
 
+// ------------------------------------------------------------------------------------ SiLU-and-mul
+
+// out[t, i] = silu(gate_up[t, i]) * gate_up[t, I + i]: a gated MLP's activation in one pass (eager
+// torch runs silu and mul on strided halves, two passes and a temporary).
+inline float silu(float x) {
+  const float e = exp_nonpositive(-std::fabs(x));  // exp(-|x|) <= 1: no overflow on either side
+  return x * (x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e));
+}
+
+template <typename T>
+void silu_and_mul_impl(const T* gate_up, T* out, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / inter), [&](int64_t r0, int64_t r1) {
+    std::vector<float> gate(inter), up(inter);
+    for (int64_t r = r0; r < r1; ++r) {
+      to_floats(gate_up + r * 2 * inter, gate.data(), inter);
+      to_floats(gate_up + r * 2 * inter + inter, up.data(), inter);
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (; i + 16 <= inter; i += 16) {
+        const __m512 x = _mm512_loadu_ps(gate.data() + i);
+        const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(x)));
+        const __m512 denominator = _mm512_add_ps(one, e);
+        const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+        const __m512 sigmoid = _mm512_div_ps(_mm512_mask_blend_ps(positive, e, one), denominator);
+        _mm512_storeu_ps(gate.data() + i, _mm512_mul_ps(_mm512_mul_ps(x, sigmoid), _mm512_loadu_ps(up.data() + i)));
+      }
+#endif
+      for (; i < inter; ++i) gate[i] = silu(gate[i]) * up[i];
+      from_floats(gate.data(), out + r * inter, inter);
+    }
+  });
+}
+
+void silu_and_mul(const at::Tensor& gate_up, at::Tensor& out) {
+  TORCH_CHECK(gate_up.is_contiguous() && out.is_contiguous() && gate_up.scalar_type() == out.scalar_type() && gate_up.scalar_type() != at::kDouble,
+              "silu_and_mul: contiguous bf16, fp16 or fp32 tensors of one dtype");
+  const int64_t inter = out.size(-1);
+  TORCH_CHECK(gate_up.size(-1) == 2 * inter && gate_up.numel() == 2 * out.numel(), "silu_and_mul: gate_up must be [..., 2 * I], out [..., I]");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "silu_and_mul", [&] {
+    silu_and_mul_impl<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), out.numel() / inter, inter);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(quantkit_cpu, m) {
@@ -655,6 +794,7 @@ TORCH_LIBRARY(quantkit_cpu, m) {
   m.def("add_rms_norm(Tensor(a!) x, Tensor(b!) residual, Tensor weight, float eps) -> ()");
   m.def("rope_store(Tensor(a!) qk, Tensor v, Tensor cos, Tensor signed_sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping, "
         "int num_heads) -> ()");
+  m.def("silu_and_mul(Tensor gate_up, Tensor(a!) out) -> ()");
   m.def("paged_decode(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "Tensor rows, Tensor seqs, int block_size, float scale, int window, Tensor(a!) out) -> ()");
 }
@@ -667,5 +807,6 @@ TORCH_LIBRARY_IMPL(quantkit_cpu, CPU, m) {
   m.impl("rms_norm", rms_norm);
   m.impl("add_rms_norm", add_rms_norm);
   m.impl("rope_store", rope_store);
+  m.impl("silu_and_mul", silu_and_mul);
   m.impl("paged_decode", paged_decode);
 }

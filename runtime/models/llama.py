@@ -24,7 +24,7 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.kernels.attention import AttentionMetadata, paged_attention, rotate_and_store_kv
 from quantkit.kernels.linear import build_fused_linear, dense_linear
-from quantkit.kernels.norm import add_rms_norm, rms_norm
+from quantkit.kernels.norm import add_rms_norm, rms_norm, silu_and_mul
 
 # --- config ------------------------------------------------------------------------------
 
@@ -242,7 +242,10 @@ class MLP(nn.Module):
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.act is F.silu:  # SwiGLU: one fused pass (kernels/norm.py)
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 
