@@ -3,8 +3,9 @@
 Prints tables and writes JSON (benchmarks/results/kernels.json):
   1. the machine's memory read bandwidth (a large fp32 reduction), the roof for memory-bound decode;
   2. per layer shape of the default model (SmolLM2-135M) and M in 1, 4, 16, 64, 256: time of
-     quantkit's C++ int4 kernel, PyTorch's fused int4 op, dequantize + bf16 matmul, bf16 matmul,
-     fp32 matmul, and the weight bandwidth each achieves (weight bytes / time); plus the
+     quantkit's C++ int4 kernel, PyTorch's fused int4 op, dequantize + bf16 matmul, bf16 matmul
+     (oneDNN, and quantkit's GEMV up to 4 rows), fp32 matmul, and the weight bandwidth each
+     achieves (weight bytes / time), each call reading a weight copy not in cache; plus the
      kernel-vs-dense crossovers that set kernels/cpu_int4.NATIVE_DENSE_FROM_ROWS and DENSE_FROM_ROWS;
   3. CPU paged attention candidates for decode (quantkit's C++ kernel, the plain-torch grouped
      matmuls, per-sequence SDPA, one padded SDPA, compiled flex_attention) at several batch sizes
@@ -19,6 +20,7 @@ Prints tables and writes JSON (benchmarks/results/kernels.json):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -33,6 +35,7 @@ import torch.nn.functional as F  # noqa: E402
 from common import write_results  # noqa: E402
 from quantkit.kernels import cpu_ext, cpu_int4  # noqa: E402
 from quantkit.kernels.attention import AttentionMetadata, cpu_layout, paged_attention  # noqa: E402
+from quantkit.kernels.linear import GEMV_MAX_ROWS, dense_linear  # noqa: E402
 from quantkit.kernels.threads import cpu_threads, threads_for_tokens  # noqa: E402
 from quantkit.pack import pack_int4  # noqa: E402
 
@@ -107,28 +110,60 @@ def plain_torch(enabled: bool):
     return switch()
 
 
+# Each timed call reads a different copy of the weight, cycling through at least this many bytes:
+# more than the 32 MB L3 cache, as a real model's 30 layers are. Timing one copy over and over
+# would measure cache bandwidth, not memory bandwidth.
+COLD_BYTES = 96 * 1024**2
+
+
+def _copies(tensors_bytes: int) -> int:
+    return max(1, -(-COLD_BYTES // tensors_bytes))
+
+
+def rotating(fns: list[Callable[[], object]]) -> Callable[[], object]:
+    """A call that runs the next of fns each time (each on its own copy of the weight)."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+
+    return call
+
+
+def _clone_weight(weight):
+    return dataclasses.replace(weight, **{f.name: getattr(weight, f.name).clone() for f in dataclasses.fields(weight)
+                                          if isinstance(getattr(weight, f.name), torch.Tensor)})
+
+
 def matmul_table(min_seconds: float) -> list[dict]:
     """Each M timed with the thread count the runtime uses for a step of M tokens (kernels/threads.py)."""
     rows = []
     for name, k, n in LAYER_SHAPES:
         awq = random_awq(k, n, seed=k + n)
-        weight = cpu_int4.prepare_torch_int4(*awq)
+        torch_int4 = cpu_int4.prepare_torch_int4(*awq)
         native = cpu_int4.prepare_native_int4(*awq)
+        natives = [native] + [_clone_weight(native) for _ in range(_copies(int4_bytes(k, n, 3)) - 1)]
+        torch_int4s = [torch_int4] + [_clone_weight(torch_int4) for _ in range(_copies(int4_bytes(k, n)) - 1)]
         w_bf16 = torch.randn(n, k).to(torch.bfloat16)
-        w_fp32 = w_bf16.float()
+        bf16s = [w_bf16] + [w_bf16.clone() for _ in range(_copies(2 * k * n) - 1)]
+        fp32s = [w.float() for w in bf16s[: _copies(4 * k * n)]]
         for m in ROWS:
             x = torch.randn(m, k).to(torch.bfloat16)
             x32 = x.float()
             threads = threads_for_tokens(m, MAX_THREADS)
             with cpu_threads(threads):
                 t = {
-                    "int4_quantkit": timeit(lambda: cpu_int4.native_int4_linear(x, native), min_seconds),
-                    "int4_fused": timeit(lambda: cpu_int4.int4_matmul_fused(x, weight), min_seconds),
-                    "int4_dequant_bf16": timeit(lambda: F.linear(x, cpu_int4.dequantize_cpu_int4(weight, torch.bfloat16)), min_seconds),
-                    "bf16": timeit(lambda: F.linear(x, w_bf16), min_seconds),
-                    "fp32": timeit(lambda: F.linear(x32, w_fp32), min_seconds),
+                    "int4_quantkit": timeit(rotating([lambda w=w: cpu_int4.native_int4_linear(x, w) for w in natives]), min_seconds),
+                    "int4_fused": timeit(rotating([lambda w=w: cpu_int4.int4_matmul_fused(x, w) for w in torch_int4s]), min_seconds),
+                    "int4_dequant_bf16": timeit(lambda: F.linear(x, cpu_int4.dequantize_cpu_int4(torch_int4, torch.bfloat16)), min_seconds),
+                    "bf16": timeit(rotating([lambda w=w: F.linear(x, w) for w in bf16s]), min_seconds),
+                    "fp32": timeit(rotating([lambda w=w: F.linear(x32, w) for w in fp32s]), min_seconds),
                 }
-            bytes_read = {"int4_quantkit": int4_bytes(k, n, 3), "int4_fused": int4_bytes(k, n), "int4_dequant_bf16": int4_bytes(k, n), "bf16": 2 * k * n, "fp32": 4 * k * n}
+                if m <= GEMV_MAX_ROWS:
+                    t["bf16_quantkit_gemv"] = timeit(rotating([lambda w=w: dense_linear(x, w) for w in bf16s]), min_seconds)
+            bytes_read = {"int4_quantkit": int4_bytes(k, n, 3), "int4_fused": int4_bytes(k, n), "int4_dequant_bf16": int4_bytes(k, n),
+                          "bf16": 2 * k * n, "bf16_quantkit_gemv": 2 * k * n, "fp32": 4 * k * n}
             rows.append({
                 "layer": name, "in": k, "out": n, "m": m, "threads": threads,
                 "seconds": t,
@@ -281,14 +316,18 @@ def main() -> None:
         t_int4 = sum(r["seconds"]["int4_quantkit"] for r in rows)
         t_torch = sum(r["seconds"]["int4_fused"] for r in rows)
         t_bf16 = sum(r["seconds"]["bf16"] for r in rows)
+        t_gemv = sum(r["seconds"]["bf16_quantkit_gemv"] for r in rows) if m <= GEMV_MAX_ROWS else None
         bytes_int4 = sum(int4_bytes(r["in"], r["out"], 3) for r in rows)
         roof = bandwidth if threads_for_tokens(m, MAX_THREADS) > 1 else bandwidth_1
         block[m] = {"int4_s": t_int4, "torch_int4_s": t_torch, "bf16_s": t_bf16, "speedup": t_bf16 / t_int4, "torch_speedup": t_bf16 / t_torch,
+                    "bf16_gemv_s": t_gemv, "speedup_vs_bf16_gemv": t_gemv / t_int4 if t_gemv else None,
                     "int4_gbps": bytes_int4 / t_int4 / 1e9, "fraction_of_read_bw": bytes_int4 / t_int4 / roof}
     print("\nwhole block (7 linears):")
     for m, b in block.items():
         print(f"  M={m:<4} quantkit int4 {b['int4_s'] * 1e6:8.1f} us  torch int4 {b['torch_int4_s'] * 1e6:8.1f} us  bf16 {b['bf16_s'] * 1e6:8.1f} us"
               f"  speedup {b['speedup']:.2f}x (torch's op {b['torch_speedup']:.2f}x)  {b['int4_gbps']:.1f} GB/s ({100 * b['fraction_of_read_bw']:.0f}% of read BW at the same threads)")
+        if b["bf16_gemv_s"]:
+            print(f"         bf16 with quantkit's GEMV {b['bf16_gemv_s'] * 1e6:8.1f} us: int4 speedup over it {b['speedup_vs_bf16_gemv']:.2f}x")
 
     cross = crossover(min_seconds)
     print("\nint4 kernel vs its dequantize + bf16 matmul (one block's linears):")
