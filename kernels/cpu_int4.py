@@ -2,10 +2,11 @@
 
 quantkit's kernel (kernels/csrc/cpu_kernels.cpp, int4_linear; needs AVX-512 BF16) computes
 (q - z) * s exactly in fp32 per group and reuses each group's widened codes for every row of x, so
-it is 1.1-1.2x faster than PyTorch's op at one row and 2-2.4x faster from 16 rows on (one block of
-SmolLM2-135M, benchmarks/kernels.py). From NATIVE_DENSE_FROM_ROWS rows on, its dequantize op writes
-the weight out once and a dense bf16 matmul (oneDNN) takes over. Without the extension (no
-compiler, another CPU, QUANTKIT_CPU_KERNELS=0), the PyTorch path below runs.
+it is 1.45x faster than PyTorch's op at one row and 1.6-1.9x faster from 64 rows on (one block
+of SmolLM2-135M, weights not in cache; benchmarks/kernels.py). From NATIVE_DENSE_FROM_ROWS rows
+on, its dequantize op writes the weight out once and a dense bf16 matmul (oneDNN) takes over.
+Without the extension (no compiler, another CPU, QUANTKIT_CPU_KERNELS=0), the PyTorch path
+below runs.
 
 PyTorch's `_weight_int4pack_mm_for_cpu` reads 4-bit codes in its own tiled layout and computes
 w = (q - 8) * scale + zero per group, with bf16 activations, scales and zeros. An AWQ weight
@@ -40,9 +41,9 @@ _INNER_K_TILES = 2
 # (measured: fused faster at 256, about even at 512, dense 1.3-1.7x faster at 1024). None: never.
 DENSE_FROM_ROWS: int | None = 1024
 
-# The same for quantkit's kernel, whose dequantize is fast (one block's linears, 2 threads: even at
-# 128 rows, dense 1.25x faster at 256 and 1.5x at 512; benchmarks/kernels.py).
-NATIVE_DENSE_FROM_ROWS = 128
+# The same for quantkit's kernel, whose dequantize is fast (one block's linears, 2 threads,
+# benchmarks/kernels.py: kernel/dense time 0.71 at 128 rows, 0.99 at 256, 1.22 at 512).
+NATIVE_DENSE_FROM_ROWS = 256
 _NATIVE_COLUMNS = 64  # the kernel's output block: scales and zeros are padded to a multiple
 
 
