@@ -13,6 +13,7 @@ import functools
 import hashlib
 import os
 import platform
+import shutil
 import warnings
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def _load() -> bool:
 
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
+    _put_ninja_on_path()
     try:
         load(name="quantkit_cpu_kernels", sources=[str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
              build_directory=str(directory), is_python_module=False, verbose=False)
@@ -61,6 +63,17 @@ def _load() -> bool:
         )
         return False
     return True
+
+
+def _put_ninja_on_path() -> None:
+    """torch's builder runs `ninja` from PATH; the PyPI package's binary is not there when quantkit
+    is run from a virtualenv that was not activated."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 def available() -> bool:
