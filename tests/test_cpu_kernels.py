@@ -44,22 +44,22 @@ def test_repack_keeps_every_code_and_zero_exactly(group_size):
 
 
 @pytest.fixture(params=["c++ kernel", "plain torch"])
-def int4_impl(request, monkeypatch):
-    """Each int4 matmul test runs on quantkit's C++ kernel and on PyTorch's fused-op path."""
+def kernels_impl(request, monkeypatch):
+    """Tests that take this run twice: on quantkit's C++ kernels and on the plain-torch fallbacks."""
     if request.param == "plain torch":
         monkeypatch.setenv(cpu_ext.SWITCH, "0")
     else:
         monkeypatch.delenv(cpu_ext.SWITCH, raising=False)
-        assert cpu_ext.available() and cpu_ext.ops().int4_available(), "quantkit's C++ int4 kernel is not available on this machine"
+        assert cpu_ext.available() and cpu_ext.ops().int4_available(), "quantkit's C++ CPU kernels did not build on this machine (see the warning)"
     return request.param
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 17, 64, 300, 1030])  # 300, 1030: past the dense thresholds
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-def test_int4_matmul_bf16_matches_reference(rows, group_size, int4_impl):
+def test_int4_matmul_bf16_matches_reference(rows, group_size, kernels_impl):
     qweight, qzeros, scales, _, _ = random_awq(384, 136, group_size, seed=rows * 1000 + group_size)
     weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
-    assert isinstance(weight, cpu_int4.NativeInt4Weight) == (int4_impl == "c++ kernel")
+    assert isinstance(weight, cpu_int4.NativeInt4Weight) == (kernels_impl == "c++ kernel")
     x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
     y = cpu_int4.int4_matmul(x, weight)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 136)
@@ -67,7 +67,7 @@ def test_int4_matmul_bf16_matches_reference(rows, group_size, int4_impl):
 
 
 @pytest.mark.parametrize("rows", [1, 17])
-def test_int4_matmul_fp32_matches_reference_to_fp32_precision(rows, int4_impl):
+def test_int4_matmul_fp32_matches_reference_to_fp32_precision(rows, kernels_impl):
     qweight, qzeros, scales, _, _ = random_awq(256, 64, 64, seed=rows)
     weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
     x = torch.randn(rows, 256)
@@ -85,13 +85,13 @@ def test_fused_and_dense_paths_agree_on_the_same_rows():
     assert rel_err(fused, dense.double()) < BF16_RTOL
 
 
-def test_unsupported_group_size_is_rejected_with_the_sizes_that_work(int4_impl):
+def test_unsupported_group_size_is_rejected_with_the_sizes_that_work(kernels_impl):
     qweight, qzeros, scales, _, _ = random_awq(96, 16, 32, seed=1)
     with pytest.raises(ValueError, match="32, 64, 128, 256"):
         cpu_int4.prepare_cpu_int4(qweight, qzeros, scales[:2])  # 96 / 2 = 48
 
 
-def test_quant_linear_keeps_leading_dims_and_adds_bias(int4_impl):
+def test_quant_linear_keeps_leading_dims_and_adds_bias(kernels_impl):
     qweight, qzeros, scales, _, _ = random_awq(128, 40, 32, seed=3)
     bias = torch.randn(40)
     layer = QuantLinear(qweight, qzeros, scales, bias)
@@ -180,15 +180,6 @@ def test_native_kernel_rejects_mismatched_operands_with_a_message():
 # ---------------------------------------------------------------- paged attention (CPU path)
 
 
-@pytest.fixture(params=["c++ kernel", "plain torch"])
-def decode_impl(request, monkeypatch):
-    """Each attention test runs on the C++ decode kernel and on the plain-torch fallback."""
-    if request.param == "plain torch":
-        monkeypatch.setenv(cpu_ext.SWITCH, "0")
-    else:
-        monkeypatch.delenv(cpu_ext.SWITCH, raising=False)
-        assert cpu_ext.available(), "quantkit's C++ CPU kernels did not build on this machine (see the warning)"
-    return request.param
 
 
 def random_paged_case(context_lens, query_lens, heads, kv_heads, head_dim, block_size, dtype, seed):
@@ -221,7 +212,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("heads,kv_heads", [(4, 2), (6, 2), (3, 3)])
 @pytest.mark.parametrize("block_size", [16, 32])
-def test_cpu_paged_attention_matches_reference_fp32(case, heads, kv_heads, block_size, decode_impl):
+def test_cpu_paged_attention_matches_reference_fp32(case, heads, kv_heads, block_size, kernels_impl):
     context_lens, query_lens = CASES[case]
     query, k_cache, v_cache, meta = random_paged_case(context_lens, query_lens, heads, kv_heads, 32, block_size, torch.float32, seed=block_size + heads)
     out = torch.full_like(query, float("nan"))
@@ -231,7 +222,7 @@ def test_cpu_paged_attention_matches_reference_fp32(case, heads, kv_heads, block
     assert rel_err(out, expected) < FP32_RTOL
 
 
-def test_short_prefill_chunks_split_into_several_padded_batches(monkeypatch, decode_impl):
+def test_short_prefill_chunks_split_into_several_padded_batches(monkeypatch, kernels_impl):
     import quantkit.kernels.attention as attention
 
     monkeypatch.setattr(attention, "SHORT_PREFILL_BATCH", 2)
@@ -244,7 +235,7 @@ def test_short_prefill_chunks_split_into_several_padded_batches(monkeypatch, dec
     assert rel_err(out, expected) < FP32_RTOL
 
 
-def test_cpu_paged_attention_matches_reference_bf16(decode_impl):
+def test_cpu_paged_attention_matches_reference_bf16(kernels_impl):
     query, k_cache, v_cache, meta = random_paged_case([9, 40, 3, 17], [1, 12, 3, 1], 9, 3, 64, 16, torch.bfloat16, seed=11)
     out = torch.full_like(query, float("nan"))
     paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=0.125, out=out)
@@ -275,7 +266,7 @@ def test_store_kv_writes_slots_and_skips_minus_one():
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("window", [1, 6, 30])
-def test_cpu_sliding_window_attention_matches_reference(case, window, decode_impl):
+def test_cpu_sliding_window_attention_matches_reference(case, window, kernels_impl):
     context_lens, query_lens = CASES[case]
     query, k_cache, v_cache, meta = random_paged_case(context_lens, query_lens, 6, 2, 32, 16, torch.float32, seed=window)
     out = torch.full_like(query, float("nan"))
@@ -285,11 +276,11 @@ def test_cpu_sliding_window_attention_matches_reference(case, window, decode_imp
     assert rel_err(out, expected) < FP32_RTOL
 
 
-def test_windowed_plans_gather_only_the_window_and_are_made_once_per_step(decode_impl):
+def test_windowed_plans_gather_only_the_window_and_are_made_once_per_step(kernels_impl):
     query, k_cache, v_cache, meta = random_paged_case([9, 300, 40, 3], [1, 300, 1, 3], 9, 3, 64, 16, torch.bfloat16, seed=12)
     plan = meta.windowed(8)
     assert plan is meta.windowed(8) and meta.windowed(None) is meta and meta.windowed(300) is meta  # 300: no context is longer
-    if decode_impl == "plain torch":
+    if kernels_impl == "plain torch":
         assert plan.decode_slots.shape == (2, 8) and plan.decode_mask is None  # both decoding sequences are past the window
     else:  # the kernel reads the block tables itself and gets the window as an argument
         assert plan.decode_slots is None and plan.decode_seqs.tolist() == [0, 2]
@@ -357,7 +348,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, FP32_RTOL), (torch.bfloat16, BF16_RTOL), (torch.float16, BF16_RTOL)])
 @pytest.mark.parametrize("rows", [1, 3, 300])
-def test_rms_norm_and_add_rms_norm_match_reference(dtype, rtol, rows, decode_impl):
+def test_rms_norm_and_add_rms_norm_match_reference(dtype, rtol, rows, kernels_impl):
     from quantkit.kernels.norm import add_rms_norm, rms_norm
 
     g = torch.Generator().manual_seed(rows)
@@ -398,7 +389,7 @@ def rotate_ref(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, FP32_RTOL), (torch.bfloat16, BF16_RTOL)])
-def test_rotate_and_store_kv_rotates_q_and_k_and_writes_the_cache(dtype, rtol, decode_impl):
+def test_rotate_and_store_kv_rotates_q_and_k_and_writes_the_cache(dtype, rtol, kernels_impl):
     from quantkit.kernels.attention import rotate_and_store_kv
 
     heads, kv_heads, dim, tokens = 6, 2, 32, 5
@@ -427,7 +418,7 @@ def test_rotate_and_store_kv_rotates_q_and_k_and_writes_the_cache(dtype, rtol, d
 
 
 @pytest.mark.parametrize("dtype,rtol", [(torch.float32, FP32_RTOL), (torch.bfloat16, BF16_RTOL)])
-def test_silu_and_mul_matches_reference_over_large_magnitudes(dtype, rtol, decode_impl):
+def test_silu_and_mul_matches_reference_over_large_magnitudes(dtype, rtol, kernels_impl):
     from quantkit.kernels.norm import silu_and_mul
 
     g = torch.Generator().manual_seed(8)

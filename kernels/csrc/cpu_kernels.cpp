@@ -196,6 +196,17 @@ inline void for_each_slot(const DecodeTask& t, Fn&& fn) {
   }
 }
 
+// Calls fn(i, row) for the attended positions in order: i indexes the scores, row is the
+// position's K (or V) row of this head, widened to fp32 in CHUNKS registers.
+template <int CHUNKS, typename T, typename Fn>
+inline void for_each_row(const DecodeTask& t, const T* head, Fn&& fn) {
+  for_each_slot(t, [&](int64_t p, int64_t slot) {
+    __m512 row[CHUNKS];
+    for (int c = 0; c < CHUNKS; ++c) row[c] = load16(head + (slot * CHUNKS + c) * 16);
+    fn(p - t.first, row);
+  });
+}
+
 // Head dim = 16 * CHUNKS: a K or V row is CHUNKS registers, converted to fp32 once and used by
 // every query head of the group. GROUPS > 0 (query heads per KV head known at compile time, and
 // few): the output accumulates in registers; GROUPS == 0: any number, accumulated in L1.
@@ -207,15 +218,12 @@ void decode_avx512(const T* q, const T* k_head, const T* v_head, T* out, const D
   scores.resize(G * len);
   std::vector<float> qf(G * D);
   for (int64_t i = 0; i < G * D; ++i) qf[i] = to_float(q[i]) * t.scale;
-  for_each_slot(t, [&](int64_t p, int64_t slot) {
-    const T* k = k_head + slot * D;
-    __m512 row[CHUNKS];
-    for (int c = 0; c < CHUNKS; ++c) row[c] = load16(k + c * 16);
+  for_each_row<CHUNKS>(t, k_head, [&](int64_t i, const __m512* row) {
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qf.data() + g * D;
       __m512 dot = _mm512_mul_ps(_mm512_loadu_ps(qg), row[0]);
       for (int c = 1; c < CHUNKS; ++c) dot = _mm512_fmadd_ps(_mm512_loadu_ps(qg + c * 16), row[c], dot);
-      scores[g * len + p - t.first] = _mm512_reduce_add_ps(dot);
+      scores[g * len + i] = _mm512_reduce_add_ps(dot);
     }
   });
   std::vector<float> sums(G);
@@ -224,12 +232,9 @@ void decode_avx512(const T* q, const T* k_head, const T* v_head, T* out, const D
     __m512 a[GROUPS][CHUNKS];
     for (int g = 0; g < GROUPS; ++g)
       for (int c = 0; c < CHUNKS; ++c) a[g][c] = _mm512_setzero_ps();
-    for_each_slot(t, [&](int64_t p, int64_t slot) {
-      const T* v = v_head + slot * D;
-      __m512 row[CHUNKS];
-      for (int c = 0; c < CHUNKS; ++c) row[c] = load16(v + c * 16);
+    for_each_row<CHUNKS>(t, v_head, [&](int64_t i, const __m512* row) {
       for (int g = 0; g < GROUPS; ++g) {
-        const __m512 w = _mm512_set1_ps(scores[g * len + p - t.first]);
+        const __m512 w = _mm512_set1_ps(scores[g * len + i]);
         for (int c = 0; c < CHUNKS; ++c) a[g][c] = _mm512_fmadd_ps(w, row[c], a[g][c]);
       }
     });
@@ -238,12 +243,9 @@ void decode_avx512(const T* q, const T* k_head, const T* v_head, T* out, const D
       for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(acc.data() + g * D + c * 16, a[g][c]);
   } else {
     acc.assign(G * D, 0.f);
-    for_each_slot(t, [&](int64_t p, int64_t slot) {
-      const T* v = v_head + slot * D;
-      __m512 row[CHUNKS];
-      for (int c = 0; c < CHUNKS; ++c) row[c] = load16(v + c * 16);
+    for_each_row<CHUNKS>(t, v_head, [&](int64_t i, const __m512* row) {
       for (int64_t g = 0; g < G; ++g) {
-        const __m512 w = _mm512_set1_ps(scores[g * len + p - t.first]);
+        const __m512 w = _mm512_set1_ps(scores[g * len + i]);
         float* a = acc.data() + g * D;
         for (int c = 0; c < CHUNKS; ++c) _mm512_storeu_ps(a + c * 16, _mm512_fmadd_ps(w, row[c], _mm512_loadu_ps(a + c * 16)));
       }
