@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache: one surface, Triton on CUDA, gather + SDPA on CPU.
+"""Attention over the paged KV cache: one surface, Triton on CUDA, quantkit's C++ decode kernel + SDPA on CPU.
 
 Layout and conventions: see kernels/reference.py. The model runner builds one
 AttentionMetadata per step (shared by every layer), then each layer calls

@@ -2,7 +2,7 @@
 
 The runtime builds every projection with `build_linear` and never asks whether it is packed:
 - AWQ-packed weights -> QuantLinear: Triton W4A16 GEMM on CUDA; on CPU quantkit's C++ int4 kernel
-  (or PyTorch's fused int4 op where it cannot build) for bf16 batches of up to ~128 rows, and
+  (or PyTorch's fused int4 op where it cannot build) for bf16 batches of fewer than 256 rows, and
   dequantize + dense matmul for more rows or other dtypes (kernels/cpu_int4.py);
 - dense weights -> DenseLinear: a matmul in the runtime's dtype (for fp16/bf16/fp32 comparisons
   through the same model code); `dense_linear` also serves the models' output heads.
