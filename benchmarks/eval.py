@@ -6,7 +6,7 @@
    QuantkitLM, on the same dense weights and dtype, side by side in this run.
 
     python benchmarks/eval.py --candidate awq=out/smollm2-awq --candidate rtn=out/smollm2-rtn --limit 500
-    python benchmarks/eval.py --skip-accuracy --out benchmarks/results/eval_speed.json   # only the speed comparison
+    python benchmarks/eval.py --skip-accuracy    # only the speed comparison, into results/eval_speed.json
 """
 
 from __future__ import annotations
@@ -85,8 +85,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--skip-accuracy", action="store_true", help="only the speed comparison")
     parser.add_argument("--skip-speed", action="store_true", help="only the accuracy comparison")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON to write (default: results/eval.json, or results/eval_speed.json with --skip-accuracy, so a "
+                             "speed-only run never replaces the accuracy results)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / ("eval_speed.json" if args.skip_accuracy else "eval.json")
 
     models = {"fp16": args.fp16}
     for item in args.candidate:
