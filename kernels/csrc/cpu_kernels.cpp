@@ -197,10 +197,19 @@ inline void for_each_slot(const DecodeTask& t, Fn&& fn) {
 }
 
 // Calls fn(i, row) for the attended positions in order: i indexes the scores, row is the
-// position's K (or V) row of this head, widened to fp32 in CHUNKS registers.
+// position's K (or V) row of this head, widened to fp32 in CHUNKS registers. While it reads a
+// block it prefetches the same row of the sequence's next block: blocks lie anywhere in the
+// cache, so the hardware prefetcher loses the stream at every block boundary.
 template <int CHUNKS, typename T, typename Fn>
 inline void for_each_row(const DecodeTask& t, const T* head, Fn&& fn) {
+  constexpr int64_t ROW = CHUNKS * 16;
+  const int64_t last_block = (t.last - 1) / t.block_size;
   for_each_slot(t, [&](int64_t p, int64_t slot) {
+    const int64_t block = p / t.block_size;
+    if (block < last_block) {
+      const T* ahead = head + (int64_t(t.table[block + 1]) * t.block_size + p % t.block_size) * ROW;
+      for (int64_t byte = 0; byte < ROW * int64_t(sizeof(T)); byte += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead) + byte, _MM_HINT_T0);
+    }
     __m512 row[CHUNKS];
     for (int c = 0; c < CHUNKS; ++c) row[c] = load16(head + (slot * CHUNKS + c) * 16);
     fn(p - t.first, row);
@@ -411,17 +420,26 @@ inline void convert_group(const uint8_t* packed, int64_t quads, __m512i* out) {
     }
 }
 
+// Sum of x over each group of g columns, per row: [rows, K / g] (the zero-point term's factor).
+inline std::vector<float> group_sums(const c10::BFloat16* x, int64_t rows, int64_t K, int64_t g) {
+  std::vector<float> row(K), sums(rows * (K / g));
+  for (int64_t m = 0; m < rows; ++m) {
+    to_floats(x + m * K, row.data(), K);
+    for (int64_t gi = 0; gi < K / g; ++gi) {
+      float sum = 0.f;
+      for (int64_t k = gi * g; k < (gi + 1) * g; ++k) sum += row[k];
+      sums[m * (K / g) + gi] = sum;
+    }
+  }
+  return sums;
+}
+
 // One row of x (batch-1 decode): codes widened in registers and used at once, no L1 buffer. The
 // low- and high-nibble products accumulate separately so that eight dot-product chains are in flight.
 void int4_gemv_impl(const c10::BFloat16* x, int64_t K, const uint8_t* wp, const c10::Half* sp, const uint8_t* zp, int64_t g, int64_t n_pad,
                     int64_t N, int64_t blocks, c10::BFloat16* yp) {
   const int64_t groups = K / g;
-  std::vector<float> xsum(groups);
-  for (int64_t gi = 0; gi < groups; ++gi) {
-    float sum = 0.f;
-    for (int64_t k = gi * g; k < (gi + 1) * g; ++k) sum += static_cast<float>(x[k]);
-    xsum[gi] = sum;
-  }
+  const std::vector<float> xsum = group_sums(x, 1, K, g);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     const __m512i table = code_table(), low = _mm512_set1_epi16(0x0F);
     for (int64_t b = b0; b < b1; ++b) {
@@ -463,13 +481,7 @@ void int4_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::T
   const uint8_t* zp = zeros.data_ptr<uint8_t>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
   if (M == 1) return int4_gemv_impl(xp, K, wp, sp, zp, g, n_pad, N, blocks, yp);
-  std::vector<float> xsum(M * groups);  // sum of x over each group of k, per row
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      float sum = 0.f;
-      for (int64_t k = gi * g; k < (gi + 1) * g; ++k) sum += static_cast<float>(xp[m * K + k]);
-      xsum[m * groups + gi] = sum;
-    }
+  const std::vector<float> xsum = group_sums(xp, M, K, g);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::vector<__m512i> codes(g / 2 * CHUNKS);
     std::vector<float> acc(M * COLS);
