@@ -6,7 +6,7 @@ AttentionMetadata per step (shared by every layer), then each layer calls
 
 CPU choice (measured by benchmarks/kernels.py, see BENCHMARKS.md): the cache is head-major
 (see allocate_kv_cache); the decode rows of all sequences are answered by quantkit's C++ kernel
-(kernels/csrc/cpu_kernels.cpp), which reads each sequence's K/V rows in place, 2-5x faster than
+(kernels/csrc/attention.cpp), which reads each sequence's K/V rows in place, 2-5x faster than
 the plain-torch fallback: two grouped-query matmuls over K/V gathered into a padded
 [seqs, max_context] batch with a padding mask (itself faster than one masked SDPA call or one SDPA
 call per sequence). Short prefill chunks run

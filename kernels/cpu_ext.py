@@ -1,4 +1,4 @@
-"""quantkit's C++ CPU kernels (kernels/csrc/cpu_kernels.cpp), built on first use for this machine.
+"""quantkit's C++ CPU kernels (kernels/csrc/), built on first use for this machine.
 
 They are compiled with the machine's C++ compiler for its own instruction set (-march=native,
 so AVX-512 where the CPU has it) through torch's extension builder, once per source version,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+CSRC = Path(__file__).parent / "csrc"
 SWITCH = "QUANTKIT_CPU_KERNELS"  # "0": plain-torch paths only
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
 
@@ -39,7 +39,8 @@ def _cpu_identity() -> str:
 
 
 def build_directory() -> Path:
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), torch.__version__, " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()[:16]
+    sources = [f.read_text() for f in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))]
+    key = hashlib.sha256("\n".join([*sources, torch.__version__, " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
     return root / "cpu_kernels" / key
 
@@ -52,17 +53,24 @@ def _load() -> bool:
     directory.mkdir(parents=True, exist_ok=True)
     _put_ninja_on_path()
     try:
-        load(name="quantkit_cpu_kernels", sources=[str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+        load(name="quantkit_cpu_kernels", sources=[str(f) for f in sorted(CSRC.glob("*.cpp"))], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
              build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, a compile error: fall back, loudly
         warnings.warn(
-            f"quantkit's C++ CPU kernels did not build ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}); "
-            f"using the slower plain-torch paths. Install g++ and ninja (pip install ninja) to get them, "
-            f"or set {SWITCH}=0 to choose the plain-torch paths without this warning.",
+            f"quantkit's C++ CPU kernels did not build ({build_failure_reason(e)}); using the slower plain-torch paths. A C++ compiler (g++) "
+            f"and ninja (pip install ninja) are needed; set {SWITCH}=0 to choose the plain-torch paths without this warning.",
             RuntimeWarning, stacklevel=3,
         )
         return False
     return True
+
+
+def build_failure_reason(error: BaseException) -> str:
+    """The line of a failed build worth showing: the compiler's first error, else the last line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return next((line for line in lines if ": error" in line or ": fatal error" in line), lines[-1])
 
 
 def _put_ninja_on_path() -> None:

@@ -1,6 +1,6 @@
 """The CPU speed path for AWQ int4 weights: quantkit's C++ kernel, else PyTorch's fused int4 op.
 
-quantkit's kernel (kernels/csrc/cpu_kernels.cpp, int4_linear; needs AVX-512 BF16) computes
+quantkit's kernel (kernels/csrc/linear.cpp, int4_linear; needs AVX-512 BF16) computes
 (q - z) * s exactly in fp32 per group and reuses each group's widened codes for every row of x, so
 it is 1.45x faster than PyTorch's op at one row and 1.6-1.9x faster from 64 rows on (one block
 of SmolLM2-135M, weights not in cache; benchmarks/kernels.py). From NATIVE_DENSE_FROM_ROWS rows
@@ -69,7 +69,7 @@ class CpuInt4Weight:
 
 @dataclass(frozen=True)
 class NativeInt4Weight:
-    """One AWQ linear in quantkit's C++ kernel layout (kernels/csrc/cpu_kernels.cpp, int4_pack)."""
+    """One AWQ linear in quantkit's C++ kernel layout (kernels/csrc/linear.cpp, int4_pack)."""
 
     codes: torch.Tensor  # uint8 [out / 64 (rounded up), in / 4, 4, 32]
     scales: torch.Tensor  # fp16 [in / g, out padded to 64]

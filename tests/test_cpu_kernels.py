@@ -425,3 +425,20 @@ def test_silu_and_mul_matches_reference_over_large_magnitudes(dtype, rtol, kerne
     gate_up = (torch.randn(7, 2 * 1536, generator=g) * 20).to(dtype)  # |x| up to ~90: both tails of the sigmoid
     gate, up = gate_up.double().chunk(2, dim=-1)
     assert rel_err(silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up) < rtol
+
+
+def test_a_failed_kernel_build_is_reported_by_its_first_compiler_error():
+    ninja_output = RuntimeError(
+        "Error building extension 'quantkit_cpu_kernels': [1/5] c++ -MMD -c ops.cpp -o ops.o\n"
+        "FAILED: ops.o\n/src/kernels/csrc/ops.cpp:35:1: error: expected declaration before '}' token\n"
+        "ninja: build stopped: subcommand failed.")
+    assert cpu_ext.build_failure_reason(ninja_output) == "/src/kernels/csrc/ops.cpp:35:1: error: expected declaration before '}' token"
+    assert cpu_ext.build_failure_reason(FileNotFoundError("ninja not found\n")) == "ninja not found"
+    assert cpu_ext.build_failure_reason(OSError()) == "OSError"
+
+
+def test_the_switch_selects_the_plain_torch_paths(monkeypatch):
+    monkeypatch.setenv(cpu_ext.SWITCH, "0")
+    assert not cpu_ext.available() and cpu_ext.ops() is None
+    qweight, qzeros, scales, _, _ = random_awq(128, 64, 32, seed=6)
+    assert isinstance(cpu_int4.prepare_cpu_int4(qweight, qzeros, scales), cpu_int4.CpuInt4Weight)
