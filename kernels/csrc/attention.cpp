@@ -284,6 +284,7 @@ void rope_store(at::Tensor& qk, const at::Tensor& v, const at::Tensor& cos, cons
                               slot_mapping.data_ptr<int64_t>(), T, num_heads, kv_heads, D, k_cache.size(1));
   });
 }
+
 }  // namespace
 }  // namespace quantkit_cpu
 

@@ -117,6 +117,7 @@ void silu_and_mul(const at::Tensor& gate_up, at::Tensor& out) {
     silu_and_mul_impl<scalar_t>(gate_up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), out.numel() / inter, inter);
   });
 }
+
 }  // namespace
 }  // namespace quantkit_cpu
 

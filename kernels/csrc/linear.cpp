@@ -335,6 +335,7 @@ void dense_gemv(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out) 
   });
 #endif
 }
+
 }  // namespace
 }  // namespace quantkit_cpu
 
