@@ -2,22 +2,24 @@
 
 Layout and conventions: see kernels/reference.py. The model runner builds one
 AttentionMetadata per step (shared by every layer), then each layer calls
-`store_kv` (write this step's K/V into their slots) and `paged_attention`.
+`rotate_and_store_kv` (RoPE on q and k, this step's K/V into their slots; `store_kv` alone
+without RoPE) and `paged_attention`.
 
 CPU choice (measured by benchmarks/kernels.py, see BENCHMARKS.md): the cache is head-major
-(see allocate_kv_cache); the decode rows of all sequences are answered by quantkit's C++ kernel
-(kernels/csrc/attention.cpp), which reads each sequence's K/V rows in place, 2-5x faster than
+(see allocate_kv_cache). The decode rows of all sequences are answered by quantkit's C++ kernel
+(kernels/csrc/attention.cpp), which reads each sequence's K/V rows in place, 3.5-7x faster than
 the plain-torch fallback: two grouped-query matmuls over K/V gathered into a padded
-[seqs, max_context] batch with a padding mask (itself faster than one masked SDPA call or one SDPA
-call per sequence). Short prefill chunks run
-as padded batches of one masked SDPA call each, long ones one SDPA call per sequence
-(bottom-right causal mask when the chunk follows cached tokens). Gather
-indices are computed once per step, not per layer; index_select gathers ~7x faster than indexing.
+[seqs, max_context] batch with a padding mask (itself faster than one masked SDPA call or one
+SDPA call per sequence). Short prefill chunks run as padded batches of one masked SDPA call
+each, long ones one SDPA call per sequence (bottom-right causal mask when the chunk follows
+cached tokens). Gather indices are computed once per step, not per layer; index_select gathers
+~7x faster than indexing.
 
 Sliding-window layers (Mistral, Gemma3's local layers) pass `window`: the query at position p
 sees only positions p - window + 1 .. p. On CPU the step's plan is made once more for each
-distinct window (AttentionMetadata.windowed): decode gathers only the last `window` positions of
-each sequence, prefill masks (and trims) its keys. window=None runs the plain causal plan.
+distinct window (AttentionMetadata.windowed): decode reads (or, in the fallback, gathers) only
+the last `window` positions of each sequence, prefill masks (and trims) its keys. window=None
+runs the plain causal plan.
 """
 
 from __future__ import annotations
