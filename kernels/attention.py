@@ -7,7 +7,7 @@ without RoPE) and `paged_attention`.
 
 CPU choice (measured by benchmarks/kernels.py, see BENCHMARKS.md): the cache is head-major
 (see allocate_kv_cache). The decode rows of all sequences are answered by quantkit's C++ kernel
-(kernels/csrc/attention.cpp), which reads each sequence's K/V rows in place, 3.5-7x faster than
+(kernels/csrc/attention.cpp), which reads each sequence's K/V rows in place, 3.5-8x faster than
 the plain-torch fallback: two grouped-query matmuls over K/V gathered into a padded
 [seqs, max_context] batch with a padding mask (itself faster than one masked SDPA call or one
 SDPA call per sequence). Short prefill chunks run as padded batches of one masked SDPA call
