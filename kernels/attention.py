@@ -242,7 +242,7 @@ def rotate_and_store_kv(qk: torch.Tensor, value: torch.Tensor, cos: torch.Tensor
     """
     if (qk.device.type == "cpu" and qk.dtype in (torch.bfloat16, torch.float16, torch.float32) and cpu_ext.available()
             and qk.stride(-1) == 1 and qk.stride(-2) == qk.shape[-1] and value.stride(-1) == 1 and value.stride(-2) == value.shape[-1]):
-        cpu_ext.ops().rope_store(qk, value, cos, signed_sin, k_cache, v_cache, meta.slot_mapping, num_heads)
+        cpu_ext.op("rope_store")(qk, value, cos, signed_sin, k_cache, v_cache, meta.slot_mapping, num_heads)
         return qk
     qk = apply_rotary(qk, cos, signed_sin)
     store_kv(qk[:, num_heads:], value, k_cache, v_cache, meta)
@@ -281,7 +281,7 @@ def _cpu_paged_attention(
     window: int | None,
 ) -> torch.Tensor:
     if meta.decode_seqs is not None:
-        cpu_ext.ops().paged_decode(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.decode_rows, meta.decode_seqs,
+        cpu_ext.op("paged_decode")(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.decode_rows, meta.decode_seqs,
                                    meta.block_size, scale, window or 0, out)
     elif meta.all_decode:
         out.copy_(_cpu_decode(query, k_cache, v_cache, meta.decode_slots, meta.decode_mask, scale))

@@ -92,3 +92,22 @@ def available() -> bool:
 def ops():
     """torch.ops.quantkit_cpu when available, else None."""
     return torch.ops.quantkit_cpu if available() else None
+
+
+def int4_available() -> bool:
+    """True when the linear kernels (int4 GEMM, bf16 GEMV) are there: they need AVX-512 BF16."""
+    return available() and _int4_compiled()
+
+
+@functools.cache
+def _int4_compiled() -> bool:
+    return bool(torch.ops.quantkit_cpu.int4_available())
+
+
+@functools.cache
+def op(name: str):
+    """One kernel's OpOverload, looked up once, for hot paths that have already chosen the kernel
+    (the attribute walk through torch.ops costs ~1 us a call, a third of a small int4 matmul)."""
+    if not _load():
+        raise RuntimeError("quantkit's C++ CPU kernels are not available on this machine (see the build warning)")
+    return getattr(torch.ops.quantkit_cpu, name).default

@@ -88,8 +88,7 @@ def _check_group_size(in_features: int, n_groups: int) -> int:
 
 def prepare_cpu_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> CpuInt4Weight | NativeInt4Weight:
     """Repack an AWQ GEMM triplet for the fastest CPU kernel this machine has (done once, at load)."""
-    ops = cpu_ext.ops()
-    if ops is not None and ops.int4_available():
+    if cpu_ext.int4_available():
         return prepare_native_int4(qweight, qzeros, scales)
     return prepare_torch_int4(qweight, qzeros, scales)
 
@@ -100,7 +99,7 @@ def prepare_native_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
     pad = -out_features % _NATIVE_COLUMNS  # padded columns: scale 0, zero 0, never written out
     zeros = torch.nn.functional.pad(unpack_int4(qzeros).to(torch.uint8), (0, pad))
     padded_scales = torch.nn.functional.pad(scales.to(torch.float16), (0, pad))
-    codes = cpu_ext.ops().int4_pack(unpack_int4(qweight))
+    codes = cpu_ext.op("int4_pack")(unpack_int4(qweight))
     return NativeInt4Weight(codes, padded_scales.contiguous(), zeros.contiguous(), group_size, in_features, out_features)
 
 
@@ -140,7 +139,7 @@ def dequantize_cpu_int4(weight: CpuInt4Weight, dtype: torch.dtype) -> torch.Tens
 def native_int4_linear(x: torch.Tensor, weight: NativeInt4Weight) -> torch.Tensor:
     """x [M, in] bf16 -> [M, out] bf16 with quantkit's int4 kernel."""
     out = torch.empty(x.shape[0], weight.out_features, dtype=torch.bfloat16)
-    cpu_ext.ops().int4_linear(x, weight.codes, weight.scales, weight.zeros, weight.group_size, out)
+    cpu_ext.op("int4_linear")(x, weight.codes, weight.scales, weight.zeros, weight.group_size, out)
     return out
 
 
@@ -148,7 +147,7 @@ def dequantize_native_int4(weight: NativeInt4Weight, dtype: torch.dtype) -> torc
     """W.T [in, out] in `dtype`; (q - z) * s is formed in fp32 and rounded once."""
     kernel_dtype = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
     w_t = torch.empty(weight.in_features, weight.out_features, dtype=kernel_dtype)
-    cpu_ext.ops().int4_dequantize(weight.codes, weight.scales, weight.zeros, weight.group_size, w_t)
+    cpu_ext.op("int4_dequantize")(weight.codes, weight.scales, weight.zeros, weight.group_size, w_t)
     return w_t.to(dtype)
 
 

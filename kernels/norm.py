@@ -24,7 +24,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _use_kernel(x, weight):
         x = x.contiguous()
         out = torch.empty_like(x)
-        cpu_ext.ops().rms_norm(x, weight, eps, out)
+        cpu_ext.op("rms_norm")(x, weight, eps, out)
         return out
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
@@ -37,7 +37,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     if residual is None:
         return rms_norm(x, weight, eps), x
     if _use_kernel(x, weight) and x.is_contiguous() and residual.is_contiguous():
-        cpu_ext.ops().add_rms_norm(x, residual, weight, eps)
+        cpu_ext.op("add_rms_norm")(x, residual, weight, eps)
         return x, residual
     residual = x + residual
     return F.rms_norm(residual, (residual.shape[-1],), weight, eps), residual
@@ -47,7 +47,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dim (a fused gate/up projection)."""
     if gate_up.device.type == "cpu" and gate_up.dtype in _KERNEL_DTYPES and gate_up.is_contiguous() and cpu_ext.available():
         out = torch.empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2, dtype=gate_up.dtype)
-        cpu_ext.ops().silu_and_mul(gate_up, out)
+        cpu_ext.op("silu_and_mul")(gate_up, out)
         return out
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
