@@ -35,6 +35,7 @@ namespace {
 
 constexpr int64_t COLS = 64;  // output columns per block: 4 chunks of 16 fp32 lanes
 constexpr int64_t CHUNKS = 4;
+constexpr int64_t MAX_GROUP = 256;  // the largest group size (the widened codes of one group live on the stack)
 
 // codes int32 [K, N] (0..15) -> the packed layout above; columns past N are padded with code 0
 // (their zero points and scales are padded too, so they compute exact zeros and are not written).
@@ -178,24 +179,24 @@ void int4_linear_impl(const at::Tensor& x, const at::Tensor& packed, const at::T
   if (M == 1) return int4_gemv_impl(xp, K, wp, sp, zp, g, n_pad, N, blocks, yp);
   const std::vector<float> xsum = group_sums(xp, M, K, g);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<__m512i> codes(g / 2 * CHUNKS);
+    alignas(64) __m512i codes[MAX_GROUP / 2 * CHUNKS];  // one group's widened codes (a std::vector would not be 64-byte aligned)
     std::vector<float> acc(M * COLS);
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t gi = 0; gi < groups; ++gi) {
-        convert_group(wp + (b * (K / 4) + gi * (g / 4)) * CHUNKS * 32, g / 4, codes.data());
+        convert_group(wp + (b * (K / 4) + gi * (g / 4)) * CHUNKS * 32, g / 4, codes);
         __m512 s[CHUNKS], sz[CHUNKS];
         for (int c = 0; c < CHUNKS; ++c) group_constants(sp + gi * n_pad + b * COLS + c * 16, zp + gi * n_pad + b * COLS + c * 16, s[c], sz[c]);
         const c10::BFloat16* xg = xp + gi * g;
         const float* xs = xsum.data() + gi;
         int64_t m = 0;
-        for (; m + 6 <= M; m += 6) group_rows<6>(xg + m * K, K, codes.data(), g, xs + m * groups, groups, s, sz, acc.data() + m * COLS);
+        for (; m + 6 <= M; m += 6) group_rows<6>(xg + m * K, K, codes, g, xs + m * groups, groups, s, sz, acc.data() + m * COLS);
         switch (M - m) {
-          case 5: group_rows<5>(xg + m * K, K, codes.data(), g, xs + m * groups, groups, s, sz, acc.data() + m * COLS); break;
-          case 4: group_rows<4>(xg + m * K, K, codes.data(), g, xs + m * groups, groups, s, sz, acc.data() + m * COLS); break;
-          case 3: group_rows<3>(xg + m * K, K, codes.data(), g, xs + m * groups, groups, s, sz, acc.data() + m * COLS); break;
-          case 2: group_rows<2>(xg + m * K, K, codes.data(), g, xs + m * groups, groups, s, sz, acc.data() + m * COLS); break;
-          case 1: group_rows<1>(xg + m * K, K, codes.data(), g, xs + m * groups, groups, s, sz, acc.data() + m * COLS); break;
+          case 5: group_rows<5>(xg + m * K, K, codes, g, xs + m * groups, groups, s, sz, acc.data() + m * COLS); break;
+          case 4: group_rows<4>(xg + m * K, K, codes, g, xs + m * groups, groups, s, sz, acc.data() + m * COLS); break;
+          case 3: group_rows<3>(xg + m * K, K, codes, g, xs + m * groups, groups, s, sz, acc.data() + m * COLS); break;
+          case 2: group_rows<2>(xg + m * K, K, codes, g, xs + m * groups, groups, s, sz, acc.data() + m * COLS); break;
+          case 1: group_rows<1>(xg + m * K, K, codes, g, xs + m * groups, groups, s, sz, acc.data() + m * COLS); break;
           default: break;
         }
       }
@@ -215,12 +216,12 @@ void int4_dequantize_impl(const at::Tensor& packed, const at::Tensor& scales, co
   const uint8_t* zp = zeros.data_ptr<uint8_t>();
   T* out = w.data_ptr<T>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<__m512i> codes(g / 2 * CHUNKS);
+    alignas(64) __m512i codes[MAX_GROUP / 2 * CHUNKS];  // one group's widened codes (a std::vector would not be 64-byte aligned)
     float row[CHUNKS * 16];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t width = std::min(COLS, N - b * COLS);
       for (int64_t gi = 0; gi < K / g; ++gi) {
-        convert_group(wp + (b * (K / 4) + gi * (g / 4)) * CHUNKS * 32, g / 4, codes.data());
+        convert_group(wp + (b * (K / 4) + gi * (g / 4)) * CHUNKS * 32, g / 4, codes);
         __m512 s[CHUNKS], sz[CHUNKS];
         for (int c = 0; c < CHUNKS; ++c) group_constants(sp + gi * n_pad + b * COLS + c * 16, zp + gi * n_pad + b * COLS + c * 16, s[c], sz[c]);
         for (int64_t p = 0; p < g / 2; ++p)
@@ -246,7 +247,7 @@ void check_int4(const at::Tensor& packed, const at::Tensor& scales, const at::Te
   TORCH_CHECK(INT4_KERNEL, "int4 kernels need AVX-512 BF16; this build has none (use the plain-torch path)");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 4 && packed.size(1) * 4 == K,
               "int4: packed codes do not match K");
-  TORCH_CHECK(g % 4 == 0 && K % g == 0, "int4: the group size must be a multiple of 4 dividing K");
+  TORCH_CHECK(g % 4 == 0 && g <= MAX_GROUP && K % g == 0, "int4: the group size must be a multiple of 4, at most 256, dividing K");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && zeros.scalar_type() == at::kByte && scales.is_contiguous() && zeros.is_contiguous() &&
                   scales.size(0) == K / g && zeros.sizes() == scales.sizes() && scales.size(1) == packed.size(0) * COLS && N <= scales.size(1),
               "int4: scales (fp16) and zeros (uint8) must be [K / g, padded N]");
