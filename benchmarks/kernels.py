@@ -20,11 +20,12 @@ Prints tables and writes JSON (benchmarks/results/kernels.json):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -90,24 +91,15 @@ def int4_bytes(k: int, n: int, per_group_bytes: int = 4) -> int:
     return k * n // 2 + (k // GROUP_SIZE) * n * per_group_bytes
 
 
-def plain_torch(enabled: bool):
-    """Context: QUANTKIT_CPU_KERNELS=0 while preparing/planning, i.e. PyTorch's paths."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def switch():
-        old = os.environ.get(cpu_ext.SWITCH)
-        if enabled:
-            os.environ[cpu_ext.SWITCH] = "0"
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop(cpu_ext.SWITCH, None)
-            else:
-                os.environ[cpu_ext.SWITCH] = old
-
-    return switch()
+@contextlib.contextmanager
+def plain_torch(fallback: bool) -> Iterator[None]:
+    """With fallback: quantkit's C++ kernels switched off (as QUANTKIT_CPU_KERNELS=0), i.e. the plain-torch paths."""
+    old = cpu_ext.ENABLED
+    cpu_ext.ENABLED = old and not fallback
+    try:
+        yield
+    finally:
+        cpu_ext.ENABLED = old
 
 
 # Each timed call reads a different copy of the weight, cycling through at least this many bytes:

@@ -240,7 +240,7 @@ def rotate_and_store_kv(qk: torch.Tensor, value: torch.Tensor, cos: torch.Tensor
     Returns the rotated qk (on CPU with quantkit's kernels: qk itself, rotated in place in one pass
     per token together with the cache write).
     """
-    if (qk.device.type == "cpu" and qk.dtype in (torch.bfloat16, torch.float16, torch.float32) and cpu_ext.available()
+    if (cpu_ext.handles(qk, value, cos, signed_sin, k_cache, v_cache)
             and qk.stride(-1) == 1 and qk.stride(-2) == qk.shape[-1] and value.stride(-1) == 1 and value.stride(-2) == value.shape[-1]):
         cpu_ext.op("rope_store")(qk, value, cos, signed_sin, k_cache, v_cache, meta.slot_mapping, num_heads)
         return qk

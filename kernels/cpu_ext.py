@@ -3,8 +3,9 @@
 They are compiled with the machine's C++ compiler for its own instruction set (-march=native,
 so AVX-512 where the CPU has it) through torch's extension builder, once per source version,
 torch version and CPU: later processes load the cached library in milliseconds. Every kernel
-here has a plain-torch fallback in the module that uses it; QUANTKIT_CPU_KERNELS=0 selects the
-fallbacks (benchmarks compare the two that way). A failed build warns once, naming the fix.
+here has a plain-torch fallback in the module that uses it; QUANTKIT_CPU_KERNELS=0 in the
+environment selects the fallbacks (tests and benchmarks set ENABLED instead, to compare the two
+in one process). A failed build warns once, naming the fix.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import torch
 
 CSRC = Path(__file__).parent / "csrc"
 SWITCH = "QUANTKIT_CPU_KERNELS"  # "0": plain-torch paths only
+# Read once, at import: the check sits on every kernel call, ~150 of them per decode step, and
+# reading the environment costs ~0.6 us each time.
+ENABLED = os.environ.get(SWITCH, "1") != "0"
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # they compute in fp32: no float64
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
-
-
-def enabled() -> bool:
-    return os.environ.get(SWITCH, "1") != "0"
 
 
 @functools.cache
@@ -86,7 +87,13 @@ def _put_ninja_on_path() -> None:
 
 def available() -> bool:
     """True when the C++ kernels are enabled and loaded (building them if needed)."""
-    return enabled() and _load()
+    return ENABLED and _load()
+
+
+def handles(*tensors: torch.Tensor) -> bool:
+    """True when the kernels are available and take these tensors: all on the CPU, in one kernel dtype."""
+    dtype = tensors[0].dtype
+    return dtype in KERNEL_DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and available()
 
 
 def ops():

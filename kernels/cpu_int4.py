@@ -145,7 +145,7 @@ def native_int4_linear(x: torch.Tensor, weight: NativeInt4Weight) -> torch.Tenso
 
 def dequantize_native_int4(weight: NativeInt4Weight, dtype: torch.dtype) -> torch.Tensor:
     """W.T [in, out] in `dtype`; (q - z) * s is formed in fp32 and rounded once."""
-    kernel_dtype = dtype if dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+    kernel_dtype = dtype if dtype in cpu_ext.KERNEL_DTYPES else torch.float32
     w_t = torch.empty(weight.in_features, weight.out_features, dtype=kernel_dtype)
     cpu_ext.op("int4_dequantize")(weight.codes, weight.scales, weight.zeros, weight.group_size, w_t)
     return w_t.to(dtype)

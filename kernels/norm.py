@@ -12,16 +12,9 @@ import torch.nn.functional as F
 
 from . import cpu_ext
 
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _use_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and weight.dtype == x.dtype and cpu_ext.available()
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32 for low-precision x."""
-    if _use_kernel(x, weight):
+    if cpu_ext.handles(x, weight):
         x = x.contiguous()
         out = torch.empty_like(x)
         cpu_ext.op("rms_norm")(x, weight, eps, out)
@@ -36,7 +29,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     """
     if residual is None:
         return rms_norm(x, weight, eps), x
-    if _use_kernel(x, weight) and x.is_contiguous() and residual.is_contiguous():
+    if cpu_ext.handles(x, residual, weight) and x.is_contiguous() and residual.is_contiguous():
         cpu_ext.op("add_rms_norm")(x, residual, weight, eps)
         return x, residual
     residual = x + residual
@@ -45,7 +38,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dim (a fused gate/up projection)."""
-    if gate_up.device.type == "cpu" and gate_up.dtype in _KERNEL_DTYPES and gate_up.is_contiguous() and cpu_ext.available():
+    if cpu_ext.handles(gate_up) and gate_up.is_contiguous():
         out = torch.empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2, dtype=gate_up.dtype)
         cpu_ext.op("silu_and_mul")(gate_up, out)
         return out

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -46,10 +50,8 @@ def test_repack_keeps_every_code_and_zero_exactly(group_size):
 @pytest.fixture(params=["c++ kernel", "plain torch"])
 def kernels_impl(request, monkeypatch):
     """Tests that take this run twice: on quantkit's C++ kernels and on the plain-torch fallbacks."""
-    if request.param == "plain torch":
-        monkeypatch.setenv(cpu_ext.SWITCH, "0")
-    else:
-        monkeypatch.delenv(cpu_ext.SWITCH, raising=False)
+    monkeypatch.setattr(cpu_ext, "ENABLED", request.param == "c++ kernel")
+    if request.param == "c++ kernel":
         assert cpu_ext.available() and cpu_ext.ops().int4_available(), "quantkit's C++ CPU kernels did not build on this machine (see the warning)"
     return request.param
 
@@ -438,7 +440,14 @@ def test_a_failed_kernel_build_is_reported_by_its_first_compiler_error():
 
 
 def test_the_switch_selects_the_plain_torch_paths(monkeypatch):
-    monkeypatch.setenv(cpu_ext.SWITCH, "0")
+    monkeypatch.setattr(cpu_ext, "ENABLED", False)
     assert not cpu_ext.available() and cpu_ext.ops() is None
     qweight, qzeros, scales, _, _ = random_awq(128, 64, 32, seed=6)
     assert isinstance(cpu_int4.prepare_cpu_int4(qweight, qzeros, scales), cpu_int4.CpuInt4Weight)
+
+
+@pytest.mark.parametrize("value,enabled", [("0", False), ("1", True)])
+def test_the_switch_is_read_from_the_environment_at_import(value, enabled):
+    code = "from quantkit.kernels import cpu_ext; print(cpu_ext.ENABLED)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, cpu_ext.SWITCH: value}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(enabled)
