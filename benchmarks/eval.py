@@ -1,7 +1,9 @@
 """Accuracy receipts: FP16 vs AWQ vs RTN on the offline lm-eval tasks, and evaluation speed.
 
 1. Accuracy: every model through QuantkitLM (the runtime, bf16), the same tasks, the first
-   `--limit` examples of each (WikiText-2 has 62 articles: all of them are scored).
+   `--limit` examples of each, or all of them with `--limit 0` (WikiText-2 has 62 articles: all of
+   them are scored). Each candidate's per-task difference from the baseline also gets a paired
+   standard error (both models answer the same examples), so retention comes with its noise.
 2. Speed: the same task subset through lm-eval's built-in Hugging Face backend and through
    QuantkitLM, on the same dense weights and dtype, side by side in this run.
 
@@ -12,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from pathlib import Path
@@ -52,6 +55,42 @@ def speed(model_dir: Path, tasks: list[str], limits: dict[str, int], dtype: str,
     return {"dtype": dtype, "max_length": max_length, "per_task": per_task, "total_s": total, "speedup": total["hf"] / total["quantkit"]}
 
 
+def paired_difference(base: dict[int, float], other: dict[int, float]) -> dict:
+    """Mean per-example difference (other - base) and its standard error over the shared examples.
+
+    Both models answer the same examples, so the noise of their difference is far smaller than
+    either score's own sampling error: it counts only the examples on which they disagree.
+    """
+    shared = sorted(base.keys() & other.keys())
+    n = len(shared)
+    diffs = [other[i] - base[i] for i in shared]
+    mean = sum(diffs) / n if n else float("nan")
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else float("nan")
+    return {"n": n, "diff": mean, "se": math.sqrt(var / n) if n > 1 else float("nan"),
+            "flipped_to_right": sum(d > 0 for d in diffs), "flipped_to_wrong": sum(d < 0 for d in diffs)}
+
+
+def paired_statistics(results: dict[str, dict], per_example: dict[str, dict]) -> dict[str, dict]:
+    """{candidate: {task: paired difference, retention and its SE in %}} against the first model."""
+    names = list(results)
+    baseline = names[0]
+    stats: dict[str, dict] = {}
+    for name in names[1:]:
+        stats[name] = {}
+        for task, base_values in per_example.get(baseline, {}).items():
+            other = per_example.get(name, {}).get(task)
+            base_score = results[baseline][short_name(task)]["value"]
+            if not other or not base_score:
+                continue
+            row = paired_difference(base_values, other)
+            row["retention_se_pct"] = 100 * row["se"] / base_score
+            stats[name][short_name(task)] = row
+        ses = [row["retention_se_pct"] for row in stats[name].values()]
+        if ses:
+            stats[name]["mean_retention_se_pct"] = math.sqrt(sum(se * se for se in ses)) / len(ses)
+    return stats
+
+
 def accuracy_table(results: dict[str, dict]) -> tuple[list[str], dict[str, float]]:
     """Rows of the printed table (baseline first) and each candidate's mean zero-shot retention."""
     names = list(results)
@@ -78,7 +117,7 @@ def main() -> None:
     parser.add_argument("--fp16", default="smollm2-135m", help="baseline model (default: the embedded SmolLM2)")
     parser.add_argument("--candidate", action="append", default=[], metavar="NAME=PATH",
                         help="an artifact of the baseline, repeatable (e.g. awq=out/awq rtn=out/rtn)")
-    parser.add_argument("--limit", type=int, default=500, help="first N examples of each task")
+    parser.add_argument("--limit", type=int, default=500, help="first N examples of each task (0: all of them)")
     parser.add_argument("--speed-limit", type=int, default=500, help="examples per task in the speed comparison")
     parser.add_argument("--speed-wikitext-limit", type=int, default=10, help="WikiText-2 articles in the speed comparison")
     parser.add_argument("--speed-tasks", default=",".join(DEFAULT_TASKS))
@@ -99,14 +138,22 @@ def main() -> None:
             parser.error(f"--candidate {item!r}: expected NAME=PATH")
         models[name] = path
     tasks = resolve_tasks(list(DEFAULT_TASKS))
-    results, wall, means = {}, {}, {}
+    limit = args.limit or None
+    results, wall, means, paired = {}, {}, {}, {}
     if not args.skip_accuracy:
+        per_example: dict[str, dict] = {}
         for name, model in models.items():
             print(f"{name}: {model} ...", flush=True)
-            raw, wall[name] = run_tasks(model, tasks, args.limit, args.dtype)
+            per_example[name] = {}
+            raw, wall[name] = run_tasks(model, tasks, limit, args.dtype, per_example=per_example[name])
             results[name] = {short_name(t): dict(zip(("metric", "higher_is_better", "value"), primary_metric(t, raw[t]))) for t in tasks}
             print(f"  {wall[name]:.0f} s", flush=True)
         lines, means = accuracy_table(results)
+        paired = paired_statistics(results, per_example)
+        for name, rows in paired.items():
+            lines.append(f"{name}: retention standard error (paired) " + ", ".join(
+                f"{task} {row['retention_se_pct']:.1f}%" for task, row in rows.items() if isinstance(row, dict))
+                + f", mean {rows.get('mean_retention_se_pct', float('nan')):.1f}%")
         print("\n" + "\n".join(lines))
 
     speed_result = None
@@ -122,8 +169,8 @@ def main() -> None:
         print(f"total: hf {speed_result['total_s']['hf']:.0f} s, quantkit {speed_result['total_s']['quantkit']:.0f} s: "
               f"{speed_result['speedup']:.2f}x (target >= 3x)")
 
-    write_results(args.out, {"limit": args.limit, "dtype": args.dtype, "models": models, "results": results, "wall_s": wall,
-                             "mean_retention_pct": means, "speed": speed_result})
+    write_results(args.out, {"limit": limit, "dtype": args.dtype, "models": models, "results": results, "wall_s": wall,
+                             "mean_retention_pct": means, "paired": paired, "speed": speed_result})
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ Prints tables and writes JSON (benchmarks/results/kernels.json):
      (oneDNN, and quantkit's GEMV up to 4 rows), fp32 matmul, and the weight bandwidth each
      achieves (weight bytes / time), each call reading a weight copy not in cache; plus the
      kernel-vs-dense crossovers that set kernels/cpu_int4.NATIVE_DENSE_FROM_ROWS and DENSE_FROM_ROWS;
-  3. CPU paged attention candidates for decode (quantkit's C++ kernel, the plain-torch grouped
+  3. the block as the runtime runs it at M = 1: four linears, q/k/v and gate/up fused, int4 vs bf16;
+  4. CPU paged attention candidates for decode (quantkit's C++ kernel, the plain-torch grouped
      matmuls, per-sequence SDPA, one padded SDPA, compiled flex_attention) at several batch sizes
-     and context lengths;
-  4. a whole-model decode step at batch 1, int4 vs bf16, through the runtime's model, with
+     and context lengths, and for prefill (quantkit's C++ bf16 kernel vs the SDPA plan);
+  5. a whole-model decode step at batch 1, int4 vs bf16, through the runtime's model, with
      quantkit's C++ kernels and with the plain-torch paths (QUANTKIT_CPU_KERNELS=0).
 
     python benchmarks/kernels.py            # everything (a few minutes)
@@ -50,6 +51,8 @@ LAYER_SHAPES = [
     ("up_proj", 576, 1536),
     ("down_proj", 1536, 576),
 ]
+# The same block as the runtime's model runs it: q/k/v and gate/up fused into one linear each.
+FUSED_LAYER_SHAPES = [("qkv_proj", 576, 960), ("o_proj", 576, 576), ("gate_up_proj", 576, 3072), ("down_proj", 1536, 576)]
 ROWS = [1, 4, 16, 64, 256]
 CROSSOVER_ROWS = [1, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
 GROUP_SIZE = 64
@@ -166,6 +169,28 @@ def matmul_table(min_seconds: float) -> list[dict]:
     return rows
 
 
+def fused_block(min_seconds: float) -> dict:
+    """One decode row (M = 1) through the block's four fused linears: int4 kernel vs bf16 matmul and GEMV."""
+    threads = threads_for_tokens(1, MAX_THREADS)
+    total = {"int4_s": 0.0, "bf16_s": 0.0, "bf16_gemv_s": 0.0, "int4_bytes": 0, "threads": threads, "layers": []}
+    for name, k, n in FUSED_LAYER_SHAPES:
+        native = cpu_int4.prepare_native_int4(*random_awq(k, n, seed=k + n))
+        natives = [native] + [_clone_weight(native) for _ in range(_copies(int4_bytes(k, n, 3)) - 1)]
+        w_bf16 = torch.randn(n, k).to(torch.bfloat16)
+        bf16s = [w_bf16] + [w_bf16.clone() for _ in range(_copies(2 * k * n) - 1)]
+        x = torch.randn(1, k).to(torch.bfloat16)
+        with cpu_threads(threads):
+            row = {"layer": name, "in": k, "out": n,
+                   "int4_s": timeit(rotating([lambda w=w: cpu_int4.native_int4_linear(x, w) for w in natives]), min_seconds),
+                   "bf16_s": timeit(rotating([lambda w=w: F.linear(x, w) for w in bf16s]), min_seconds),
+                   "bf16_gemv_s": timeit(rotating([lambda w=w: dense_linear(x, w) for w in bf16s]), min_seconds)}
+        total["layers"].append(row)
+        for key in ("int4_s", "bf16_s", "bf16_gemv_s"):
+            total[key] += row[key]
+        total["int4_bytes"] += int4_bytes(k, n, 3)
+    return total
+
+
 def crossover(min_seconds: float) -> list[dict]:
     """Each int4 kernel vs its own dequantize + bf16 matmul, summed over one block's layers, by rows."""
     awqs = [random_awq(k, n, seed=k * n) for _, k, n in LAYER_SHAPES]
@@ -228,6 +253,41 @@ def attention_candidates(min_seconds: float) -> list[dict]:
                 row["flex_compiled_s"] = timeit(lambda: flex(q.unsqueeze(2), k, v, scale), min_seconds)
                 row["flex_note"] = "K/V pre-gathered (gather not timed), so this is a lower bound for flex"
         results.append(row)
+    return results
+
+
+PREFILL_CASES = [  # (name, context lengths, query lengths): one layer's prefill work in one step
+    ("one 512-token prompt", [512], [512]),
+    ("one 2048-token window", [2048], [2048]),
+    ("32 prompts of 100 tokens", [100] * 32, [100] * 32),
+    ("a 256-token chunk after 768 cached", [1024], [256]),
+]
+
+
+def prefill_attention(min_seconds: float) -> list[dict]:
+    """Prefill attention for one layer of the default model, bf16: quantkit's C++ kernel vs the SDPA plan."""
+    heads, kv_heads, head_dim, block_size = 9, 3, 64, 16
+    results = []
+    for name, context_lens, query_lens in PREFILL_CASES:
+        blocks = sum(-(-c // block_size) for c in context_lens)
+        order = torch.randperm(blocks).tolist()
+        tables, used = [], 0
+        for c in context_lens:
+            tables.append(order[used : used + -(-c // block_size)])
+            used += len(tables[-1])
+        k_cpu = torch.randn(kv_heads, blocks * block_size, head_dim).to(torch.bfloat16)
+        v_cpu = torch.randn_like(k_cpu)
+        q = torch.randn(sum(query_lens), heads, head_dim).to(torch.bfloat16)
+        meta = AttentionMetadata.build(tables, context_lens, query_lens, block_size)
+        # Useful FLOPs: QK^T and PV over the keys each query sees (causal), 2 * 2 * D per (query head, key).
+        flops = sum(4 * heads * head_dim * (c * (c + 1) - (c - n) * (c - n + 1)) / 2 for c, n in zip(context_lens, query_lens))
+        with cpu_threads(MAX_THREADS):
+            kernel = timeit(lambda: paged_attention(q, k_cpu, v_cpu, meta, head_dim**-0.5), min_seconds)
+            with plain_torch(True):
+                meta.sdpa_prefill()  # planned once per step in the runtime: not timed
+                sdpa = timeit(lambda: paged_attention(q, k_cpu, v_cpu, meta, head_dim**-0.5), min_seconds)
+        results.append({"case": name, "context_lens": context_lens[:1], "sequences": len(context_lens), "quantkit_kernel_s": kernel,
+                        "sdpa_s": sdpa, "speedup": sdpa / kernel, "kernel_gflops": flops / kernel / 1e9, "sdpa_gflops": flops / sdpa / 1e9})
     return results
 
 
@@ -321,6 +381,14 @@ def main() -> None:
         if b["bf16_gemv_s"]:
             print(f"         bf16 with quantkit's GEMV {b['bf16_gemv_s'] * 1e6:8.1f} us: int4 speedup over it {b['speedup_vs_bf16_gemv']:.2f}x")
 
+    fused = fused_block(min_seconds)
+    roof = bandwidth if fused["threads"] > 1 else bandwidth_1
+    fused["int4_gbps"] = fused["int4_bytes"] / fused["int4_s"] / 1e9
+    fused["fraction_of_read_bw"] = fused["int4_bytes"] / fused["int4_s"] / roof
+    print(f"\nthe block as the runtime runs it (4 linears, q/k/v and gate/up fused), M=1: quantkit int4 {fused['int4_s'] * 1e6:.1f} us,"
+          f" bf16 {fused['bf16_s'] * 1e6:.1f} us ({fused['bf16_s'] / fused['int4_s']:.2f}x), bf16 GEMV {fused['bf16_gemv_s'] * 1e6:.1f} us"
+          f" ({fused['bf16_gemv_s'] / fused['int4_s']:.2f}x); {fused['int4_gbps']:.1f} GB/s = {100 * fused['fraction_of_read_bw']:.0f}% of read BW")
+
     cross = crossover(min_seconds)
     print("\nint4 kernel vs its dequantize + bf16 matmul (one block's linears):")
     for c in cross:
@@ -332,6 +400,12 @@ def main() -> None:
     for a in attn:
         flex = f"  flex(compiled) {a['flex_compiled_s'] * 1e6:8.1f} us" if "flex_compiled_s" in a else ""
         print(f"  batch {a['batch']:>3} ctx {a['context']:>4}: quantkit C++ (chosen) {a['quantkit_kernel_s'] * 1e6:8.1f} us  grouped matmul {a['grouped_matmul_s'] * 1e6:8.1f} us  padded SDPA {a['padded_sdpa_s'] * 1e6:8.1f} us  per-sequence SDPA {a['per_sequence_sdpa_s'] * 1e6:8.1f} us{flex}")
+
+    prefill = prefill_attention(min_seconds)
+    print("\nCPU prefill attention, one layer (9 heads / 3 KV heads, d=64, bf16), useful causal FLOPs:")
+    for p in prefill:
+        print(f"  {p['case']:36}: quantkit C++ (chosen) {p['quantkit_kernel_s'] * 1e3:7.2f} ms ({p['kernel_gflops']:5.0f} GFLOP/s)"
+              f"  SDPA plan {p['sdpa_s'] * 1e3:7.2f} ms ({p['sdpa_gflops']:5.0f} GFLOP/s)  speedup {p['speedup']:.2f}x")
 
     step = decode_step(min_seconds, args.artifact)
     print("\nwhole-model decode step, batch 1, context 256 (bf16 activations):")
@@ -348,7 +422,9 @@ def main() -> None:
         "matmul": table,
         "block": block,
         "crossover": cross,
+        "fused_block_m1": fused,
         "attention_decode": attn,
+        "attention_prefill": prefill,
         "decode_step": step,
     })
 

@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache: one surface, Triton on CUDA, quantkit's C++ decode kernel + SDPA on CPU.
+"""Attention over the paged KV cache: one surface, Triton on CUDA, quantkit's C++ kernels (or SDPA) on CPU.
 
 Layout and conventions: see kernels/reference.py. The model runner builds one
 AttentionMetadata per step (shared by every layer), then each layer calls
@@ -10,10 +10,12 @@ CPU choice (measured by benchmarks/kernels.py, see BENCHMARKS.md): the cache is 
 (kernels/csrc/attention.cpp), which reads each sequence's K/V rows in place, 3.5-8x faster than
 the plain-torch fallback: two grouped-query matmuls over K/V gathered into a padded
 [seqs, max_context] batch with a padding mask (itself faster than one masked SDPA call or one
-SDPA call per sequence). Short prefill chunks run as padded batches of one masked SDPA call
-each, long ones one SDPA call per sequence (bottom-right causal mask when the chunk follows
-cached tokens). Gather indices are computed once per step, not per layer; index_select gathers
-~7x faster than indexing.
+SDPA call per sequence). Prefill chunks in bf16 are answered by quantkit's C++ flash-style kernel
+(kernels/csrc/prefill.cpp), 3.5-5.5x faster than PyTorch's CPU SDPA (40-65 GFLOP/s here). Other
+dtypes, head dims and machines without AVX-512 BF16 use SDPA: short prefill chunks as padded
+batches of one masked call each, long ones one call per sequence (bottom-right causal mask when
+the chunk follows cached tokens), planned only when that path runs. Gather indices are computed
+once per step, not per layer; index_select gathers ~7x faster than indexing.
 
 Sliding-window layers (Mistral, Gemma3's local layers) pass `window`: the query at position p
 sees only positions p - window + 1 .. p. On CPU the step's plan is made once more for each
@@ -51,13 +53,15 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # bool [n_decode, 1, 1, max_ctx], True = attend; None = no padding
     all_decode: bool = False  # every row decodes: no row gather / scatter needed
     skips_slots: bool = False  # some slot is -1
-    # Long chunks, one SDPA call each: (start, end, slots of the keys [keys], bool mask [q_len, keys]
-    # or None for the plain causal mask).
-    prefill: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
-    short_prefill: list[PaddedPrefill] = field(default_factory=list)  # short chunks, batched
+    # Prefill chunks (query length > 1) for the C++ kernel: their sequences, first query rows and lengths.
+    prefill_seqs: torch.Tensor | None = None  # int64 [n_prefill]
+    prefill_starts: torch.Tensor | None = None
+    prefill_lens: torch.Tensor | None = None
     tables: torch.Tensor | None = None  # int64 block tables and query offsets kept to plan windows
     cu: list[int] | None = None
+    window: int | None = None  # the window this plan was made for
     window_plans: dict[int, AttentionMetadata] = field(default_factory=dict)
+    _sdpa: SdpaPrefill | None = None  # the SDPA plan of the prefill chunks, made on first use
 
     @property
     def max_q_len(self) -> int:
@@ -102,7 +106,7 @@ class AttentionMetadata:
             return self
         if window not in self.window_plans:
             plan = dataclasses.replace(self, decode_rows=None, decode_seqs=None, decode_slots=None, decode_mask=None, all_decode=False,
-                                       prefill=[], short_prefill=[], window_plans={})
+                                       window_plans={}, _sdpa=None)
             plan._plan_cpu(self.tables, self.cu, window)
             self.window_plans[window] = plan
         return self.window_plans[window]
@@ -124,22 +128,45 @@ class AttentionMetadata:
             self.decode_slots = _slots(tables[decode], positions.expand(len(decode), -1), self.block_size)
             if bool((seen < offsets.numel()).any()):
                 self.decode_mask = (offsets < seen.unsqueeze(1)).view(len(decode), 1, 1, -1)
-        short = []
+        self.window = window
+        prefill = [i for i, q in enumerate(self.query_lens) if q > 1]
+        if prefill:
+            self.prefill_seqs = torch.tensor(prefill, dtype=torch.int64)
+            self.prefill_starts = torch.tensor([cu[i] for i in prefill], dtype=torch.int64)
+            self.prefill_lens = torch.tensor([self.query_lens[i] for i in prefill], dtype=torch.int64)
+
+    def sdpa_prefill(self) -> SdpaPrefill:
+        """The prefill chunks as SDPA calls: short ones in padded batches, long ones one call each."""
+        if self._sdpa is not None:
+            return self._sdpa
+        plan, short = SdpaPrefill(), []
         for i, q_len in enumerate(self.query_lens):
             ctx = self.context_lens_list[i]
             if q_len > 1 and ctx <= SHORT_PREFILL_CONTEXT:
                 short.append(i)
             elif q_len > 1:
                 # Keys before the first query's window are never seen: not gathered.
-                first = 0 if window is None else max(0, ctx - q_len - window + 1)
+                first = 0 if self.window is None else max(0, ctx - q_len - self.window + 1)
                 positions = torch.arange(first, ctx)
-                mask = None if window is None else _causal_mask(torch.arange(ctx - q_len, ctx).unsqueeze(1), positions.unsqueeze(0), window)
-                self.prefill.append((cu[i], cu[i + 1], _slots(tables[i], positions, self.block_size), mask))
+                mask = None if self.window is None else _causal_mask(torch.arange(ctx - q_len, ctx).unsqueeze(1), positions.unsqueeze(0), self.window)
+                plan.long.append((self.cu[i], self.cu[i + 1], _slots(self.tables[i], positions, self.block_size), mask))
         short.sort(key=lambda i: self.context_lens_list[i])  # similar lengths together: little padding
         for first in range(0, len(short), SHORT_PREFILL_BATCH):
             group = short[first : first + SHORT_PREFILL_BATCH]
-            self.short_prefill.append(PaddedPrefill.plan(tables[group], [cu[i] for i in group], [self.query_lens[i] for i in group],
-                                                         [self.context_lens_list[i] for i in group], self.block_size, window))
+            plan.short.append(PaddedPrefill.plan(self.tables[group], [self.cu[i] for i in group], [self.query_lens[i] for i in group],
+                                                 [self.context_lens_list[i] for i in group], self.block_size, self.window))
+        self._sdpa = plan
+        return plan
+
+
+@dataclass
+class SdpaPrefill:
+    """Prefill chunks planned as SDPA calls (the path without quantkit's bf16 prefill kernel)."""
+
+    # Long chunks, one call each: (start, end, slots of the keys [keys], bool mask [q_len, keys] or
+    # None for the plain causal mask).
+    long: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = field(default_factory=list)
+    short: list[PaddedPrefill] = field(default_factory=list)  # short chunks, batched
 
 
 # Prefill chunks with at most this much context are answered SHORT_PREFILL_BATCH at a time by one
@@ -147,6 +174,7 @@ class AttentionMetadata:
 # (scoring many ~100-token requests spent a third of its time there). Longer ones: one call each.
 SHORT_PREFILL_CONTEXT = 256
 SHORT_PREFILL_BATCH = 64
+PREFILL_KERNEL_HEAD_DIMS = (64, 128)  # what quantkit's bf16 prefill kernel is compiled for
 
 
 @dataclass
@@ -287,7 +315,15 @@ def _cpu_paged_attention(
         out.copy_(_cpu_decode(query, k_cache, v_cache, meta.decode_slots, meta.decode_mask, scale))
     elif meta.decode_rows is not None:
         out[meta.decode_rows] = _cpu_decode(query[meta.decode_rows], k_cache, v_cache, meta.decode_slots, meta.decode_mask, scale)
-    for batch in meta.short_prefill:
+    if meta.prefill_seqs is None:
+        return out
+    if (query.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and query.shape[-1] in PREFILL_KERNEL_HEAD_DIMS
+            and cpu_ext.bf16_available()):
+        cpu_ext.op("paged_prefill")(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.prefill_starts, meta.prefill_lens,
+                                    meta.prefill_seqs, meta.block_size, scale, window or 0, out)
+        return out
+    sdpa = meta.sdpa_prefill()
+    for batch in sdpa.short:
         heads, dim = query.shape[1:]
         kv_heads = k_cache.shape[0]
         q = query.index_select(0, batch.query_rows).view(batch.n, batch.max_q, heads, dim).transpose(1, 2)
@@ -295,7 +331,7 @@ def _cpu_paged_attention(
         v = v_cache.index_select(1, batch.slots).view(kv_heads, batch.n, batch.max_ctx, dim).transpose(0, 1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask, scale=scale, enable_gqa=True)
         out[batch.out_rows] = o.transpose(1, 2).reshape(-1, heads, dim)[batch.valid]
-    for start, end, slots, mask in meta.prefill:
+    for start, end, slots, mask in sdpa.long:
         q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         k = k_cache.index_select(1, slots).unsqueeze(0)  # [1, Hkv, ctx, D]
         v = v_cache.index_select(1, slots).unsqueeze(0)

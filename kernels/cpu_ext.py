@@ -101,14 +101,14 @@ def ops():
     return torch.ops.quantkit_cpu if available() else None
 
 
-def int4_available() -> bool:
-    """True when the linear kernels (int4 GEMM, bf16 GEMV) are there: they need AVX-512 BF16."""
-    return available() and _int4_compiled()
+def bf16_available() -> bool:
+    """True when the kernels that need AVX-512 BF16 are there: int4 GEMM, bf16 GEMV, bf16 prefill attention."""
+    return available() and _bf16_compiled()
 
 
 @functools.cache
-def _int4_compiled() -> bool:
-    return bool(torch.ops.quantkit_cpu.int4_available())
+def _bf16_compiled() -> bool:
+    return bool(torch.ops.quantkit_cpu.bf16_available())
 
 
 @functools.cache

@@ -88,7 +88,7 @@ def _check_group_size(in_features: int, n_groups: int) -> int:
 
 def prepare_cpu_int4(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> CpuInt4Weight | NativeInt4Weight:
     """Repack an AWQ GEMM triplet for the fastest CPU kernel this machine has (done once, at load)."""
-    if cpu_ext.int4_available():
+    if cpu_ext.bf16_available():
         return prepare_native_int4(qweight, qzeros, scales)
     return prepare_torch_int4(qweight, qzeros, scales)
 

@@ -27,7 +27,7 @@ GEMV_MAX_ROWS = 4
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in].T (+ bias) in x's dtype."""
     if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
-            and x.shape[0] <= GEMV_MAX_ROWS and x.shape[1] % 32 == 0 and weight.is_contiguous() and cpu_ext.int4_available()):
+            and x.shape[0] <= GEMV_MAX_ROWS and x.shape[1] % 32 == 0 and weight.is_contiguous() and cpu_ext.bf16_available()):
         out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
         cpu_ext.op("dense_gemv")(x.contiguous(), weight, out)
         return out if bias is None else out + bias

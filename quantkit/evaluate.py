@@ -208,15 +208,29 @@ class QuantkitLM(TemplateLM):
 
 
 # ---------------------------------------------------------------------------- baseline vs candidate
-def run_tasks(model: str, tasks: list[str], limit: int | None, dtype: str) -> tuple[dict, float]:
-    """lm-eval's per-task metrics for one model, and the wall time."""
+def run_tasks(
+    model: str, tasks: list[str], limit: int | None, dtype: str, per_example: dict[str, dict[int, float]] | None = None
+) -> tuple[dict, float]:
+    """lm-eval's per-task metrics for one model, and the wall time.
+
+    With `per_example` (a dict to fill), each accuracy task's primary metric is also recorded per
+    document ({task: {doc_id: 0.0 | 1.0}}), so that two models can be compared example by example.
+    """
     from lm_eval import simple_evaluate
 
     from quantkit.eval_tasks import task_manager
 
     start = time.perf_counter()
     lm = QuantkitLM(model, dtype=dtype)
-    out = simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=task_manager(), log_samples=False, bootstrap_iters=0)
+    out = simple_evaluate(
+        model=lm, tasks=tasks, limit=limit, task_manager=task_manager(), log_samples=per_example is not None, bootstrap_iters=0
+    )
+    if per_example is not None:
+        for task, samples in out.get("samples", {}).items():
+            metric = primary_metric(task, {})[0]
+            values = {s["doc_id"]: s[metric] for s in samples if isinstance(s.get(metric), (int, float))}
+            if values:
+                per_example[task] = values
     return out["results"], time.perf_counter() - start
 
 

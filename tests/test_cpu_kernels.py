@@ -52,7 +52,7 @@ def kernels_impl(request, monkeypatch):
     """Tests that take this run twice: on quantkit's C++ kernels and on the plain-torch fallbacks."""
     monkeypatch.setattr(cpu_ext, "ENABLED", request.param == "c++ kernel")
     if request.param == "c++ kernel":
-        assert cpu_ext.available() and cpu_ext.ops().int4_available(), "quantkit's C++ CPU kernels did not build on this machine (see the warning)"
+        assert cpu_ext.available() and cpu_ext.ops().bf16_available(), "quantkit's C++ CPU kernels did not build on this machine (see the warning)"
     return request.param
 
 
@@ -119,7 +119,7 @@ def test_build_linear_picks_packed_or_dense_from_the_checkpoint():
 
 def native_ops():
     ops = cpu_ext.ops()
-    assert ops is not None and ops.int4_available(), "quantkit's C++ int4 kernel is not available on this machine"
+    assert ops is not None and ops.bf16_available(), "quantkit's C++ int4 kernel is not available on this machine"
     return ops
 
 
@@ -229,7 +229,7 @@ def test_short_prefill_chunks_split_into_several_padded_batches(monkeypatch, ker
 
     monkeypatch.setattr(attention, "SHORT_PREFILL_BATCH", 2)
     query, k_cache, v_cache, meta = random_paged_case([5, 30, 17, 2, 9], [5, 4, 17, 2, 1], 4, 2, 32, 16, torch.float32, seed=5)
-    assert [b.n for b in meta.short_prefill] == [2, 2]  # four prefill chunks, two per batch; one decode row
+    assert [b.n for b in meta.sdpa_prefill().short] == [2, 2]  # four prefill chunks, two per batch; one decode row
     out = torch.full_like(query, float("nan"))
     paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=32**-0.5, out=out)
     expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 32**-0.5)
@@ -286,7 +286,7 @@ def test_windowed_plans_gather_only_the_window_and_are_made_once_per_step(kernel
         assert plan.decode_slots.shape == (2, 8) and plan.decode_mask is None  # both decoding sequences are past the window
     else:  # the kernel reads the block tables itself and gets the window as an argument
         assert plan.decode_slots is None and plan.decode_seqs.tolist() == [0, 2]
-    (_, _, slots, mask), = plan.prefill  # the 300-token prompt: keys from its first query's window on, all of them here
+    (_, _, slots, mask), = plan.sdpa_prefill().long  # the 300-token prompt: keys from its first query's window on, all of them here
     assert slots.numel() == 300 and mask.shape == (300, 300) and int(mask.sum(1).max()) == 8
     out = paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=0.125, window=8)
     expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 0.125, 8)
@@ -338,6 +338,108 @@ def test_cpp_decode_kernel_is_batch_invariant():
         alone_meta = AttentionMetadata.build([meta.block_tables[i].tolist()], [meta.context_lens_list[i]], [1], 16)
         alone = paged_attention(query[i : i + 1], k_cpu, v_cpu, alone_meta, scale=0.125)
         assert torch.equal(alone[0], together[i])
+
+
+# ---------------------------------------------------------------- the C++ bf16 prefill kernel itself
+
+
+def run_prefill_kernel(query, k_cache, v_cache, meta, scale, window=0, out=None):
+    out = torch.full_like(query, float("nan")) if out is None else out
+    cpu_ext.ops().paged_prefill(query, cpu_layout(k_cache), cpu_layout(v_cache), meta.block_tables, meta.context_lens, meta.prefill_starts,
+                                meta.prefill_lens, meta.prefill_seqs, meta.block_size, scale, window, out)
+    return out
+
+
+PREFILL_CASES = {
+    # query lengths around the kernel's 16-position tiles, contexts around its 32-key chunks and the blocks
+    "whole prompts": ([2, 15, 16, 17, 31, 32, 33, 100], [2, 15, 16, 17, 31, 32, 33, 100]),
+    "chunks after cached tokens": ([20, 47, 64, 65, 300], [3, 17, 32, 2, 129]),
+    "prefill among decode rows": ([9, 40, 3, 17, 70], [1, 12, 3, 1, 70]),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFILL_CASES))
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (8, 2, 128)])
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_cpp_prefill_kernel_matches_reference(case, heads, kv_heads, head_dim, block_size):
+    assert cpu_ext.bf16_available(), "quantkit's bf16 C++ kernels did not build on this machine (see the warning)"
+    context_lens, query_lens = PREFILL_CASES[case]
+    query, k_cache, v_cache, meta = random_paged_case(context_lens, query_lens, heads, kv_heads, head_dim, block_size, torch.bfloat16,
+                                                      seed=head_dim + block_size + heads)
+    out = run_prefill_kernel(query, k_cache, v_cache, meta, head_dim**-0.5)
+    expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, head_dim**-0.5)
+    prefill = torch.ones(query.shape[0], dtype=torch.bool)
+    if meta.decode_rows is not None:
+        prefill[meta.decode_rows] = False
+    assert out[~prefill].isnan().all()  # decode rows belong to the decode kernel: left alone
+    assert not out[prefill].isnan().any()
+    assert rel_err(out[prefill], expected[prefill]) < BF16_RTOL
+
+
+@pytest.mark.parametrize("window", [1, 5, 32, 45])
+def test_cpp_prefill_kernel_sliding_window_matches_reference(window):
+    assert cpu_ext.bf16_available()
+    query, k_cache, v_cache, meta = random_paged_case([300, 70, 20], [300, 33, 20], 6, 2, 64, 16, torch.bfloat16, seed=window)
+    out = run_prefill_kernel(query, k_cache, v_cache, meta, 0.125, window=window)
+    expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 0.125, window)
+    assert not out.isnan().any()
+    assert rel_err(out, expected) < BF16_RTOL
+
+
+def test_cpp_prefill_kernel_handles_large_logits_and_strided_query_rows():
+    # Logits of several hundred (a query aligned with its keys) must not overflow the softmax, and
+    # the model hands q over as a view into the fused [T, H + 2 Hkv, D] projection.
+    assert cpu_ext.bf16_available()
+    query, k_cache, v_cache, meta = random_paged_case([90, 40], [90, 40], 9, 3, 64, 16, torch.bfloat16, seed=21)
+    query = (query.float() * 8).to(torch.bfloat16)
+    fused = torch.cat([query, torch.randn(query.shape[0], 6, 64).to(torch.bfloat16)], dim=1)
+    strided = fused[:, :9]
+    assert not strided.is_contiguous()
+    out = run_prefill_kernel(strided, k_cache, v_cache, meta, 1.0)
+    expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 1.0)
+    assert not out.isnan().any()
+    assert rel_err(out, expected) < BF16_RTOL
+
+
+def test_cpp_prefill_kernel_rows_do_not_depend_on_batch_or_chunking():
+    # A prompt's rows are the same bit for bit alone, among other prompts, and computed as two
+    # chunks (the second after cached tokens), as chunked prefill and continuous batching need.
+    assert cpu_ext.bf16_available()
+    query, k_cache, v_cache, meta = random_paged_case([77, 130, 5], [77, 130, 5], 9, 3, 64, 16, torch.bfloat16, seed=8)
+    together = run_prefill_kernel(query, k_cache, v_cache, meta, 0.125)
+    table, start = meta.block_tables[1].tolist(), meta.cu[1]
+    alone_meta = AttentionMetadata.build([table], [130], [130], 16)
+    alone = run_prefill_kernel(query[start : start + 130], k_cache, v_cache, alone_meta, 0.125)
+    assert torch.equal(alone, together[start : start + 130])
+    first = AttentionMetadata.build([table], [50], [50], 16)  # positions 0..49
+    second = AttentionMetadata.build([table], [130], [80], 16)  # positions 50..129 over the cached 0..49
+    chunked = torch.cat([run_prefill_kernel(query[start : start + 50], k_cache, v_cache, first, 0.125),
+                         run_prefill_kernel(query[start + 50 : start + 130], k_cache, v_cache, second, 0.125)])
+    assert torch.equal(chunked, together[start : start + 130])
+
+
+def test_cpp_prefill_kernel_rejects_what_it_does_not_compute_with_a_message():
+    assert cpu_ext.bf16_available()
+    query, k_cache, v_cache, meta = random_paged_case([20], [20], 4, 2, 32, 16, torch.bfloat16, seed=2)
+    with pytest.raises(RuntimeError, match="head dim 32 is not supported"):
+        run_prefill_kernel(query, k_cache, v_cache, meta, 0.2)
+    query, k_cache, v_cache, meta = random_paged_case([20], [20], 4, 2, 64, 16, torch.float32, seed=2)
+    with pytest.raises(RuntimeError, match="must be bf16"):
+        run_prefill_kernel(query, k_cache, v_cache, meta, 0.2)
+
+
+def test_paged_attention_uses_the_prefill_kernel_for_bf16_and_sdpa_otherwise(monkeypatch):
+    import quantkit.kernels.attention as attention
+
+    calls, sdpa = [], attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    for head_dim, sdpa_calls in [(64, 0), (24, 1)]:  # 24: a head dim the kernel is not compiled for
+        calls.clear()
+        query, k_cache, v_cache, meta = random_paged_case([40], [40], 4, 2, head_dim, 16, torch.bfloat16, seed=4)
+        out = paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=0.125)
+        expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 0.125)
+        assert len(calls) == sdpa_calls and (meta._sdpa is None) == (sdpa_calls == 0)  # no SDPA plan is made for the kernel
+        assert rel_err(out, expected) < BF16_RTOL
 
 
 # ---------------------------------------------------------------- RMSNorm (kernels/norm.py)

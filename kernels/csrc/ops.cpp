@@ -1,14 +1,15 @@
 // quantkit's own CPU kernels: the operator schemas of torch.ops.quantkit_cpu.*, built together by
 // kernels/cpu_ext.py. The implementations live in attention.cpp (paged_decode, rope_store),
-// linear.cpp (int4_pack, int4_linear, int4_dequantize, dense_gemv) and elementwise.cpp (rms_norm,
-// add_rms_norm, silu_and_mul).
+// prefill.cpp (paged_prefill), linear.cpp (int4_pack, int4_linear, int4_dequantize, dense_gemv) and
+// elementwise.cpp (rms_norm, add_rms_norm, silu_and_mul).
 
 #include <torch/library.h>
 
 namespace {
 
-// The linear kernels are compiled only where the compiler targets AVX-512 BF16 (-march=native).
-bool int4_available() {
+// The linear kernels and the prefill attention are compiled only where the compiler targets
+// AVX-512 BF16 (-march=native).
+bool bf16_available() {
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
   return true;
 #else
@@ -19,7 +20,7 @@ bool int4_available() {
 }  // namespace
 
 TORCH_LIBRARY(quantkit_cpu, m) {
-  m.def("int4_available() -> bool", int4_available);
+  m.def("bf16_available() -> bool", bf16_available);
   m.def("int4_pack(Tensor codes) -> Tensor");
   m.def("int4_linear(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int group_size, Tensor(a!) out) -> ()");
   m.def("int4_dequantize(Tensor packed, Tensor scales, Tensor zeros, int group_size, Tensor(a!) out) -> ()");
@@ -31,4 +32,6 @@ TORCH_LIBRARY(quantkit_cpu, m) {
   m.def("silu_and_mul(Tensor gate_up, Tensor(a!) out) -> ()");
   m.def("paged_decode(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "Tensor rows, Tensor seqs, int block_size, float scale, int window, Tensor(a!) out) -> ()");
+  m.def("paged_prefill(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
+        "Tensor starts, Tensor q_lens, Tensor seqs, int block_size, float scale, int window, Tensor(a!) out) -> ()");
 }
