@@ -112,7 +112,7 @@ inline void for_each_slot(const DecodeTask& t, Fn&& fn) {
 
 // Calls fn(i, row) for the attended positions in order: i indexes the scores, row is the
 // position's K (or V) row of this head, widened to fp32 in CHUNKS registers. While it reads a
-// block it prefetches the same row of the sequence's next block: blocks lie anywhere in the
+// block it prefetches the same row PREFETCH_BLOCKS blocks ahead: blocks lie anywhere in the
 // cache, so the hardware prefetcher loses the stream at every block boundary.
 constexpr int64_t PREFETCH_BLOCKS = 2;  // blocks ahead (1 and 4 measured no better)
 template <int CHUNKS, typename T, typename Fn>
@@ -171,14 +171,13 @@ template <int CHUNKS>
 void bf16_scores(const c10::BFloat16* q, const c10::BFloat16* k_head, const DecodeTask& t, const int64_t* slots, int64_t G, float* scores) {
   constexpr int64_t D = CHUNKS * 16, WORDS = D / 32;  // a row is WORDS registers of 32 bf16
   const int64_t len = t.last - t.first;
-  alignas(64) static const c10::BFloat16 zero_row[D] = {};
   const c10::BFloat16* rows[16];
   const __m512 scale = _mm512_set1_ps(t.scale);
   for (int64_t i0 = 0; i0 < len; i0 += 16) {
     const int64_t n = std::min<int64_t>(16, len - i0);
     // Blocks lie anywhere in the cache, so the hardware prefetcher loses the stream at each one.
     prefetch_rows<D>(k_head, slots, std::min(len, i0 == 0 ? 0 : i0 + AHEAD), std::min(len, i0 + 16 + AHEAD));
-    for (int64_t j = 0; j < 16; ++j) rows[j] = j < n ? k_head + slots[i0 + j] * D : zero_row;
+    for (int64_t j = 0; j < 16; ++j) rows[j] = j < n ? k_head + slots[i0 + j] * D : zero_row<D>;
     for (int64_t g = 0; g < G; ++g) {
       __m512bh qg[WORDS];
       for (int w = 0; w < WORDS; ++w) qg[w] = (__m512bh)_mm512_loadu_si512(q + g * D + w * 32);
@@ -201,7 +200,6 @@ template <int CHUNKS, int GROUPS>
 void bf16_values(const float* probs, const c10::BFloat16* v_head, const DecodeTask& t, const int64_t* slots, float* acc) {
   constexpr int64_t D = CHUNKS * 16, WORDS = D / 32;
   const int64_t len = t.last - t.first, padded = (len + 1) & ~int64_t(1);
-  alignas(64) static const c10::BFloat16 zero_row[D] = {};
   std::vector<uint16_t> pb(GROUPS * padded, 0);  // bf16 probabilities, an even count per head
   for (int g = 0; g < GROUPS; ++g) from_floats(probs + g * len, reinterpret_cast<c10::BFloat16*>(pb.data() + g * padded), len);
   __m512 a[GROUPS][2 * WORDS];
@@ -209,7 +207,7 @@ void bf16_values(const float* probs, const c10::BFloat16* v_head, const DecodeTa
     for (int c = 0; c < 2 * WORDS; ++c) a[g][c] = _mm512_setzero_ps();
   for (int64_t i = 0; i < len; i += 2) {
     const c10::BFloat16* r0 = v_head + slots[i] * D;
-    const c10::BFloat16* r1 = i + 1 < len ? v_head + slots[i + 1] * D : zero_row;
+    const c10::BFloat16* r1 = i + 1 < len ? v_head + slots[i + 1] * D : zero_row<D>;
     prefetch_rows<D>(v_head, slots, std::min(len, i == 0 ? 0 : i + AHEAD), std::min(len, i + 2 + AHEAD));
     __m512bh pairs[2 * WORDS];
     for (int w = 0; w < WORDS; ++w) {
@@ -218,9 +216,7 @@ void bf16_values(const float* probs, const c10::BFloat16* v_head, const DecodeTa
       pairs[2 * w + 1] = (__m512bh)_mm512_unpackhi_epi16(x0, x1);
     }
     for (int g = 0; g < GROUPS; ++g) {
-      uint32_t p;
-      std::memcpy(&p, pb.data() + g * padded + i, sizeof p);
-      const __m512bh pp = (__m512bh)_mm512_set1_epi32(static_cast<int>(p));
+      const __m512bh pp = broadcast_pair(reinterpret_cast<const c10::BFloat16*>(pb.data() + g * padded + i));
       for (int c = 0; c < 2 * WORDS; ++c) a[g][c] = _mm512_dpbf16_ps(a[g][c], pp, pairs[c]);
     }
   }
@@ -246,8 +242,10 @@ void decode_avx512(const T* q, const T* k_head, const T* v_head, T* out, const D
   const int64_t len = t.last - t.first, G = GROUPS > 0 ? GROUPS : t.groups;
   scores.resize(G * len);
 #if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, c10::BFloat16> && CHUNKS % 2 == 0) {
-    bf16_scores<CHUNKS>(q, k_head, t, task_slots(t), G, scores.data());
+  constexpr bool BF16_PASSES = std::is_same_v<T, c10::BFloat16> && CHUNKS % 2 == 0;
+  const int64_t* slots = BF16_PASSES ? task_slots(t) : nullptr;  // both bf16 passes read them
+  if constexpr (BF16_PASSES) {
+    bf16_scores<CHUNKS>(q, k_head, t, slots, G, scores.data());
   } else
 #endif
   {
@@ -265,9 +263,9 @@ void decode_avx512(const T* q, const T* k_head, const T* v_head, T* out, const D
   std::vector<float> sums(G);
   for (int64_t g = 0; g < G; ++g) sums[g] = exp_shifted(scores.data() + g * len, len);
 #if defined(__AVX512BF16__)
-  if constexpr (GROUPS > 0 && std::is_same_v<T, c10::BFloat16> && CHUNKS % 2 == 0) {
+  if constexpr (GROUPS > 0 && BF16_PASSES) {
     acc.resize(G * D);
-    bf16_values<CHUNKS, GROUPS>(scores.data(), v_head, t, task_slots(t), acc.data());
+    bf16_values<CHUNKS, GROUPS>(scores.data(), v_head, t, slots, acc.data());
   } else
 #endif
   if constexpr (GROUPS > 0) {

@@ -69,6 +69,21 @@ inline __m512 exp_nonpositive16(__m512 x) {
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// A pair of bf16 values (two consecutive elements, as one 32-bit word) in all 16 lanes: the
+// broadcast operand of vdpbf16ps, which sums the two products per fp32 lane.
+inline __m512bh broadcast_pair(uint32_t pair) { return (__m512bh)_mm512_set1_epi32(static_cast<int>(pair)); }
+inline __m512bh broadcast_pair(const c10::BFloat16* x) {
+  uint32_t pair;
+  std::memcpy(&pair, x, sizeof pair);
+  return broadcast_pair(pair);
+}
+
+// A row of D zeros, read in place of a key or value past the end of a sequence.
+template <int64_t D>
+alignas(64) inline const c10::BFloat16 zero_row[D] = {};
+#endif
+
 // A row of T as fp32 (vectorized where the loop over a 16-bit struct type would not be).
 template <typename T>
 inline void to_floats(const T* src, float* dst, int64_t n) {

@@ -68,12 +68,6 @@ inline __m512i code_table() {  // bf16 bit patterns of 0, 1, ..., 15
                           0x4100, 0x40e0, 0x40c0, 0x40a0, 0x4080, 0x4040, 0x4000, 0x3f80, 0x0000);
 }
 
-inline __m512bh broadcast_pair(const c10::BFloat16* x) {
-  int32_t pair;
-  std::memcpy(&pair, x, sizeof pair);
-  return (__m512bh)_mm512_set1_epi32(pair);
-}
-
 // Scale s and s * z of one group for one chunk of 16 columns (fp32, exact).
 inline void group_constants(const c10::Half* scales, const uint8_t* zeros, __m512& s, __m512& sz) {
   s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales)));

@@ -76,9 +76,6 @@ void pack_head(const Sequence& s, const uint16_t* k_head, const uint16_t* v_head
   }
 }
 
-inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
-inline __m512bh broadcast_pair(uint32_t pair) { return as_bh(_mm512_set1_epi32(static_cast<int>(pair))); }
-
 // S[r][0..31] = Q[r] . K[chunk] for 8 rows at a time (16 accumulators).
 template <int64_t D>
 inline void scores8(const uint32_t* q, const uint32_t* kt, float* s) {
@@ -86,7 +83,7 @@ inline void scores8(const uint32_t* q, const uint32_t* kt, float* s) {
   __m512 acc[8][2];
   for (int r = 0; r < 8; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
   for (int64_t dp = 0; dp < PAIRS; ++dp) {
-    const __m512bh k0 = as_bh(_mm512_loadu_si512(kt + dp * KEYS)), k1 = as_bh(_mm512_loadu_si512(kt + dp * KEYS + 16));
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kt + dp * KEYS), k1 = (__m512bh)_mm512_loadu_si512(kt + dp * KEYS + 16);
     for (int r = 0; r < 8; ++r) {
       const __m512bh b = broadcast_pair(q[r * PAIRS + dp]);
       acc[r][0] = _mm512_dpbf16_ps(acc[r][0], b, k0);
@@ -110,7 +107,7 @@ inline void accumulate(const uint32_t* p, const uint32_t* vp, const float* resca
   }
   for (int64_t kp = 0; kp < KEYS / 2; ++kp) {
     __m512bh v[OC];
-    for (int64_t oc = 0; oc < OC; ++oc) v[oc] = as_bh(_mm512_loadu_si512(vp + kp * D + oc * 16));
+    for (int64_t oc = 0; oc < OC; ++oc) v[oc] = (__m512bh)_mm512_loadu_si512(vp + kp * D + oc * 16);
     for (int r = 0; r < ROWS; ++r) {
       const __m512bh b = broadcast_pair(p[r * (KEYS / 2) + kp]);
       for (int64_t oc = 0; oc < OC; ++oc) acc[r][oc] = _mm512_dpbf16_ps(acc[r][oc], b, v[oc]);
