@@ -51,17 +51,14 @@ class QuantLinear(nn.Module):
             self.cpu_weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        if self.awq is not None:
-            from .triton_gemm import w4a16_gemm
+        if x.dim() != 2:  # the runtime passes [tokens, in]; other callers may add leading dims
+            return self.forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        if self.awq is None:
+            return cpu_int4.int4_matmul(x, self.cpu_weight, self.bias)
+        from .triton_gemm import w4a16_gemm
 
-            y = w4a16_gemm(x2, *self.awq)
-            if self.bias is not None:
-                y = y + self.bias.to(y.dtype)
-        else:
-            y = cpu_int4.int4_matmul(x2, self.cpu_weight, self.bias)
-        return y.reshape(*lead, self.out_features)
+        y = w4a16_gemm(x, *self.awq)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def weight_bytes(self) -> int:
         """Bytes of packed weight the kernels read per call (codes + scales + zeros)."""
@@ -81,9 +78,9 @@ class DenseLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = dense_linear(x.to(self.weight.dtype).reshape(-1, self.in_features), self.weight, self.bias)
-        return y.reshape(*lead, self.out_features)
+        if x.dim() != 2:
+            return self.forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        return dense_linear(x.to(self.weight.dtype), self.weight, self.bias)
 
     def weight_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()

@@ -13,6 +13,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.kernels import cpu_ext
 from quantkit.kernels.attention import AttentionMetadata, allocate_kv_cache
+from quantkit.kernels.logprobs import target_logprobs
 from quantkit.kernels.threads import cpu_threads, threads_for_tokens
 
 from .models import MODEL_CLASSES
@@ -101,10 +102,10 @@ class ModelRunner:
         logprobs, greedy = [], []
         with cpu_threads(self.max_threads):
             for i in range(0, rows.numel(), chunk):
-                logits = self.model.compute_logits(hidden[rows[i : i + chunk]])
-                t = targets[i : i + chunk].unsqueeze(1)
-                logprobs.append(logits.log_softmax(-1).gather(1, t).squeeze(1))
-                greedy.append(logits.argmax(-1) == t.squeeze(1))
+                logits = self.model.compute_logits(hidden[rows[i : i + chunk]], upcast=False)
+                chosen, is_greedy = target_logprobs(logits, targets[i : i + chunk])
+                logprobs.append(chosen)
+                greedy.append(is_greedy)
         return torch.cat(logprobs), torch.cat(greedy)
 
     @torch.inference_mode()

@@ -553,3 +553,53 @@ def test_the_switch_is_read_from_the_environment_at_import(value, enabled):
     code = "from quantkit.kernels import cpu_ext; print(cpu_ext.ENABLED)"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, cpu_ext.SWITCH: value}, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(enabled)
+
+
+# ---------------------------------------------------------------- target log-probabilities (kernels/logprobs.py)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, FP32_RTOL), (torch.bfloat16, FP32_RTOL), (torch.float16, FP32_RTOL)])
+@pytest.mark.parametrize("vocab", [7, 1000, 49152])  # 7: under one 16-wide vector; 1000: a tail after the vectors
+def test_target_logprobs_match_a_float64_log_softmax(dtype, rtol, vocab, kernels_impl):
+    from quantkit.kernels.logprobs import target_logprobs
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(37, vocab, generator=g) * 8).to(dtype)  # wide logits: a peaked softmax, as a model's
+    targets = torch.randint(0, vocab, (37,), generator=g)
+    argmax = logits.double().argmax(-1)
+    targets[::3] = argmax[::3]  # a third of the rows score their greedy token
+    logprobs, greedy = target_logprobs(logits, targets)
+    expected = logits.double().log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    # The inputs are exact in every dtype, so only the fp32 arithmetic differs from the reference.
+    assert logprobs.dtype == torch.float32 and rel_err(logprobs, expected) < rtol
+    assert torch.equal(greedy, argmax == targets)
+
+
+def test_target_logprobs_call_the_first_of_tied_maxima_greedy_as_argmax_does(kernels_impl):
+    from quantkit.kernels.logprobs import target_logprobs
+
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    logits[:, [5, 40, 99]] = 50.0  # three tied maxima per row, in different 16-lane vectors and the tail
+    logprobs, greedy = target_logprobs(logits, torch.tensor([5, 40, 99]))
+    assert greedy.tolist() == [True, False, False]
+    expected = logits.double().log_softmax(-1)[0, 5]
+    assert torch.allclose(logprobs, torch.full((3,), float(expected), dtype=torch.float32), rtol=FP32_RTOL)
+
+
+def test_target_logprobs_read_strided_rows_without_copying_them(kernels_impl):
+    from quantkit.kernels.logprobs import target_logprobs
+
+    wide = torch.randn(8, 2 * 500, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    logits = wide[:, :500]  # rows 1,000 apart: the kernel reads them in place
+    targets = torch.arange(8) * 60
+    logprobs, _ = target_logprobs(logits, targets)
+    expected = logits.double().log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    assert rel_err(logprobs, expected) < FP32_RTOL
+
+
+def test_target_logprobs_kernel_rejects_a_target_outside_the_vocabulary():
+    native_ops()
+    logits = torch.randn(2, 32).to(torch.bfloat16)
+    out, greedy = torch.empty(2), torch.empty(2, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="target 32 of row 1 is outside the vocabulary of 32"):
+        torch.ops.quantkit_cpu.target_logprobs(logits, torch.tensor([0, 32]), out, greedy)

@@ -1,7 +1,7 @@
 // quantkit's own CPU kernels: the operator schemas of torch.ops.quantkit_cpu.*, built together by
 // kernels/cpu_ext.py. The implementations live in attention.cpp (paged_decode, rope_store),
 // prefill.cpp (paged_prefill), linear.cpp (int4_pack, int4_linear, int4_dequantize, dense_gemv) and
-// elementwise.cpp (rms_norm, add_rms_norm, silu_and_mul).
+// elementwise.cpp (rms_norm, add_rms_norm, silu_and_mul, target_logprobs).
 
 #include <torch/library.h>
 
@@ -30,6 +30,7 @@ TORCH_LIBRARY(quantkit_cpu, m) {
   m.def("rope_store(Tensor(a!) qk, Tensor v, Tensor cos, Tensor signed_sin, Tensor(b!) k_cache, Tensor(c!) v_cache, Tensor slot_mapping, "
         "int num_heads) -> ()");
   m.def("silu_and_mul(Tensor gate_up, Tensor(a!) out) -> ()");
+  m.def("target_logprobs(Tensor logits, Tensor targets, Tensor(a!) logprobs, Tensor(b!) greedy) -> ()");
   m.def("paged_decode(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "Tensor rows, Tensor seqs, int block_size, float scale, int window, Tensor(a!) out) -> ()");
   m.def("paged_prefill(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "

@@ -137,8 +137,11 @@ class Gemma3ForCausalLM(nn.Module):
             x = layer(x, local_rope if layer.local else global_rope, kv_cache, meta)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits for the rows that sample (soft-capped if the config says so)."""
-        logits = dense_linear(hidden, self.lm_head).float()
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Logits of the given rows, soft-capped if the config says so: fp32, or (upcast=False and no
+        cap) in the compute dtype; the cap is always applied in fp32."""
+        logits = dense_linear(hidden, self.lm_head)
         cap = self.config.final_logit_softcapping
-        return logits if cap is None else torch.tanh(logits / cap) * cap
+        if cap is None:
+            return logits.float() if upcast else logits
+        return torch.tanh(logits.float() / cap) * cap

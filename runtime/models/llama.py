@@ -288,6 +288,8 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, rope, kv_cache, meta)
         return self.norm.add_and_norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """fp32 logits for the rows that sample."""
-        return dense_linear(hidden, self.lm_head).float()
+    def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
+        """Logits of the given rows: fp32 for sampling; upcast=False leaves them in the compute
+        dtype for a consumer that reads them in fp32 itself (scoring's target_logprobs)."""
+        logits = dense_linear(hidden, self.lm_head)
+        return logits.float() if upcast else logits
