@@ -6,9 +6,12 @@ import datetime
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
+
+from quantkit.kernels import cpu_ext
 
 
 def machine() -> dict:
@@ -18,6 +21,10 @@ def machine() -> dict:
         cpu = "unknown"
     return {
         "cpu": cpu,
+        # AVX2 or AVX512: without AVX-512 BF16, bf16 matmuls are emulated (17 GFLOP/s on an AVX2
+        # machine here, 883 on an AVX-512 one), so figures from the two kinds are not comparable
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_instructions": cpu_ext.cpu_has_bf16_instructions(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -31,3 +38,37 @@ def write_results(path: Path, results: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"date": datetime.date.today().isoformat(), "machine": machine(), **results}, indent=2))
     print(f"wrote {path}")
+
+
+def matmul_peak(seconds: float = 1.0) -> float:
+    """bf16 FLOP/s of a large matmul of the default model's widest shape (4096 rows through the fused
+    gate/up projection, 576 -> 3072) on all threads: the arithmetic ceiling the floors below use."""
+    x = torch.randn(4096, 576).bfloat16()
+    w = torch.randn(3072, 576).bfloat16()
+    best = 0.0
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+        runs, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            torch.nn.functional.linear(x, w)
+            runs += 1
+        best = max(best, runs * 2 * x.shape[0] * w.shape[0] * w.shape[1] / (time.perf_counter() - start))
+    return best
+
+
+def model_flops(config, tokens: int, head_rows: int, attention_pairs: int) -> dict[str, float]:
+    """Matmul FLOPs for a Llama-family runtime config: the decoder's linears per computed token, the
+    output head per row that needs logits, and attention (Q K^T and P V) per causal query-key pair."""
+    d, h, kv, hd, inter, layers = (config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+                                   config.intermediate_size, config.num_layers)
+    linear_params = layers * (d * (h + 2 * kv) * hd + h * hd * d + 3 * d * inter)
+    return {
+        "linears": 2 * linear_params * tokens,
+        "head": 2 * d * config.vocab_size * head_rows,
+        "attention": 4 * layers * h * hd * attention_pairs,
+    }
+
+
+def causal_pairs(start: int, length: int) -> int:
+    """Query-key pairs of `length` new tokens after `start` cached ones: each sees its past and itself."""
+    return length * start + length * (length + 1) // 2

@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from common import write_results  # noqa: E402
-from quantkit.eval_tasks import DEFAULT_TASKS, resolve_tasks, task_manager  # noqa: E402
+from quantkit.eval_tasks import DEFAULT_TASKS, resolve_tasks, task_manager_for  # noqa: E402
 from quantkit.evaluate import primary_metric, run_tasks, short_name  # noqa: E402
 from quantkit.sources import resolve_model  # noqa: E402
 
@@ -46,7 +46,7 @@ def speed(model_dir: Path, tasks: list[str], limits: dict[str, int], dtype: str,
         lm = make()
         for task in tasks:
             start = time.perf_counter()
-            out = simple_evaluate(model=lm, tasks=[task], limit=limits[task], task_manager=task_manager(), log_samples=False, bootstrap_iters=0)
+            out = simple_evaluate(model=lm, tasks=[task], limit=limits[task], task_manager=task_manager_for([task]), log_samples=False, bootstrap_iters=0)
             per_task[short_name(task)][name] = {"s": time.perf_counter() - start, "value": primary_metric(task, out["results"][task])[2]}
         del lm
     for row in per_task.values():

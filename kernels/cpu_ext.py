@@ -116,6 +116,16 @@ def _bf16_compiled() -> bool:
     return bool(torch.ops.quantkit_cpu.bf16_available())
 
 
+BF16_CPU_FLAGS = ("avx512bw", "avx512_bf16")
+
+
+def cpu_has_bf16_instructions() -> bool:
+    """True when this CPU has the instructions the bf16 kernels are written in (AVX-512 BW and
+    BF16). On other CPUs (AVX2 only, say) those kernels are not compiled and the runtime runs
+    PyTorch's ops instead; where the CPU has them, a build that lacks them is a failure."""
+    return set(BF16_CPU_FLAGS) <= set(_cpu_identity().replace(":", " ").split())
+
+
 @functools.cache
 def op(name: str):
     """One kernel's OpOverload, looked up once, for hot paths that have already chosen the kernel

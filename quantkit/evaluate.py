@@ -218,12 +218,12 @@ def run_tasks(
     """
     from lm_eval import simple_evaluate
 
-    from quantkit.eval_tasks import task_manager
+    from quantkit.eval_tasks import task_manager_for
 
     start = time.perf_counter()
     lm = QuantkitLM(model, dtype=dtype)
     out = simple_evaluate(
-        model=lm, tasks=tasks, limit=limit, task_manager=task_manager(), log_samples=per_example is not None, bootstrap_iters=0
+        model=lm, tasks=tasks, limit=limit, task_manager=task_manager_for(tasks), log_samples=per_example is not None, bootstrap_iters=0
     )
     if per_example is not None:
         for task, samples in out.get("samples", {}).items():

@@ -18,6 +18,20 @@ from quantkit.pack import pack_int4
 BF16_RTOL = 1e-2
 FP32_RTOL = 1e-5
 
+# The int4 GEMM, the bf16 GEMV and the bf16 prefill attention are written in AVX-512 BF16
+# instructions; on other CPUs they are not compiled and the runtime takes PyTorch's ops, which the
+# tests of the kernels' surface below check on every CPU. Their own tests need such a CPU.
+needs_bf16_kernels = pytest.mark.skipif(
+    not cpu_ext.cpu_has_bf16_instructions(),
+    reason=f"this CPU lacks {' and '.join(cpu_ext.BF16_CPU_FLAGS)}: quantkit's bf16 kernels are not built for it",
+)
+
+
+def cpu_kernels():
+    """torch.ops.quantkit_cpu: the portable C++ kernels build on every CPU with a compiler."""
+    assert cpu_ext.available(), "quantkit's C++ CPU kernels did not build on this machine (see the warning)"
+    return cpu_ext.ops()
+
 
 def random_awq(in_features: int, out_features: int, group_size: int, seed: int, unit_scales: bool = False):
     """A random AWQ GEMM triplet: random codes, random zero points, random positive fp16 scales."""
@@ -52,7 +66,7 @@ def kernels_impl(request, monkeypatch):
     """Tests that take this run twice: on quantkit's C++ kernels and on the plain-torch fallbacks."""
     monkeypatch.setattr(cpu_ext, "ENABLED", request.param == "c++ kernel")
     if request.param == "c++ kernel":
-        assert cpu_ext.available() and cpu_ext.ops().bf16_available(), "quantkit's C++ CPU kernels did not build on this machine (see the warning)"
+        cpu_kernels()
     return request.param
 
 
@@ -61,7 +75,8 @@ def kernels_impl(request, monkeypatch):
 def test_int4_matmul_bf16_matches_reference(rows, group_size, kernels_impl):
     qweight, qzeros, scales, _, _ = random_awq(384, 136, group_size, seed=rows * 1000 + group_size)
     weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
-    assert isinstance(weight, cpu_int4.NativeInt4Weight) == (kernels_impl == "c++ kernel")
+    native = kernels_impl == "c++ kernel" and cpu_ext.cpu_has_bf16_instructions()
+    assert isinstance(weight, cpu_int4.NativeInt4Weight) == native
     x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
     y = cpu_int4.int4_matmul(x, weight)
     assert y.dtype == torch.bfloat16 and y.shape == (rows, 136)
@@ -118,11 +133,14 @@ def test_build_linear_picks_packed_or_dense_from_the_checkpoint():
 
 
 def native_ops():
-    ops = cpu_ext.ops()
-    assert ops is not None and ops.bf16_available(), "quantkit's C++ int4 kernel is not available on this machine"
+    """The kernels written in AVX-512 BF16 (int4 GEMM, bf16 GEMV, bf16 prefill attention): a test of
+    them is marked needs_bf16_kernels, and on a CPU that has those instructions they must be built."""
+    ops = cpu_kernels()
+    assert ops.bf16_available(), "this CPU has AVX-512 BF16 but quantkit's bf16 kernels were not compiled for it"
     return ops
 
 
+@needs_bf16_kernels
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_pack_and_dequantize_keep_every_code_and_zero_exactly(group_size, dtype):
@@ -136,6 +154,7 @@ def test_native_pack_and_dequantize_keep_every_code_and_zero_exactly(group_size,
     assert torch.equal(w_t.float(), (codes - zeros.repeat_interleave(group_size, dim=0)).float())
 
 
+@needs_bf16_kernels
 def test_native_dequantize_is_exact_in_fp32_with_real_scales():
     native_ops()
     qweight, qzeros, scales, _, _ = random_awq(256, 72, 64, seed=11)
@@ -145,6 +164,7 @@ def test_native_dequantize_is_exact_in_fp32_with_real_scales():
     assert torch.equal(w_t, dequantize_awq(qweight, qzeros, scales, torch.float64).t().float())
 
 
+@needs_bf16_kernels
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 127])  # every row-tile remainder of the kernel
 @pytest.mark.parametrize("group_size", [32, 64, 256])
 def test_native_int4_linear_matches_reference_for_every_row_tiling(rows, group_size):
@@ -158,6 +178,7 @@ def test_native_int4_linear_matches_reference_for_every_row_tiling(rows, group_s
     assert rel_err(out, w4a16_matmul_ref(x, qweight, qzeros, scales)) < BF16_RTOL
 
 
+@needs_bf16_kernels
 def test_native_int4_linear_rows_do_not_depend_on_their_batch():
     # Batch invariance: a row's result is the same bits alone as among others (any row tile).
     qweight, qzeros, scales, _, _ = random_awq(576, 192, 32, seed=5)
@@ -169,6 +190,7 @@ def test_native_int4_linear_rows_do_not_depend_on_their_batch():
         assert torch.equal(cpu_int4.native_int4_linear(x[i : i + 1], weight)[0], together[i])
 
 
+@needs_bf16_kernels
 def test_native_kernel_rejects_mismatched_operands_with_a_message():
     ops = native_ops()
     qweight, qzeros, scales, _, _ = random_awq(128, 64, 32, seed=2)
@@ -358,11 +380,12 @@ PREFILL_CASES = {
 }
 
 
+@needs_bf16_kernels
 @pytest.mark.parametrize("case", list(PREFILL_CASES))
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 64), (8, 2, 128)])
 @pytest.mark.parametrize("block_size", [16, 32])
 def test_cpp_prefill_kernel_matches_reference(case, heads, kv_heads, head_dim, block_size):
-    assert cpu_ext.bf16_available(), "quantkit's bf16 C++ kernels did not build on this machine (see the warning)"
+    native_ops()
     context_lens, query_lens = PREFILL_CASES[case]
     query, k_cache, v_cache, meta = random_paged_case(context_lens, query_lens, heads, kv_heads, head_dim, block_size, torch.bfloat16,
                                                       seed=head_dim + block_size + heads)
@@ -376,9 +399,10 @@ def test_cpp_prefill_kernel_matches_reference(case, heads, kv_heads, head_dim, b
     assert rel_err(out[prefill], expected[prefill]) < BF16_RTOL
 
 
+@needs_bf16_kernels
 @pytest.mark.parametrize("window", [1, 5, 32, 45])
 def test_cpp_prefill_kernel_sliding_window_matches_reference(window):
-    assert cpu_ext.bf16_available()
+    native_ops()
     query, k_cache, v_cache, meta = random_paged_case([300, 70, 20], [300, 33, 20], 6, 2, 64, 16, torch.bfloat16, seed=window)
     out = run_prefill_kernel(query, k_cache, v_cache, meta, 0.125, window=window)
     expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 0.125, window)
@@ -386,10 +410,11 @@ def test_cpp_prefill_kernel_sliding_window_matches_reference(window):
     assert rel_err(out, expected) < BF16_RTOL
 
 
+@needs_bf16_kernels
 def test_cpp_prefill_kernel_handles_large_logits_and_strided_query_rows():
     # Logits of several hundred (a query aligned with its keys) must not overflow the softmax, and
     # the model hands q over as a view into the fused [T, H + 2 Hkv, D] projection.
-    assert cpu_ext.bf16_available()
+    native_ops()
     query, k_cache, v_cache, meta = random_paged_case([90, 40], [90, 40], 9, 3, 64, 16, torch.bfloat16, seed=21)
     query = (query.float() * 8).to(torch.bfloat16)
     fused = torch.cat([query, torch.randn(query.shape[0], 6, 64).to(torch.bfloat16)], dim=1)
@@ -401,10 +426,11 @@ def test_cpp_prefill_kernel_handles_large_logits_and_strided_query_rows():
     assert rel_err(out, expected) < BF16_RTOL
 
 
+@needs_bf16_kernels
 def test_cpp_prefill_kernel_rows_do_not_depend_on_batch_or_chunking():
     # A prompt's rows are the same bit for bit alone, among other prompts, and computed as two
     # chunks (the second after cached tokens), as chunked prefill and continuous batching need.
-    assert cpu_ext.bf16_available()
+    native_ops()
     query, k_cache, v_cache, meta = random_paged_case([77, 130, 5], [77, 130, 5], 9, 3, 64, 16, torch.bfloat16, seed=8)
     together = run_prefill_kernel(query, k_cache, v_cache, meta, 0.125)
     table, start = meta.block_tables[1].tolist(), meta.cu[1]
@@ -418,8 +444,9 @@ def test_cpp_prefill_kernel_rows_do_not_depend_on_batch_or_chunking():
     assert torch.equal(chunked, together[start : start + 130])
 
 
+@needs_bf16_kernels
 def test_cpp_prefill_kernel_rejects_what_it_does_not_compute_with_a_message():
-    assert cpu_ext.bf16_available()
+    native_ops()
     query, k_cache, v_cache, meta = random_paged_case([20], [20], 4, 2, 32, 16, torch.bfloat16, seed=2)
     with pytest.raises(RuntimeError, match="head dim 32 is not supported"):
         run_prefill_kernel(query, k_cache, v_cache, meta, 0.2)
@@ -433,7 +460,9 @@ def test_paged_attention_uses_the_prefill_kernel_for_bf16_and_sdpa_otherwise(mon
 
     calls, sdpa = [], attention.F.scaled_dot_product_attention
     monkeypatch.setattr(attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
-    for head_dim, sdpa_calls in [(64, 0), (24, 1)]:  # 24: a head dim the kernel is not compiled for
+    # 24: a head dim the kernel is not compiled for; 64 takes the kernel where the CPU has it
+    assert cpu_ext.bf16_available() == cpu_ext.cpu_has_bf16_instructions()
+    for head_dim, sdpa_calls in [(64, 0 if cpu_ext.bf16_available() else 1), (24, 1)]:
         calls.clear()
         query, k_cache, v_cache, meta = random_paged_case([40], [40], 4, 2, head_dim, 16, torch.bfloat16, seed=4)
         out = paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=0.125)
@@ -598,8 +627,18 @@ def test_target_logprobs_read_strided_rows_without_copying_them(kernels_impl):
 
 
 def test_target_logprobs_kernel_rejects_a_target_outside_the_vocabulary():
-    native_ops()
+    cpu_kernels()
     logits = torch.randn(2, 32).to(torch.bfloat16)
     out, greedy = torch.empty(2), torch.empty(2, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="target 32 of row 1 is outside the vocabulary of 32"):
         torch.ops.quantkit_cpu.target_logprobs(logits, torch.tensor([0, 32]), out, greedy)
+
+
+def test_int4_weights_take_quantkits_layout_exactly_where_the_cpu_has_bf16_instructions():
+    # On an AVX2-only CPU the int4 kernel is not compiled: the weights go to PyTorch's fused op.
+    qweight, qzeros, scales, _, _ = random_awq(128, 64, 32, seed=3)
+    weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
+    expected = cpu_int4.NativeInt4Weight if cpu_ext.cpu_has_bf16_instructions() else cpu_int4.CpuInt4Weight
+    assert type(weight) is expected
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    assert rel_err(cpu_int4.int4_matmul(x, weight), w4a16_matmul_ref(x, qweight, qzeros, scales)) < BF16_RTOL

@@ -256,6 +256,13 @@ def test_standard_lm_eval_tasks_pass_through(monkeypatch: pytest.MonkeyPatch) ->
     assert eval_tasks.resolve_tasks(["arc_easy", "wikitext", "mmlu"]) == ["arc_easy", "qk_wikitext", "mmlu"]
 
 
+def test_offline_tasks_get_a_task_manager_that_skips_indexing_the_standard_ones() -> None:
+    offline = eval_tasks.task_manager_for(["qk_piqa", "qk_wikitext"])
+    assert set(MIRRORS) <= set(offline.all_tasks) and "arc_easy" not in offline.all_tasks
+    mixed = eval_tasks.task_manager_for(["qk_piqa", "arc_easy"])
+    assert {"qk_piqa", "arc_easy"} <= set(mixed.all_tasks)
+
+
 def test_unknown_task_names_the_available_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(eval_tasks, "_standard_task_names", lambda: frozenset({"arc_easy"}))
     with pytest.raises(QuantkitError) as err:
