@@ -7,6 +7,7 @@ import json
 import platform
 import resource
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from .artifact import artifact_tensors, awq_quantization_config, check_output_di
 from .awq import BlockDone, ProgressFn, capture_block_inputs, check_group_sizes, quantize_blocks
 from .calibration import build_calibration_set, calibration_sha256, load_calibration_texts
 from .errors import QuantkitError
+from .kernels import cpu_ext
 from .models import get_adapter
 from .quantizer import SUPPORTED_BITS
 from .partial import PartialArtifact
@@ -142,6 +144,11 @@ def _check_settings(settings) -> None:
         raise QuantkitError(f"unknown method '{settings.method}'; use 'awq' or 'rtn'.")
     if settings.compute_dtype not in ("bfloat16", "float16", "float32"):
         raise QuantkitError(f"compute_dtype '{settings.compute_dtype}' is not supported; use bfloat16, float16 or float32.")
+    if settings.compute_dtype != "float32" and not torch.cuda.is_available() and not cpu_ext.cpu_has_bf16_instructions():
+        warnings.warn(
+            f"compute_dtype {settings.compute_dtype}: this CPU has no AVX-512 BF16, so {settings.compute_dtype} matmuls are emulated "
+            "(8.6x slower than fp32 at 256 rows on an AVX2 EPYC, benchmarks/dtype_paths.py); set compute_dtype: float32 in the "
+            "recipe for a faster calibration pass", RuntimeWarning, stacklevel=3)
     if settings.clip_style not in ("symmetric", "range"):
         raise QuantkitError(f"clip_style '{settings.clip_style}' is not supported; use symmetric or range.")
     if settings.bits not in SUPPORTED_BITS:

@@ -114,6 +114,27 @@ def test_resume_refuses_a_different_recipe(four_block_model, tmp_path):
         quantize(four_block_model, out, AWQ.with_overrides(seed=7), resume=True)
 
 
+@pytest.mark.parametrize("compute_dtype", ["bfloat16", "float16"])
+def test_a_half_precision_pass_on_a_cpu_without_bf16_instructions_warns_and_names_the_fix(four_block_model, tmp_path, monkeypatch, compute_dtype):
+    monkeypatch.setattr("quantkit.pipeline.cpu_ext.cpu_has_bf16_instructions", lambda: False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    rtn = Recipe().with_overrides(method="rtn", group_size=32, compute_dtype=compute_dtype)
+    with pytest.warns(RuntimeWarning, match=f"compute_dtype {compute_dtype}: this CPU has no AVX-512 BF16.*compute_dtype: float32"):
+        quantize(four_block_model, tmp_path / "awq", rtn)
+    assert (tmp_path / "awq" / "quantkit.json").is_file()  # a warning, not a refusal
+
+
+@pytest.mark.parametrize("has_bf16, compute_dtype", [(False, "float32"), (True, "bfloat16")])
+def test_no_warning_where_the_compute_dtype_suits_the_cpu(four_block_model, tmp_path, monkeypatch, has_bf16, compute_dtype):
+    import warnings
+
+    monkeypatch.setattr("quantkit.pipeline.cpu_ext.cpu_has_bf16_instructions", lambda: has_bf16)
+    rtn = Recipe().with_overrides(method="rtn", group_size=32, compute_dtype=compute_dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="compute_dtype", category=RuntimeWarning)
+        quantize(four_block_model, tmp_path / "awq", rtn)
+
+
 def test_resume_refuses_a_different_source_model(four_block_model, tiny_model_dir, tmp_path):
     other = synthetic_llama(tmp_path / "other", layers=4, hidden=128, intermediate=256, tokenizer_dir=tiny_model_dir, seed=1)
     out = tmp_path / "awq"
