@@ -33,6 +33,16 @@ def machine() -> dict:
     }
 
 
+def seconds_per_call(fn, budget: float = 0.5) -> float:
+    """Mean wall time of fn() over repeated calls for about `budget` seconds, after one warm-up."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < budget:
+        fn()
+        calls += 1
+    return (time.perf_counter() - start) / calls
+
+
 def write_results(path: Path, results: dict) -> None:
     """Results with today's date and the machine, as indented JSON at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,26 +10,16 @@ with bf16. Random inputs; the weight fits in cache, so this compares compute pat
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from common import write_results  # noqa: E402
+from common import seconds_per_call, write_results  # noqa: E402
 
 N, K, GROUP = 1536, 576, 64
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def seconds_per_call(fn, budget: float = 0.5) -> float:
-    fn()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < budget:
-        fn()
-        calls += 1
-    return (time.perf_counter() - start) / calls
 
 
 def main() -> None:

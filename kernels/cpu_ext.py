@@ -126,6 +126,23 @@ def cpu_has_bf16_instructions() -> bool:
     return set(BF16_CPU_FLAGS) <= set(_cpu_identity().replace(":", " ").split())
 
 
+# oneDNN ISA levels below AVX512_CORE_BF16: capped at one of these (ONEDNN_MAX_CPU_ISA), oneDNN
+# emulates bf16 matmuls even on a CPU that has the instructions.
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+@functools.cache
+def bf16_matmuls_are_native() -> bool:
+    """True when PyTorch's own bf16 matmuls (oneDNN) run on bf16 instructions here. Elsewhere they
+    are emulated, and a compute-bound dense bf16 matmul is several times slower than fp32 (8.6x at
+    256 rows on an AVX2 CPU, benchmarks/dtype_paths.py), so such calls compute in fp32 instead.
+    Emulated: a CPU without AVX-512 BF16 (any non-x86 CPU counts as one: fp32 is the safe side),
+    or oneDNN capped below it by ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA. ATEN_CPU_CAPABILITY does not
+    decide it: it picks PyTorch's own vector kernels, not oneDNN's."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return cpu_has_bf16_instructions() and cap not in ONEDNN_ISAS_WITHOUT_BF16
+
+
 @functools.cache
 def op(name: str):
     """One kernel's OpOverload, looked up once, for hot paths that have already chosen the kernel

@@ -3,7 +3,7 @@
 quantkit's kernel (kernels/csrc/linear.cpp, int4_linear; needs AVX-512 BF16) computes
 (q - z) * s exactly in fp32 per group and reuses each group's widened codes for every row of x, so
 it is 1.45x faster than PyTorch's op at one row and 1.6-1.9x faster from 64 rows on (one block
-of SmolLM2-135M, weights not in cache; benchmarks/kernels.py). From NATIVE_DENSE_FROM_ROWS rows
+of SmolLM2-135M, weights not in cache; benchmarks/kernel_speed.py). From NATIVE_DENSE_FROM_ROWS rows
 on, its dequantize op writes the weight out once and a dense bf16 matmul (oneDNN) takes over.
 Without the extension (no compiler, another CPU, QUANTKIT_CPU_KERNELS=0), the PyTorch path
 below runs.
@@ -17,9 +17,13 @@ about 2**-9 relative per group on top of the fp16 scales, well inside bf16 activ
 The fused op's cost grows linearly with the rows (it loses to a bf16 matmul from M = 16), but
 dequantizing a block's weights costs 4-12 ms per call here, so dequantize + bf16 matmul only wins
 from M = 1024 on (one block's linears: 5.8 vs 12.3 ms at M = 256, 11.5 vs 14.1 at 512, 25.7 vs
-15.3 at 1024; benchmarks/kernels.py).
+15.3 at 1024; benchmarks/kernel_speed.py).
 Long prefill chunks and evaluation batches take that path; other activation dtypes (fp32 for exact
 comparisons) always do, since the fused op is 25-70x slower for them.
+
+Where bf16 matmuls are emulated (no AVX-512 BF16, or oneDNN capped below it), large bf16 batches
+dequantize to fp32 and compute in fp32 instead, rounding once to bf16: emulated bf16 is the slow
+path there (EMULATED_BF16_FP32_FROM_ROWS, NATIVE_DENSE_FROM_ROWS).
 """
 
 from __future__ import annotations
@@ -42,9 +46,17 @@ _INNER_K_TILES = 2
 DENSE_FROM_ROWS: int | None = 1024
 
 # The same for quantkit's kernel, whose dequantize is fast (one block's linears, 2 threads,
-# benchmarks/kernels.py: kernel/dense time 0.71 at 128 rows, 0.99 at 256, 1.22 at 512).
+# benchmarks/kernel_speed.py: kernel/dense time 0.71 at 128 rows, 0.99 at 256, 1.22 at 512).
 NATIVE_DENSE_FROM_ROWS = 256
 _NATIVE_COLUMNS = 64  # the kernel's output block: scales and zeros are padded to a multiple
+
+# Where bf16 matmuls are emulated (cpu_ext.bf16_matmuls_are_native), from this many rows on a bf16
+# call dequantizes in fp32 and computes in fp32, then rounds once to bf16: the fused op's time grows
+# linearly with the rows and a dense bf16 matmul there is ~75x slower than fp32 (one block's int4
+# linears, oneDNN capped at AVX2 on an AVX-512 machine, benchmarks/results/emulated_bf16.log, ms,
+# fused / fp32 / dense bf16 over two runs: 17.8-17.9 / 21.5-22.9 / 1,371-1,374 at 256 rows, about
+# even at 512 (35.5-40.1 / 33.8-41.3), 75.5-76.3 / 49.1-57.1 at 1,024).
+EMULATED_BF16_FP32_FROM_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -156,9 +168,14 @@ def int4_matmul(x: torch.Tensor, weight: CpuInt4Weight | NativeInt4Weight, bias:
     if isinstance(weight, NativeInt4Weight):
         if x.dtype == torch.bfloat16 and x.shape[0] < NATIVE_DENSE_FROM_ROWS:
             y = native_int4_linear(x.contiguous(), weight)
+        elif x.dtype == torch.bfloat16 and not cpu_ext.bf16_matmuls_are_native():  # oneDNN capped below bf16
+            y = torch.matmul(x.float(), dequantize_native_int4(weight, torch.float32)).to(x.dtype)
         else:  # many rows, or an exact fp32 comparison: the weight once, then a dense matmul
             y = torch.matmul(x, dequantize_native_int4(weight, x.dtype))
         return y if bias is None else y + bias.to(y.dtype)
+    if x.dtype == torch.bfloat16 and not cpu_ext.bf16_matmuls_are_native() and x.shape[0] >= EMULATED_BF16_FP32_FROM_ROWS:
+        y = torch.nn.functional.linear(x.float(), dequantize_cpu_int4(weight, torch.float32), None if bias is None else bias.float())
+        return y.to(x.dtype)
     if x.dtype == torch.bfloat16 and (DENSE_FROM_ROWS is None or x.shape[0] < DENSE_FROM_ROWS):
         y = int4_matmul_fused(x.contiguous(), weight)
         return y if bias is None else y + bias.to(y.dtype)

@@ -6,6 +6,8 @@ The runtime builds every projection with `build_linear` and never asks whether i
   dequantize + dense matmul for more rows or other dtypes (kernels/cpu_int4.py);
 - dense weights -> DenseLinear: a matmul in the runtime's dtype (for fp16/bf16/fp32 comparisons
   through the same model code); `dense_linear` also serves the models' output heads.
+Where bf16 matmuls are emulated (a CPU without AVX-512 BF16), bf16 batches of 64 rows or more
+compute in fp32 and round once: there fp32 is the fast path.
 """
 
 from __future__ import annotations
@@ -20,8 +22,16 @@ from . import cpu_ext, cpu_int4
 
 # bf16 calls with at most this many rows use quantkit's C++ GEMV on CPU: it streams the weight
 # at 28-32 GB/s where oneDNN's matmul reaches 10-20 GB/s for 1-4 rows (2,048 rows of weights
-# not in cache; benchmarks/kernels.py). Larger batches are compute-bound: oneDNN.
+# not in cache; benchmarks/kernel_speed.py). Larger batches are compute-bound: oneDNN.
 GEMV_MAX_ROWS = 4
+
+# Where bf16 matmuls are emulated (cpu_ext.bf16_matmuls_are_native), bf16 calls of at least this
+# many rows upcast both operands and compute in fp32: the upcast is a pass over the weight, less
+# than emulation's extra time from ~16 rows on (benchmarks/results/emulated_bf16.log, oneDNN capped
+# at AVX2, bf16 vs fp32 ms: a 3072x576 weight 1.51 vs 1.03 at 16 rows, 6.05 vs 2.00 at 64; the
+# 49152x576 head 25.2 vs 25.7 at 16, 95.7 vs 37.1 at 64). 64 keeps the head off the break-even.
+EMULATED_BF16_FP32_FROM_ROWS = 64
+EMULATED_UPCAST_ROWS = 8192  # output rows of a weight upcast at once: 18 MB in fp32 at hidden 576
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -31,7 +41,21 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
         cpu_ext.op("dense_gemv")(x.contiguous(), weight, out)
         return out if bias is None else out + bias
+    if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() >= EMULATED_BF16_FP32_FROM_ROWS * x.shape[-1]
+            and not cpu_ext.bf16_matmuls_are_native()):
+        return _fp32_linear(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """bf16 x @ weight.T in fp32, rounded once to bf16; the weight is upcast EMULATED_UPCAST_ROWS
+    output rows at a time, so a large vocabulary's head never exists whole in fp32."""
+    x32 = x.float()
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype)
+    for start in range(0, weight.shape[0], EMULATED_UPCAST_ROWS):
+        rows = slice(start, start + EMULATED_UPCAST_ROWS)
+        out[..., rows] = F.linear(x32, weight[rows].float(), None if bias is None else bias[rows].float())
+    return out
 
 
 class QuantLinear(nn.Module):

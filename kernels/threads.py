@@ -1,6 +1,6 @@
 """How many CPU threads a step uses: one for small steps, all for big ones.
 
-Measured on this machine (benchmarks/kernels.py, BENCHMARKS.md): with OMP_WAIT_POLICY=PASSIVE,
+Measured on this machine (benchmarks/kernel_speed.py, BENCHMARKS.md): with OMP_WAIT_POLICY=PASSIVE,
 waking the second thread costs ~30 us per parallel op, which is more than the op itself at
 batch-1 decode (~1,000 small ops per step). With spinning waits the wake-up is free, but then any
 other busy process stalls every op (a decode step's mean went from 14 ms to 49 ms, worst 182 ms).

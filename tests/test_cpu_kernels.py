@@ -102,6 +102,89 @@ def test_fused_and_dense_paths_agree_on_the_same_rows():
     assert rel_err(fused, dense.double()) < BF16_RTOL
 
 
+@pytest.fixture
+def emulated_bf16(monkeypatch):
+    """A CPU whose bf16 matmuls PyTorch emulates (AVX2 only): no C++ kernels, PyTorch's ops."""
+    monkeypatch.setattr(cpu_ext, "ENABLED", False)
+    monkeypatch.setattr(cpu_ext, "bf16_matmuls_are_native", lambda: False)
+
+
+@pytest.mark.parametrize("rows", [511, 512, 1030])
+def test_where_bf16_matmuls_are_emulated_large_int4_batches_compute_in_fp32(rows, emulated_bf16):
+    qweight, qzeros, scales, _, _ = random_awq(384, 136, 64, seed=rows)
+    weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
+    x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    y = cpu_int4.int4_matmul(x, weight)
+    if rows >= cpu_int4.EMULATED_BF16_FP32_FROM_ROWS:  # fp32 dequantize and matmul, rounded once
+        expected = torch.nn.functional.linear(x.float(), cpu_int4.dequantize_cpu_int4(weight, torch.float32)).to(torch.bfloat16)
+    else:  # fewer rows: the fused op, fast with bf16 on every CPU
+        expected = cpu_int4.int4_matmul_fused(x, weight)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    assert rel_err(y, w4a16_matmul_ref(x, qweight, qzeros, scales)) < BF16_RTOL
+
+
+@pytest.mark.parametrize("rows", [63, 64, 300])
+def test_where_bf16_matmuls_are_emulated_large_dense_batches_compute_in_fp32(rows, emulated_bf16):
+    from quantkit.kernels.linear import EMULATED_BF16_FP32_FROM_ROWS, dense_linear
+
+    g = torch.Generator().manual_seed(rows)
+    x, weight, bias = (torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in ((rows, 576), (136, 576), (136,)))
+    y = dense_linear(x, weight, bias)
+    if rows >= EMULATED_BF16_FP32_FROM_ROWS:
+        expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float()).to(torch.bfloat16)
+    else:
+        expected = torch.nn.functional.linear(x, weight, bias)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    assert rel_err(y, x.double() @ weight.double().t() + bias.double()) < BF16_RTOL
+
+
+def test_where_bf16_matmuls_are_emulated_decode_attention_weighs_values_in_fp32(emulated_bf16, monkeypatch):
+    matmul_operands = []
+    real_matmul = torch.matmul
+
+    def recording_matmul(a, b):
+        matmul_operands.append((a.dtype, b.dtype))
+        return real_matmul(a, b)
+
+    monkeypatch.setattr(torch, "matmul", recording_matmul)
+    query, k_cache, v_cache, meta = random_paged_case([9, 40, 3, 17], [1, 1, 1, 1], 9, 3, 64, 16, torch.bfloat16, seed=12)
+    out = torch.full_like(query, float("nan"))
+    paged_attention(query, cpu_layout(k_cache), cpu_layout(v_cache), meta, scale=0.125, out=out)
+    assert matmul_operands == [(torch.float32, torch.float32)] * 2  # Q.K and P.V, neither in emulated bf16
+    expected = paged_attention_ref(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q, 0.125)
+    assert out.dtype == torch.bfloat16 and rel_err(out, expected) < BF16_RTOL
+
+
+def test_where_bf16_matmuls_are_emulated_a_large_head_is_upcast_in_slices_with_the_same_result(emulated_bf16, monkeypatch):
+    from quantkit.kernels import linear
+
+    g = torch.Generator().manual_seed(5)
+    x, weight, bias = (torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in ((70, 192), (300, 192), (300,)))
+    whole = linear.dense_linear(x, weight, bias)
+    monkeypatch.setattr(linear, "EMULATED_UPCAST_ROWS", 128)  # 300 output rows: slices of 128, 128, 44
+    sliced = linear.dense_linear(x, weight, bias)
+    ulp = whole.float().abs().clamp_min(1e-3) * 2**-7
+    assert sliced.shape == whole.shape and ((sliced.float() - whole.float()).abs() <= ulp).all()
+    assert rel_err(sliced, x.double() @ weight.double().t() + bias.double()) < BF16_RTOL
+
+
+def test_bf16_matmuls_count_as_native_with_the_instructions_unless_onednn_is_capped_below_them():
+    native = cpu_ext.bf16_matmuls_are_native()
+    assert native == (cpu_ext.cpu_has_bf16_instructions() and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+                      not in cpu_ext.ONEDNN_ISAS_WITHOUT_BF16)
+    code = "from quantkit.kernels import cpu_ext; print(cpu_ext.bf16_matmuls_are_native())"
+
+    def answer(**env: str) -> str:
+        run = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    assert answer(ONEDNN_MAX_CPU_ISA="AVX2") == "False"  # oneDNN held to AVX2 emulates bf16
+    assert answer(DNNL_MAX_CPU_ISA="avx512_core") == "False"  # the older name, any case
+    # ATEN_CPU_CAPABILITY picks PyTorch's own vector kernels; oneDNN's matmuls keep the CPU's bf16
+    assert answer(ATEN_CPU_CAPABILITY="avx2") == str(cpu_ext.cpu_has_bf16_instructions())
+
+
 def test_unsupported_group_size_is_rejected_with_the_sizes_that_work(kernels_impl):
     qweight, qzeros, scales, _, _ = random_awq(96, 16, 32, seed=1)
     with pytest.raises(ValueError, match="32, 64, 128, 256"):
@@ -138,6 +221,23 @@ def native_ops():
     ops = cpu_kernels()
     assert ops.bf16_available(), "this CPU has AVX-512 BF16 but quantkit's bf16 kernels were not compiled for it"
     return ops
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize("rows", [255, 256, 300])
+def test_where_onednn_emulates_bf16_large_batches_on_quantkits_int4_layout_compute_in_fp32(rows, monkeypatch):
+    native_ops()
+    monkeypatch.setattr(cpu_ext, "bf16_matmuls_are_native", lambda: False)  # as under ONEDNN_MAX_CPU_ISA=AVX2
+    qweight, qzeros, scales, _, _ = random_awq(384, 136, 64, seed=rows)
+    weight = cpu_int4.prepare_native_int4(qweight, qzeros, scales)
+    x = torch.randn(rows, 384, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    y = cpu_int4.int4_matmul(x, weight)
+    if rows >= cpu_int4.NATIVE_DENSE_FROM_ROWS:  # past the kernel's rows: fp32, rounded once
+        expected = (x.float() @ cpu_int4.dequantize_native_int4(weight, torch.float32)).to(torch.bfloat16)
+    else:  # the kernel itself needs no oneDNN
+        expected = cpu_int4.native_int4_linear(x, weight)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, expected)
+    assert rel_err(y, w4a16_matmul_ref(x, qweight, qzeros, scales)) < BF16_RTOL
 
 
 @needs_bf16_kernels

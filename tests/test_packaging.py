@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,12 @@ def test_without_hugging_faces_kernels_the_error_names_the_directory_and_the_fix
     run = python_in_checkout("import kernels", "-S")
     assert run.returncode != 0
     assert "quantkit's source directory" in run.stderr and "pip install kernels" in run.stderr
+
+
+def test_no_benchmark_script_shadows_an_installed_module():
+    # `python benchmarks/X.py` puts benchmarks/ first on sys.path, so a script named like a package
+    # (benchmarks/kernels.py once was) would be imported in its place, by transformers for one.
+    outside = [p for p in sys.path if Path(p or ".").resolve() not in (CHECKOUT, CHECKOUT / "benchmarks")]
+    for script in sorted((CHECKOUT / "benchmarks").glob("*.py")):
+        found = importlib.machinery.PathFinder.find_spec(script.stem, outside)
+        assert found is None, f"benchmarks/{script.name} shadows {found.origin}: rename the script"

@@ -14,8 +14,8 @@ Prints tables and writes JSON (benchmarks/results/kernels.json):
   5. a whole-model decode step at batch 1, int4 vs bf16, through the runtime's model, with
      quantkit's C++ kernels and with the plain-torch paths (QUANTKIT_CPU_KERNELS=0).
 
-    python benchmarks/kernels.py            # everything (a few minutes)
-    python benchmarks/kernels.py --quick    # fewer repeats
+    python benchmarks/kernel_speed.py            # everything (a few minutes)
+    python benchmarks/kernel_speed.py --quick    # fewer repeats
 """
 
 from __future__ import annotations
