@@ -114,6 +114,9 @@ class AsyncEngine:
             loop.call_soon_threadsafe(queue.put_nowait, failure)
 
 
+_CANCELLED = object()  # what a cancelled stream's reader wakes up to
+
+
 class RequestStream:
     """One request's outputs, in order; the last has finished=True. cancel() if you stop reading."""
 
@@ -131,6 +134,8 @@ class RequestStream:
         if self.finished:
             raise StopAsyncIteration
         item = await self.queue.get()
+        if item is _CANCELLED:
+            raise StopAsyncIteration
         if isinstance(item, Exception):
             self.finished = True
             raise item
@@ -138,6 +143,8 @@ class RequestStream:
         return item
 
     def cancel(self) -> None:
+        """Call on the stream's event loop: a reader waiting for the next output stops too."""
         if not self.finished:
             self.finished = True
             self.engine.abort_nowait(self.request_id)
+            self.queue.put_nowait(_CANCELLED)

@@ -83,6 +83,12 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._next_id = 0
 
+    @property
+    def max_sequence_tokens(self) -> int:
+        """The most tokens (prompt + output) one sequence can reach here: the model's context or,
+        if smaller, the whole KV cache."""
+        return min(self.max_model_len, self.scheduler.config.num_blocks * self.scheduler.config.block_size)
+
     # ------------------------------------------------------------------ requests
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt; text gets the tokenizer's special tokens (BOS for Llama 2/3, Mistral)."""
@@ -162,11 +168,10 @@ class LLMEngine:
         p, token = seq.params, seq.last_token
         hit_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
         text = self.tokenizer.decode(seq.output_token_ids[:-1] if hit_stop_token else seq.output_token_ids, skip_special_tokens=True)
-        for stop in p.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                meta["text"] = text[:cut]
-                return "stop"
+        cut = earliest_stop(text, p.stop)
+        if cut is not None:
+            meta["text"] = text[:cut]
+            return "stop"
         meta["text"] = text
         if hit_stop_token:
             return "stop"
@@ -245,3 +250,10 @@ class LLM:
                 self.engine.abort(rid)
             raise
         return [done[i] for i in order]
+
+
+def earliest_stop(text: str, stops) -> int | None:
+    """Where the first stop string in the text begins (whichever is listed first), or None: cutting
+    there leaves no stop string in the text."""
+    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+    return min(found) if found else None

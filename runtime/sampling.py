@@ -2,7 +2,9 @@
 
 Every random row draws its noise from its own `torch.Generator`, so a request's tokens depend
 only on its logits, its parameters and its generator, never on which other requests share the
-batch: a seeded request gives the same text alone or under load, and across preemptions.
+batch: with the same logits, a seeded request gives the same text alone or under load, and
+across preemptions. The logits themselves are batch-invariant in float32 only (in bfloat16 the
+kernels are chosen by the batch's row count; README, "How the runtime works").
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ import torch
 _SEED_SOURCE = random.Random()
 
 
+# Dividing logits by a temperature this small overflows fp32 to inf (softmax of inf is NaN), and
+# the distribution is already a point mass on the argmax: such requests are greedy (as in vLLM).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW_TEMPERATURE) = greedy
     top_k: int = 0  # 0 or -1 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
@@ -49,7 +56,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def _is_int(v: object) -> bool:

@@ -13,7 +13,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -173,8 +173,9 @@ def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | 
             prompt_ids = await asyncio.to_thread(chat_prompt if chat else completion_prompt, engine, body)
             asked = "max_completion_tokens" in body or "max_tokens" in body
             default = DEFAULT_CHAT_MAX_TOKENS if chat else DEFAULT_MAX_TOKENS
-            # An unasked-for default never makes a request fail: it shrinks to the room left.
-            params = sampling_params(body, default if asked else max(1, min(default, engine.max_model_len - len(prompt_ids))))
+            # An unasked-for default never makes a request fail: it shrinks to the room left in the
+            # context and in the KV cache.
+            params = sampling_params(body, default if asked else max(1, min(default, engine.max_sequence_tokens - len(prompt_ids))))
             stream_out = await runner.add(prompt_ids, params)
         except BadRequest as e:
             metrics.requests.labels(endpoint, "400").inc()
@@ -190,7 +191,9 @@ def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | 
             metrics.requests.labels(endpoint, "200").inc()
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
-            return StreamingResponse(sse(rid, stream_out, chat, served_name, params, metrics, include_usage), media_type="text/event-stream")
+            pieces_of = engine.tokenizer.convert_ids_to_tokens if params.logprobs else None
+            return StreamingResponse(sse(rid, stream_out, chat, served_name, params, metrics, include_usage, pieces_of),
+                                     media_type="text/event-stream")
         last = None
         watcher = asyncio.create_task(_cancel_on_disconnect(request, stream_out))
         try:
@@ -286,12 +289,19 @@ def full_response(rid: str, out: RequestOutput, chat: bool, model: str, params: 
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": out.text}, "finish_reason": out.finish_reason}
         if params.logprobs:
-            choice["logprobs"] = {"content": [{"token": p, "logprob": lp, "bytes": list(p.encode()), "top_logprobs": []} for p, lp in zip(pieces, out.logprobs)]}
+            choice["logprobs"] = chat_logprobs(pieces, out.logprobs)
         return {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice], "usage": usage(out)}
-    choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason, "logprobs": None}
-    if params.logprobs:
-        choice["logprobs"] = {"tokens": pieces, "token_logprobs": out.logprobs, "top_logprobs": None, "text_offset": None}
+    choice = {"index": 0, "text": out.text, "finish_reason": out.finish_reason,
+              "logprobs": completion_logprobs(pieces, out.logprobs) if params.logprobs else None}
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice], "usage": usage(out)}
+
+
+def chat_logprobs(pieces: list[str], logprobs: list[float]) -> dict:
+    return {"content": [{"token": p, "logprob": lp, "bytes": list(p.encode()), "top_logprobs": []} for p, lp in zip(pieces, logprobs)]}
+
+
+def completion_logprobs(pieces: list[str], logprobs: list[float]) -> dict:
+    return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": None}
 
 
 def stable_text(text: str, stops: list[str], finished: bool) -> str:
@@ -310,17 +320,25 @@ def stable_text(text: str, stops: list[str], finished: bool) -> str:
 
 
 async def sse(rid: str, outputs: RequestStream, chat: bool, model: str, params: SamplingParams, metrics: Metrics,
-              include_usage: bool = False) -> AsyncIterator[str]:
-    created, sent, counted, last = int(time.time()), 0, False, None
+              include_usage: bool = False, pieces_of: Callable[[list[int]], list[str]] | None = None) -> AsyncIterator[str]:
+    """The request as OpenAI's server-sent events; with logprobs asked for (pieces_of given), each
+    chunk carries the logprobs of the tokens generated since the previous chunk."""
+    created, sent, counted, last, tokens_sent = int(time.time()), 0, False, None, 0
 
-    def chunk(delta_text: str, finish: str | None, role: bool = False) -> str:
+    def chunk(delta_text: str, finish: str | None, role: bool = False, out: RequestOutput | None = None) -> str:
+        logprobs = None
+        if out is not None and pieces_of is not None:
+            new_ids, new_lps = out.token_ids[tokens_sent:], out.logprobs[tokens_sent:]
+            logprobs = (chat_logprobs if chat else completion_logprobs)(pieces_of(new_ids), new_lps)
         if chat:
             delta: dict = {"role": "assistant", "content": ""} if role else ({"content": delta_text} if delta_text else {})
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            if pieces_of is not None:
+                choice["logprobs"] = logprobs
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
         else:
             body = {"id": rid, "object": "text_completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "text": delta_text, "finish_reason": finish, "logprobs": None}]}
+                    "choices": [{"index": 0, "text": delta_text, "finish_reason": finish, "logprobs": logprobs}]}
         return f"data: {json.dumps(body)}\n\n"
 
     try:
@@ -333,8 +351,8 @@ async def sse(rid: str, outputs: RequestStream, chat: bool, model: str, params: 
                 counted = True
             text = stable_text(out.text, params.stop, out.finished)
             if len(text) > sent or out.finished:
-                yield chunk(text[sent:], out.finish_reason if out.finished else None)
-                sent = max(sent, len(text))
+                yield chunk(text[sent:], out.finish_reason if out.finished else None, out=out)
+                sent, tokens_sent = max(sent, len(text)), len(out.token_ids)
         if include_usage and last is not None:  # OpenAI's stream_options: a last chunk with no choices
             body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created, "model": model,
                     "choices": [], "usage": usage(last)}

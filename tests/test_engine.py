@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantkit.runtime.engine import LLM, EngineConfig, LLMEngine
+from quantkit.runtime.engine import LLM, EngineConfig, LLMEngine, earliest_stop
 from quantkit.runtime.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -81,6 +81,20 @@ def test_stop_token_ids_stop_strings_and_max_tokens(tiny_model_dir):
         by_text = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
         assert by_text.finish_reason == "stop" and stop not in by_text.text and free.text.startswith(by_text.text)
     assert free.finish_reason == "length" and len(free.token_ids) == 12
+
+
+def test_when_one_token_completes_two_stop_strings_the_text_ends_before_the_earlier_one(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), dtype="float32", num_blocks=16)
+    prompt = random_prompts([6], seed=3)[0]
+    free = llm.generate([prompt], GREEDY)[0]
+    texts = [llm.engine.tokenizer.decode(free.token_ids[:i], skip_special_tokens=True) for i in range(len(free.token_ids) + 1)]
+    # a token that adds two new characters at once, neither seen before it
+    step = next(i for i in range(1, len(texts)) if len(texts[i]) >= len(texts[i - 1]) + 2
+                and len({*texts[i][len(texts[i - 1]):][:2]} - {*texts[i - 1]}) == 2)
+    first, second = texts[step][len(texts[step - 1])], texts[step][len(texts[step - 1]) + 1]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[second, first]))[0]
+    assert out.finish_reason == "stop" and out.text == texts[step - 1]  # cut at `first`, though listed second
+    assert earliest_stop("abcabc", ["c", "b", "z"]) == 1 and earliest_stop("abc", ["z"]) is None
 
 
 def test_eos_ends_generation_unless_ignored(tiny_model_dir):

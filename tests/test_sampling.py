@@ -61,6 +61,15 @@ def test_top_k_one_and_tiny_top_p_are_greedy(params):
         assert torch.equal(tokens, logits.argmax(-1))
 
 
+@pytest.mark.parametrize("temperature", [1e-6, 1e-39, 5e-324])
+def test_a_temperature_too_small_to_divide_by_is_greedy(temperature):
+    logits = logits_batch(rows=8) * 1e3  # logits / 1e-39 would overflow fp32 to inf, softmax to NaN
+    tokens, logprobs = sample(logits, [SamplingParams(temperature=temperature, seed=1)] * 8, [make_generator(s) for s in range(8)])
+    assert SamplingParams(temperature=temperature).greedy and torch.equal(tokens, logits.argmax(-1))
+    assert torch.isfinite(logprobs).all()
+    assert not SamplingParams(temperature=1e-4).greedy  # small but representable: sampled
+
+
 def test_top_p_keeps_the_smallest_set_whose_mass_reaches_it():
     logits = torch.zeros(1, 2)  # two tokens of probability exactly 1/2: the first alone reaches 0.5
     draws = {sample(logits, [SamplingParams(top_p=0.5)], [make_generator(s)])[0].item() for s in range(30)}

@@ -189,6 +189,34 @@ def test_a_default_max_tokens_shrinks_to_the_room_left_in_the_context(server):
     assert res.status_code == 200 and res.json()["usage"]["completion_tokens"] == 12
 
 
+def test_a_default_max_tokens_also_shrinks_to_the_room_left_in_the_kv_cache(tiny_model_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", num_blocks=8, block_size=16))  # 128 tokens
+    engine.tokenizer.chat_template = CHAT_TEMPLATE
+    assert engine.max_sequence_tokens == 128 < engine.max_model_len
+    with serving(create_app(engine, model_name="tiny")) as url:
+        body = {"messages": [{"role": "user", "content": "Say something."}], "temperature": 0, "ignore_eos": True}
+        res = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        assert res.status_code == 200, res.text  # the chat default (256 tokens) would not fit the cache
+        usage = res.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == 128
+        res = httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 256}, timeout=60)
+        assert res.status_code == 400 and "whole cache holds 8 blocks" in res.json()["error"]["message"]  # asked for: refused
+
+
+def test_streamed_logprobs_are_the_full_responses_split_across_chunks(server, client):
+    args = {"model": "tiny", "max_tokens": 9, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    full = client.completions.create(prompt=PROMPT, logprobs=1, **args).choices[0].logprobs
+    chunks = [c.choices[0].logprobs for c in client.completions.create(prompt=PROMPT, logprobs=1, stream=True, **args)]
+    assert [t for c in chunks for t in c.tokens] == full.tokens and len(full.tokens) == 9
+    assert [lp for c in chunks for lp in c.token_logprobs] == pytest.approx(full.token_logprobs, abs=1e-5)
+    messages = [{"role": "user", "content": "Say something."}]
+    full = client.chat.completions.create(messages=messages, logprobs=True, **args).choices[0].logprobs.content
+    stream = list(client.chat.completions.create(messages=messages, logprobs=True, stream=True, **args))
+    streamed = [t for c in stream if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in full] and len(full) == 9
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in full], abs=1e-5)
+
+
 def test_a_non_streaming_client_that_disconnects_has_its_sequence_aborted(server, monkeypatch):
     engine = server["engine"]
     step = engine.step
@@ -204,4 +232,8 @@ def test_a_non_streaming_client_that_disconnects_has_its_sequence_aborted(server
     deadline = time.time() + 20
     while engine.has_unfinished() or engine.scheduler.num_used_blocks:
         assert time.time() < deadline, "the disconnected request kept running"
+        time.sleep(0.05)
+    # and its handler returns (a waiting handler would hold a task and its queue forever)
+    while 'quantkit_requests_total{endpoint="completions",status="499"} 1.0' not in httpx.get(server["url"] + "/metrics").text:
+        assert time.time() < deadline, "the disconnected request's handler never returned"
         time.sleep(0.05)
