@@ -134,9 +134,12 @@ def eval_(artifact, baseline, tasks, limit, recipe, gate, output, dtype) -> None
     if gate and not gates:
         raise QuantkitError("--gate needs thresholds: pass --recipe FILE with a 'gates:' section.")
     validate_gates(gates)  # an unknown gate name fails now, not after the evaluation
+    output = output or candidate.report_path
+    for path in (output, output.with_suffix(".md")):  # checked now, not after the evaluation
+        if path.is_dir():
+            raise QuantkitError(f"-o {output}: {path} is a directory; give a file path such as {output / 'report.json'}.")
     report = evaluate_pair(str(artifact), baseline, task_names, limit, dtype, echo=click.echo)
     click.echo(format_table(report))
-    output = output or candidate.report_path
     output.parent.mkdir(parents=True, exist_ok=True)
     for path, text in ((output, json.dumps(report, indent=2)), (output.with_suffix(".md"), format_markdown(report))):
         tmp = path.with_name(path.name + ".tmp")

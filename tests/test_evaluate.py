@@ -172,6 +172,9 @@ def test_eval_bad_input_is_a_clear_error(tiny_model_dir, tiny_artifact, tmp_path
     weights.write_bytes(bytes(raw))
     code, out = run_cli("eval", damaged, "--baseline", tiny_model_dir)
     assert code == 2 and "sha256" in out
+    (tmp_path / "reports").mkdir()  # -o naming a directory: refused before the evaluation runs
+    code, out = run_cli("eval", tiny_artifact, "--baseline", tiny_model_dir, "-o", tmp_path / "reports")
+    assert code == 2 and "is a directory" in out and "Traceback" not in out
 
 
 def test_registering_quantkit_keeps_lm_evals_own_models():
