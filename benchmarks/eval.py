@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--speed-limit", type=int, default=500, help="examples per task in the speed comparison")
     parser.add_argument("--speed-wikitext-limit", type=int, default=10, help="WikiText-2 articles in the speed comparison")
     parser.add_argument("--speed-tasks", default=",".join(DEFAULT_TASKS))
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="accuracy tasks (a subset screens quickly)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--skip-accuracy", action="store_true", help="only the speed comparison")
     parser.add_argument("--skip-speed", action="store_true", help="only the accuracy comparison")
@@ -137,7 +138,7 @@ def main() -> None:
         if not sep:
             parser.error(f"--candidate {item!r}: expected NAME=PATH")
         models[name] = path
-    tasks = resolve_tasks(list(DEFAULT_TASKS))
+    tasks = resolve_tasks(args.tasks.split(","))
     limit = args.limit or None
     results, wall, means, paired = {}, {}, {}, {}
     if not args.skip_accuracy:

@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[dict, dict[str, str]]] = {
     "awq-stats16": ({"calibration": {"samples": 16}}, {}),  # statistics from the 16 search samples only
     "awq-duo": ({"duo_scaling": True}, {}),
     "awq-sink1": ({"sink_tokens": 1}, {}),
+    "awq-gptq": ({"rounding": "gptq"}, {}),  # AWQ's scales, clipping and grid; codes rounded in GPTQ's order
     "awq-omp-active": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}),  # same work, spinning OpenMP waits
 }
 

@@ -4,7 +4,8 @@ For every block: run the calibration set through it in full precision, collectin
 linear's mean input magnitude over all calibration tokens (cheap) and the inputs of a
 smaller search subset (the grid-search loss is the expensive part); search one scale per
 input channel for every scaling group; fold the scales into the preceding norm or linear;
-search per-group clipping; quantize; then run the *quantized* block to produce the next
+search per-group clipping; quantize (to nearest, or with `rounding: gptq` in GPTQ's
+error-compensating order on the same grid); then run the *quantized* block to produce the next
 block's inputs, so later blocks calibrate against the errors of earlier ones.
 
 Forward passes run in `compute_dtype` (bf16 by default: 5x faster than fp32 matmuls on this
@@ -23,8 +24,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .errors import QuantkitError
 from .models import ArchAdapter, ScalingGroup
-from .quantizer import QuantParams, check_group_size, compute_qparams, dequantize, fake_quantize, quantize, relative_error
+from .quantizer import (
+    QuantParams,
+    check_group_size,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    gptq_quantize,
+    quantize,
+    relative_error,
+)
+
+ROUNDINGS = ("nearest", "gptq")
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,10 @@ class AWQSettings:
     batch_samples: int = 8  # samples per forward chunk (bounds activation memory)
     sequential: bool = False  # search later groups on outputs of the block's quantized earlier linears
     compute_dtype: str = "bfloat16"
+    # "nearest" (AWQ's) or "gptq": the same grid, each column's rounding error pushed onto the
+    # columns not yet rounded so the layer's output on the calibration inputs stays closest.
+    rounding: str = "nearest"
+    gptq_damp: float = 0.01  # added to the Hessian's diagonal, as a fraction of its mean
 
     @property
     def dtype(self) -> torch.dtype:
@@ -154,6 +171,7 @@ def quantize_blocks(
     check_group_sizes(blocks, adapter, settings.group_size)
     if settings.method not in ("awq", "rtn"):
         raise ValueError(f"unknown method {settings.method!r}")
+    check_rounding(settings)
     if settings.method == "awq" and (hidden is None or block_kwargs is None):
         raise ValueError("AWQ needs the first block's calibration inputs and every block's kwargs")
     for i in range(start, len(blocks)):
@@ -173,6 +191,14 @@ def quantize_blocks(
             block.to(storage)  # what the artifact stores (its norms are fp16) is what the next block sees
             _propagate(block, adapter, hidden, kwargs, settings)
         on_done(BlockDone(i, adapter.block_prefix(i), block, linears, searches, hidden, time.perf_counter() - begin))
+
+
+def check_rounding(settings: AWQSettings) -> None:
+    """GPTQ rounding needs the calibration inputs that only the AWQ pass collects."""
+    if settings.rounding not in ROUNDINGS:
+        raise QuantkitError(f"rounding {settings.rounding!r} is not known; use one of {list(ROUNDINGS)}.")
+    if settings.rounding == "gptq" and settings.method != "awq":
+        raise QuantkitError("rounding 'gptq' needs calibration inputs: use it with method 'awq' (rtn rounds to nearest).")
 
 
 def check_group_sizes(blocks: nn.ModuleList, adapter: ArchAdapter, group_size: int) -> None:
@@ -304,10 +330,13 @@ class BlockFeatures:
 
     mean_abs: dict[str, torch.Tensor]  # mean |x| per input channel over all tokens
     inputs: dict[str, torch.Tensor]  # inputs of the search samples [S, T, in]
+    hessians: dict[str, torch.Tensor] = field(default_factory=dict)  # sum of x x^T over all tokens (GPTQ rounding)
 
 
 def collect_features(working: nn.Module, adapter: ArchAdapter, names: list[str], hidden: torch.Tensor, block_kwargs: dict, settings: AWQSettings) -> BlockFeatures:
     sums = {name: torch.zeros(working.get_submodule(name).in_features) for name in names}
+    with_hessians = settings.rounding == "gptq"
+    hessians = {name: torch.zeros(len(sums[name]), len(sums[name])) for name in names} if with_hessians else {}
     search: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     counted: dict[str, int] = {name: 0 for name in names}
     state = {"in_search": False}
@@ -318,9 +347,12 @@ def collect_features(working: nn.Module, adapter: ArchAdapter, names: list[str],
         def hook(_module, args, _output):
             x = args[0]
             if id(x) not in memo:
-                stats_part = x[:, settings.sink_tokens :]
-                memo[id(x)] = (x, stats_part.abs().float().reshape(-1, x.shape[-1]).sum(0))
+                stats_part = x[:, settings.sink_tokens :].float().reshape(-1, x.shape[-1])
+                gram = stats_part.t() @ stats_part if with_hessians else None
+                memo[id(x)] = (x, stats_part.abs().sum(0), gram)
             sums[name] += memo[id(x)][1]
+            if with_hessians:
+                hessians[name] += memo[id(x)][2]
             counted[name] += x.shape[0] * max(0, x.shape[1] - settings.sink_tokens)
             if state["in_search"]:
                 search[name].append(x.detach())
@@ -348,7 +380,7 @@ def collect_features(working: nn.Module, adapter: ArchAdapter, names: list[str],
         if key not in shared:
             shared[key] = torch.cat(chunks)
         inputs[name] = shared[key]
-    return BlockFeatures(mean_abs={n: sums[n] / max(counted[n], 1) for n in names}, inputs=inputs)
+    return BlockFeatures(mean_abs={n: sums[n] / max(counted[n], 1) for n in names}, inputs=inputs, hessians=hessians)
 
 
 # --- the search ---------------------------------------------------------------------------
@@ -504,6 +536,8 @@ def quantize_block(
                 input_scales[name] = search.scales
                 # Inputs of the scaled linears are now divided by the scales.
                 features.inputs[name] = features.inputs[name] / search.scales.to(features.inputs[name].dtype)
+                if name in features.hessians:  # x / s: H becomes H / (s s^T)
+                    features.hessians[name] = features.hessians[name] / torch.outer(search.scales, search.scales)
         later = groups[index + 1 :]
         if not settings.sequential or not later:
             continue
@@ -536,7 +570,7 @@ def _clip_and_finalize(
         with torch.no_grad():
             low, high = search_clip(linear.weight.data, tokens, settings)
             linear.weight.data.copy_(apply_clip(linear.weight.data, low, high, settings.group_size))
-    return _finalize_linear(linear, settings, unclipped, input_scales, tokens)
+    return _finalize_linear(linear, settings, unclipped, input_scales, tokens, features.hessians.get(name))
 
 
 def _finalize_linear(
@@ -545,14 +579,19 @@ def _finalize_linear(
     reference: torch.Tensor,
     input_scales: torch.Tensor | None = None,
     tokens: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> QuantizedLinear:
     """Quantize a linear's (scaled, clipped) weight, install its dequantized value, measure errors.
 
     `reference` is the weight before clipping; errors are measured against it, in the original
     weight space (input scales undone, since the preceding layer divides them out again).
+    With a `hessian` the codes are GPTQ-rounded on the same grid, else rounded to nearest.
     """
     params = compute_qparams(linear.weight.data.float(), settings.group_size, settings.bits)
-    q = quantize(linear.weight.data.float(), params)
+    if hessian is not None:
+        q = gptq_quantize(linear.weight.data.float(), hessian, params, damp=settings.gptq_damp)
+    else:
+        q = quantize(linear.weight.data.float(), params)
     w_q = dequantize(q, params)
     reference = reference.float()
     unscale = input_scales.view(1, -1) if input_scales is not None else 1.0

@@ -47,9 +47,10 @@ def main() -> None:
 @click.option("--search-samples", type=int, help="Samples whose outputs score the scale search (default 16).")
 @click.option("--duo-scaling/--no-duo-scaling", default=None, help="Scale by activation and weight magnitude.")
 @click.option("--clip/--no-clip", default=None, help="Search per-group weight clipping (default on).")
+@click.option("--rounding", type=click.Choice(["nearest", "gptq"]), help="Round codes to nearest (AWQ's) or GPTQ's error-compensating order (same grid and format).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (or an interrupted run's blocks).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished block.")
-def quantize(model, out, recipe, method, group_size, calib_source, samples, seqlen, seed, search_samples, duo_scaling, clip, force, resume) -> None:
+def quantize(model, out, recipe, method, group_size, calib_source, samples, seqlen, seed, search_samples, duo_scaling, clip, rounding, force, resume) -> None:
     """Quantize MODEL (a directory, a hub id or 'smollm2-135m') to an int4 AWQ artifact.
 
     MODEL may be left out when the recipe names one.
@@ -70,6 +71,7 @@ def quantize(model, out, recipe, method, group_size, calib_source, samples, seql
         search_samples=search_samples,
         duo_scaling=duo_scaling,
         clip=clip,
+        rounding=rounding,
     )
     model = model or base.model
     if not model:

@@ -15,7 +15,7 @@ import transformers
 
 from . import __version__
 from .artifact import artifact_tensors, awq_quantization_config, check_output_dir
-from .awq import BlockDone, ProgressFn, capture_block_inputs, check_group_sizes, quantize_blocks
+from .awq import BlockDone, ProgressFn, capture_block_inputs, check_group_sizes, check_rounding, quantize_blocks
 from .calibration import build_calibration_set, calibration_sha256, load_calibration_texts
 from .errors import QuantkitError
 from .kernels import cpu_ext
@@ -153,6 +153,7 @@ def _check_settings(settings) -> None:
         raise QuantkitError(f"clip_style '{settings.clip_style}' is not supported; use symmetric or range.")
     if settings.bits not in SUPPORTED_BITS:
         raise QuantkitError(f"{settings.bits}-bit quantization is not supported; use bits: 4.")
+    check_rounding(settings)
 
 
 def _identity(source_sha: str, source_config: dict, recipe: Recipe, calib_record: dict | None) -> dict:

@@ -89,3 +89,46 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     """||approx - exact||^2 / ||exact||^2, in float64 so tiny errors are not lost."""
     diff = (approx.double() - exact.double()).pow(2).sum()
     return float(diff / exact.double().pow(2).sum().clamp(min=1e-30))
+
+
+def gptq_quantize(
+    w: torch.Tensor, hessian: torch.Tensor, params: QuantParams, damp: float = 0.01, block_size: int = 128
+) -> torch.Tensor:
+    """Integer codes [out, in] of w on the fixed grid `params`, rounded to minimize output error.
+
+    GPTQ's rounding (Frantar et al., 2022): input columns are rounded one at a time, and each
+    column's rounding error is pushed onto the columns not yet rounded, weighted by the inverse
+    of `hessian` (sum of x x^T over calibration inputs, [in, in]), so that the layer's output
+    on those inputs, not each weight, stays closest to the original. The grid (scales and zero
+    points) is fixed beforehand, so the codes pack exactly as round-to-nearest codes do. With a
+    diagonal `hessian` no error is passed on and the codes equal round-to-nearest's.
+    `damp` (a fraction of the mean diagonal) keeps the inverse well conditioned.
+    """
+    max_code = 2**params.bits - 1
+    gs = params.group_size
+    weights = w.float().clone()
+    h = hessian.double().clone()
+    dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights do not matter
+    h[dead, dead] = 1.0
+    weights[:, dead] = 0.0
+    h += damp * torch.diagonal(h).mean() * torch.eye(len(h), dtype=h.dtype)
+    # Upper Cholesky factor of H^-1: row i holds how column i's error spreads to later columns.
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    scales = params.scales.repeat_interleave(gs, dim=1)  # [out, in]
+    zeros = params.zeros.float().repeat_interleave(gs, dim=1)
+    codes = torch.empty(weights.shape, dtype=torch.int32)
+    in_features = weights.shape[1]
+    for start in range(0, in_features, block_size):
+        stop = min(start + block_size, in_features)
+        block = weights[:, start:stop]  # a view: updates land in `weights`
+        errors = torch.empty_like(block)
+        block_inv = h_inv[start:stop, start:stop]
+        for i in range(stop - start):
+            col = start + i
+            q = (torch.round(block[:, i] / scales[:, col]) + zeros[:, col]).clamp(0, max_code)
+            codes[:, col] = q.to(torch.int32)
+            error = (block[:, i] - (q - zeros[:, col]) * scales[:, col]) / block_inv[i, i]
+            block[:, i:] -= error[:, None] * block_inv[i, i:][None, :]
+            errors[:, i] = error
+        weights[:, stop:] -= errors @ h_inv[start:stop, stop:]
+    return codes

@@ -5,6 +5,7 @@ import shutil
 import time
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from quantkit.cli import main
@@ -49,6 +50,34 @@ def test_rtn_needs_no_calibration_and_uses_the_same_packing(tiny_model_dir, tmp_
     manifest = json.loads((tmp_path / "rtn" / "quantkit.json").read_text())
     assert manifest["calibration"] is None
     assert json.loads((tmp_path / "rtn" / "config.json").read_text())["quantization_config"]["group_size"] == 64
+
+
+def test_gptq_rounding_changes_only_the_codes(tiny_model_dir, tmp_path):
+    """The first block sees the same inputs in both runs, so its search, scales and zero points are the
+    nearest-rounding run's, bit for bit; only codes differ (later blocks see the quantized blocks' outputs)."""
+    from quantkit.artifact import read_safetensors_dir
+
+    tensors = {}
+    for rounding in ("nearest", "gptq"):
+        out = tmp_path / rounding
+        code, output = run("quantize", tiny_model_dir, "-o", out, "--group-size", "32", "--rounding", rounding, *FAST)
+        assert code == 0, output
+        assert json.loads((out / "quantkit.json").read_text())["recipe"]["quantization"]["rounding"] == rounding
+        assert "verification  passed" in run("inspect", out)[1]
+        tensors[rounding] = read_safetensors_dir(out)
+    nearest, gptq = tensors["nearest"], tensors["gptq"]
+    assert nearest.keys() == gptq.keys()
+    packed = [name for name in nearest if name.startswith("model.layers.0.") and name.endswith(".qweight")]
+    assert len(packed) == 7
+    for name in packed:
+        prefix = name.removesuffix(".qweight")
+        assert torch.equal(nearest[prefix + ".scales"], gptq[prefix + ".scales"]), prefix
+        assert torch.equal(nearest[prefix + ".qzeros"], gptq[prefix + ".qzeros"]), prefix
+    assert any(not torch.equal(nearest[name], gptq[name]) for name in packed)
+
+
+def test_gptq_rounding_with_rtn_is_a_clean_error(tiny_model_dir, tmp_path):
+    assert_clean_error(*run("quantize", tiny_model_dir, "-o", tmp_path / "x", "--method", "rtn", "--rounding", "gptq"), "method 'awq'")
 
 
 def test_inspect_reports_a_damaged_artifact_and_fails(tiny_model_dir, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.quantizer import check_group_size, compute_qparams, dequantize, fake_quantize, quantize
+from quantkit.quantizer import check_group_size, compute_qparams, dequantize, fake_quantize, gptq_quantize, quantize
 
 
 def test_codes_zeros_and_scales_stay_in_range():
@@ -54,3 +54,47 @@ def test_group_size_that_does_not_divide_names_the_layer_and_the_fix():
 def test_unsupported_group_size_is_refused():
     with pytest.raises(QuantkitError, match="group size 48 is not supported"):
         check_group_size(576, 48)
+
+
+def correlated_inputs(tokens: int, features: int, seed: int) -> torch.Tensor:
+    """Inputs whose channels are correlated, as real activations are (GPTQ has nothing to exploit otherwise)."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.eye(features) + 0.15 * torch.randn(features, features, generator=g)
+    return torch.randn(tokens, features, generator=g) @ mixing
+
+
+def test_gptq_rounding_lowers_the_output_error_on_the_same_grid():
+    torch.manual_seed(11)
+    w = torch.randn(96, 256)
+    x = correlated_inputs(2048, 256, seed=12)
+    held_out = correlated_inputs(2048, 256, seed=12)[1024:]  # same distribution, other tokens
+    params = compute_qparams(w, 32)
+    nearest = quantize(w, params)
+    gptq = gptq_quantize(w, x[:1024].t() @ x[:1024], params)
+    assert gptq.dtype == torch.int32 and gptq.min() >= 0 and gptq.max() <= 15
+
+    def output_error(codes):
+        return ((held_out @ dequantize(codes, params).t() - held_out @ w.t()).pow(2).sum() / (held_out @ w.t()).pow(2).sum()).item()
+
+    assert output_error(gptq) < 0.75 * output_error(nearest), (output_error(gptq), output_error(nearest))
+    # It trades per-weight error for output error: the weights themselves move further.
+    assert (dequantize(gptq, params) - w).pow(2).mean() > (dequantize(nearest, params) - w).pow(2).mean()
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    torch.manual_seed(13)
+    w = torch.randn(16, 128)
+    params = compute_qparams(w, 64)
+    diagonal = torch.diag(torch.rand(128) + 0.5)
+    assert torch.equal(gptq_quantize(w, diagonal, params), quantize(w, params))
+
+
+def test_gptq_ignores_inputs_that_were_always_zero():
+    torch.manual_seed(14)
+    w = torch.randn(8, 64)
+    x = correlated_inputs(512, 64, seed=15)
+    x[:, 7] = 0.0  # a dead channel: its Hessian row and column are zero, and the inverse must still exist
+    params = compute_qparams(w, 32)
+    codes = gptq_quantize(w, x.t() @ x, params)
+    assert codes.min() >= 0 and codes.max() <= 15
+    assert torch.isfinite(dequantize(codes, params)).all()
