@@ -341,7 +341,7 @@ def collect_features(working: nn.Module, adapter: ArchAdapter, names: list[str],
     counted: dict[str, int] = {name: 0 for name in names}
     state = {"in_search": False}
     # q/k/v receive the same tensor: reduce it once. The memo holds x so its id stays unique.
-    memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    memo: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}  # x, sum |x|, x^T x
 
     def make_hook(name: str):
         def hook(_module, args, _output):

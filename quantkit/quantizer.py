@@ -64,18 +64,27 @@ def compute_qparams(w: torch.Tensor, group_size: int, bits: int = 4) -> QuantPar
     return QuantParams(scales=scales, zeros=zeros, group_size=group_size, bits=bits)
 
 
+def round_to_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, max_code: int) -> torch.Tensor:
+    """Nearest code (as float) of each weight on the grid (q - zero) * scale, q in [0, max_code]."""
+    return (torch.round(w / scales) + zeros).clamp(0, max_code)
+
+
+def grid_value(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """The weight a code stands for: (q - zero) * scale."""
+    return (q - zeros) * scales
+
+
 def quantize(w: torch.Tensor, params: QuantParams) -> torch.Tensor:
     """Integer codes [out, in] (int32, in [0, 2**bits - 1]) of w under params."""
-    max_code = 2**params.bits - 1
     g = grouped(w.float(), params.group_size)
-    q = torch.round(g / params.scales[..., None]) + params.zeros[..., None]
-    return q.clamp(0, max_code).to(torch.int32).reshape(w.shape)
+    q = round_to_grid(g, params.scales[..., None], params.zeros[..., None], 2**params.bits - 1)
+    return q.to(torch.int32).reshape(w.shape)
 
 
 def dequantize(q: torch.Tensor, params: QuantParams, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(q - zero) * scale, back in [out, in] layout."""
     g = grouped(q.float(), params.group_size)
-    w = (g - params.zeros[..., None].float()) * params.scales[..., None]
+    w = grid_value(g, params.scales[..., None], params.zeros[..., None].float())
     return w.reshape(q.shape).to(dtype)
 
 
@@ -125,9 +134,9 @@ def gptq_quantize(
         block_inv = h_inv[start:stop, start:stop]
         for i in range(stop - start):
             col = start + i
-            q = (torch.round(block[:, i] / scales[:, col]) + zeros[:, col]).clamp(0, max_code)
+            q = round_to_grid(block[:, i], scales[:, col], zeros[:, col], max_code)
             codes[:, col] = q.to(torch.int32)
-            error = (block[:, i] - (q - zeros[:, col]) * scales[:, col]) / block_inv[i, i]
+            error = (block[:, i] - grid_value(q, scales[:, col], zeros[:, col])) / block_inv[i, i]
             block[:, i:] -= error[:, None] * block_inv[i, i:][None, :]
             errors[:, i] = error
         weights[:, stop:] -= errors @ h_inv[start:stop, stop:]
