@@ -321,25 +321,44 @@ def decode_step(min_seconds: float, artifact: Path) -> dict:
 
         quantize("smollm2-135m", artifact, Recipe().with_overrides(method="rtn", group_size=64), force=True)
     out = {"artifact": str(artifact), "context": 256}
-    variants = (("int4", artifact, False), ("bf16", "smollm2-135m", False), ("int4_plain_torch", artifact, True), ("bf16_plain_torch", "smollm2-135m", True))
-    for name, spec, fallback in variants:
+    variants = {"int4": (artifact, False, False), "int4_int8_head": (artifact, False, True), "bf16": ("smollm2-135m", False, False),
+                "int4_plain_torch": (artifact, True, False), "bf16_plain_torch": ("smollm2-135m", True, False)}
+    steps = {}
+    for name, (spec, fallback, int8_head) in variants.items():
         with plain_torch(fallback):  # weights are prepared and each step planned for one set of kernels
-            out[name] = _time_decode_step(ModelRunner(load_weights(spec), torch.bfloat16, block_size=16, num_blocks=32), min_seconds, fallback)
+            steps[name] = _decode_step(ModelRunner(load_weights(spec), torch.bfloat16, block_size=16, num_blocks=32, int8_head=int8_head), fallback)
+    # Interleaved: one step of each variant in turn, over and over; medians. This machine's speed
+    # drifts by tens of percent within minutes (another tenant), and variants timed one after the
+    # other would compare the drift as much as the kernels.
+    rounds = max(30, int(min_seconds * 200))
+    times = {name: {"step_s": [], "layers_only_s": []} for name in steps}
+    for _ in range(rounds):
+        for name, (run, forward, _) in steps.items():
+            with plain_torch(variants[name][1]), torch.inference_mode():
+                for key, fn in (("step_s", run), ("layers_only_s", forward)):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name][key].append(time.perf_counter() - t0)
+    for name, (_, _, sizes) in steps.items():
+        out[name] = {"step_s": statistics.median(times[name]["step_s"]), "layers_only_s": statistics.median(times[name]["layers_only_s"]),
+                     "rounds": rounds, **sizes}
     return out
 
 
-def _time_decode_step(runner, min_seconds: float, fallback: bool) -> dict:
+def _decode_step(runner, fallback: bool):
+    """(one decode step, the same step without the head, byte counts) after a 256-token prefill."""
     from quantkit.runtime.model_runner import StepInput
 
-    with plain_torch(fallback):
+    with plain_torch(fallback), torch.inference_mode():
         table = list(range(17))
         runner.run(StepInput([list(range(100, 356))], [0], [table], [True]))  # prefill 256 tokens
         step = StepInput([[42]], [256], [table], [True])  # then decode position 256, over and over
-        return {
-            "step_s": timeit(lambda: runner.run(step), min_seconds),
-            "layers_only_s": timeit(lambda: runner._forward(step), min_seconds),  # without the lm_head
-            "linear_weight_bytes": sum(m.weight_bytes() for m in runner.model.modules() if hasattr(m, "weight_bytes")),
-        }
+        for _ in range(5):
+            runner.run(step)
+    head = runner.model.lm_head
+    sizes = {"linear_weight_bytes": sum(m.weight_bytes() for m in runner.model.modules() if hasattr(m, "weight_bytes")),
+             "head_bytes": head.int8.nbytes() if head.int8 is not None else head.weight.numel() * head.weight.element_size()}
+    return (lambda: runner.run(step)), (lambda: runner._forward(step)), sizes  # _forward: without the head
 
 
 def main() -> None:
@@ -409,8 +428,9 @@ def main() -> None:
 
     step = decode_step(min_seconds, args.artifact)
     print("\nwhole-model decode step, batch 1, context 256 (bf16 activations):")
-    for kernels, suffix in (("quantkit C++ kernels", ""), ("plain torch", "_plain_torch")):
-        i4, bf = step[f"int4{suffix}"], step[f"bf16{suffix}"]
+    for kernels, int4, bf16 in (("quantkit C++ kernels", "int4", "bf16"), ("  + int8 output head", "int4_int8_head", "bf16"),
+                                ("plain torch", "int4_plain_torch", "bf16_plain_torch")):
+        i4, bf = step[int4], step[bf16]
         print(f"  {kernels:20}: int4 {i4['step_s'] * 1e3:6.2f} ms, bf16 {bf['step_s'] * 1e3:6.2f} ms, speedup {bf['step_s'] / i4['step_s']:.2f}x"
               f" | layers only: int4 {i4['layers_only_s'] * 1e3:6.2f} ms, bf16 {bf['layers_only_s'] * 1e3:6.2f} ms, speedup {bf['layers_only_s'] / i4['layers_only_s']:.2f}x")
     print(f"  int4 step, quantkit's kernels over the plain-torch paths: {step['int4_plain_torch']['step_s'] / step['int4']['step_s']:.2f}x")

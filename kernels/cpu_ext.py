@@ -116,7 +116,14 @@ def _bf16_compiled() -> bool:
     return bool(torch.ops.quantkit_cpu.bf16_available())
 
 
+@functools.cache
+def int8_compiled() -> bool:
+    """True when the int8 GEMV was compiled (it also needs AVX-512 VNNI)."""
+    return available() and bool(torch.ops.quantkit_cpu.int8_available())
+
+
 BF16_CPU_FLAGS = ("avx512bw", "avx512_bf16")
+INT8_CPU_FLAGS = (*BF16_CPU_FLAGS, "avx512_vnni")  # the int8 GEMV also multiplies on VNNI
 
 
 def cpu_has_bf16_instructions() -> bool:
@@ -124,6 +131,11 @@ def cpu_has_bf16_instructions() -> bool:
     BF16). On other CPUs (AVX2 only, say) those kernels are not compiled and the runtime runs
     PyTorch's ops instead; where the CPU has them, a build that lacks them is a failure."""
     return set(BF16_CPU_FLAGS) <= set(_cpu_identity().replace(":", " ").split())
+
+
+def cpu_has_int8_instructions() -> bool:
+    """True when this CPU has what the int8 GEMV (the int8 output head) is written in."""
+    return set(INT8_CPU_FLAGS) <= set(_cpu_identity().replace(":", " ").split())
 
 
 # oneDNN ISA levels below AVX512_CORE_BF16: capped at one of these (ONEDNN_MAX_CPU_ISA), oneDNN

@@ -5,7 +5,9 @@ The runtime builds every projection with `build_linear` and never asks whether i
   (or PyTorch's fused int4 op where it cannot build) for bf16 batches of fewer than 256 rows, and
   dequantize + dense matmul for more rows or other dtypes (kernels/cpu_int4.py);
 - dense weights -> DenseLinear: a matmul in the runtime's dtype (for fp16/bf16/fp32 comparisons
-  through the same model code); `dense_linear` also serves the models' output heads.
+  through the same model code);
+- the output head -> OutputHead: `dense_linear`, or for decode an optional int8 copy of the head
+  (quantize_int8) read by quantkit's int8 GEMV, half the bytes of bf16.
 Where bf16 matmuls are emulated (a CPU without AVX-512 BF16), bf16 batches of 64 rows or more
 compute in fp32 and round once: there fp32 is the fast path.
 """
@@ -13,6 +15,7 @@ compute in fp32 and round once: there fp32 is the fast path.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -147,3 +150,101 @@ def build_fused_linear(tensors: Mapping[str, torch.Tensor], prefixes: list[str],
         outs = [tensors[f"{p}.scales"].shape[1] if all(packed) else tensors[f"{p}.weight"].shape[0] for p in prefixes]
         fused["fused.bias"] = torch.cat([b if b is not None else torch.zeros(n) for b, n in zip(biases, outs)])
     return build_linear(fused, "fused", dtype)
+
+
+# ---------------------------------------------------------------------------- int8 output head
+
+INT8_GROUP = 32  # inputs per scale, as in GGUF's Q8_0
+
+# Calls of up to this many rows read the int8 head (C++ GEMV); more rows read the dense head. The
+# default model's head, dense vs int8 (benchmarks/int8_head.py, 2 threads): 2.64 vs 0.87 ms at 1
+# row, 6.0 vs 2.7 at 8, 9.3 vs 6.2 at 32, 14.1 vs 11.7 at 64: int8 wins while the call is memory-bound.
+INT8_HEAD_MAX_ROWS = 64
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A weight-only int8 matrix W[n, k] = codes[n, k] * scales[n, k // 32] (GGUF's Q8_0 layout)."""
+
+    codes: torch.Tensor  # int8 [out, in]
+    scales: torch.Tensor  # fp16 [out, in / 32]
+
+
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    """Symmetric int8 with one fp16 scale per 32 inputs of a row: s = amax / 127, q = round(w / s).
+
+    A weight that already lies on such a grid (a GGUF Q8_0 tensor, dequantized to fp16 or fp32)
+    gets its own codes back and its scales to within fp16 rounding, so for such a model the int8
+    head is as close to the source as the dense fp16 one, and closer than its bf16 copy.
+    """
+    out_features, in_features = weight.shape
+    if in_features % INT8_GROUP:
+        raise ValueError(f"int8 weights need in_features divisible by {INT8_GROUP}, got {in_features}")
+    w = weight.float().reshape(out_features, in_features // INT8_GROUP, INT8_GROUP)
+    scales = (w.abs().amax(-1) / 127).to(torch.float16)
+    if not torch.isfinite(scales).all():
+        raise ValueError("the weight has values too large for fp16 int8 scales (or NaN/inf); keep this head dense")
+    s = scales.float().unsqueeze(-1)
+    codes = torch.where(s > 0, w / s.clamp_min(torch.finfo(torch.float32).tiny), 0.0).round_().clamp_(-127, 127)
+    return Int8Weight(codes.to(torch.int8).reshape(out_features, in_features).contiguous(), scales.contiguous())
+
+
+def dequantize_int8(weight: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
+    """W [out, in] in `dtype`, formed in fp32 and rounded once."""
+    w = weight.codes.float().view(weight.codes.shape[0], -1, INT8_GROUP) * weight.scales.float().unsqueeze(-1)
+    return w.view(weight.codes.shape).to(dtype)
+
+
+@dataclass(frozen=True)
+class PackedInt8:
+    """An Int8Weight in the int8 GEMV's layout (kernels/csrc/linear.cpp, int8_pack)."""
+
+    codes: torch.Tensor  # int8 [out / 16 (rounded up), in / 2, 16, 2]
+    scales: torch.Tensor  # fp16 [out / 16, in / 32, 16]
+    out_features: int
+
+    def nbytes(self) -> int:
+        return self.codes.numel() + self.scales.numel() * 2
+
+
+def int8_kernel_available() -> bool:
+    """True when quantkit's int8 GEMV runs here (C++ kernels built, AVX-512 BF16 and VNNI)."""
+    return cpu_ext.bf16_available() and cpu_ext.int8_compiled()
+
+
+def pack_int8(weight: Int8Weight) -> PackedInt8:
+    """Codes and scales in 16-row blocks, rows past out_features zero (int8_gemv's operands)."""
+    out_features, in_features = weight.codes.shape
+    blocks = -(-out_features // 16)
+    scales = torch.nn.functional.pad(weight.scales, (0, 0, 0, blocks * 16 - out_features))
+    scales = scales.view(blocks, 16, in_features // INT8_GROUP).transpose(1, 2).contiguous()
+    return PackedInt8(cpu_ext.op("int8_pack")(weight.codes), scales, out_features)
+
+
+def int8_linear(x: torch.Tensor, weight: PackedInt8) -> torch.Tensor:
+    """bf16 x [M, in] @ W.T -> bf16 [M, out] with quantkit's int8 GEMV (x on a 16-bit grid, see linear.cpp)."""
+    out = torch.empty(x.shape[0], weight.out_features, dtype=torch.bfloat16)
+    cpu_ext.op("int8_gemv")(x.contiguous(), weight.codes, weight.scales, out)
+    return out
+
+
+class OutputHead(nn.Module):
+    """The logits matrix [vocab, hidden] in the compute dtype, plus optionally an int8 copy.
+
+    Batch-1 decode reads the whole head every step (56.6 MB in bf16 for SmolLM2-135M, about as
+    many bytes as all its int4 layers), so bf16 calls of up to INT8_HEAD_MAX_ROWS rows read the
+    int8 copy, half the bytes; larger calls, compute-bound, use the dense head. The copy needs quantkit's int8 kernel (AVX-512 BF16 and
+    VNNI): `int8_kernel_available()` says whether to build one.
+    """
+
+    def __init__(self, weight: torch.Tensor, int8: PackedInt8 | None = None):
+        super().__init__()
+        self.weight, self.int8 = weight, int8
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None and hidden.dtype == torch.bfloat16 and hidden.dim() == 2 and hidden.shape[0] <= INT8_HEAD_MAX_ROWS:
+            return int8_linear(hidden, self.int8)
+        return dense_linear(hidden, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"vocab={self.weight.shape[0]}, hidden={self.weight.shape[1]}, {self.weight.dtype}" + (", int8 copy" if self.int8 else "")

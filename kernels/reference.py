@@ -34,6 +34,11 @@ def w4a16_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tenso
     return x.double() @ weight.t()
 
 
+def int8_matmul_ref(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, in] times the int8 weight W[n, k] = codes[n, k] * scales[n, k // 32], in float64 -> [M, out]."""
+    weight = codes.double() * scales.double().repeat_interleave(codes.shape[1] // scales.shape[1], dim=1)
+    return x.double() @ weight.t()
+
 def store_kv_ref(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Write key/value [N, num_kv_heads, head_dim] into their slots (in place); slot -1 is skipped."""
     block_size = k_cache.shape[1]

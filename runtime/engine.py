@@ -38,6 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     chunked_prefill: bool = True
     seed: int = 0  # seeds the generators of requests that bring no seed
+    int8_head: bool = False  # decode reads an int8 copy of the output head (half the bytes of bf16)
 
 
 @dataclass
@@ -64,7 +65,8 @@ class LLMEngine:
         self.config = config
         weights = load_weights(config.model)
         self.tokenizer = load_tokenizer(weights.path)
-        self.runner = ModelRunner(weights, _DTYPES[config.dtype], config.block_size, config.kv_cache_memory, config.num_blocks)
+        self.runner = ModelRunner(weights, _DTYPES[config.dtype], config.block_size, config.kv_cache_memory, config.num_blocks,
+                                  int8_head=config.int8_head)
         self.quantized = weights.quantized
         self.model_name = str(config.model)
         self.max_model_len = min(config.max_model_len or self.runner.max_model_len, self.runner.max_model_len)

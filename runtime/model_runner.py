@@ -6,6 +6,7 @@ one block holds K and V of `block_size` tokens for every layer.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.kernels import cpu_ext
 from quantkit.kernels.attention import AttentionMetadata, allocate_kv_cache
+from quantkit.kernels.linear import int8_kernel_available
 from quantkit.kernels.logprobs import target_logprobs
 from quantkit.kernels.threads import cpu_threads, threads_for_tokens
 
@@ -35,8 +37,21 @@ def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
+def _int8_head_usable(dtype: torch.dtype) -> bool:
+    """The int8 output head runs on quantkit's int8 kernel with bf16 activations; elsewhere say why it is off."""
+    if dtype != torch.bfloat16:
+        warnings.warn(f"the int8 output head needs dtype bfloat16 (got {dtype}); using the dense head", RuntimeWarning, stacklevel=3)
+        return False
+    if not int8_kernel_available():
+        warnings.warn("the int8 output head needs quantkit's C++ kernels on a CPU with AVX-512 BF16 and VNNI, which this machine "
+                      "lacks; using the dense head", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 class ModelRunner:
-    def __init__(self, weights: ModelWeights, dtype: torch.dtype, block_size: int, kv_cache_memory: int | None = None, num_blocks: int | None = None):
+    def __init__(self, weights: ModelWeights, dtype: torch.dtype, block_size: int, kv_cache_memory: int | None = None, num_blocks: int | None = None,
+                 int8_head: bool = False):
         if weights.architecture not in MODEL_CLASSES:
             raise QuantkitError(
                 f"architecture {weights.architecture} is not supported by the runtime (supported: {', '.join(sorted(MODEL_CLASSES))})."
@@ -49,8 +64,9 @@ class ModelRunner:
         self.dtype, self.block_size = dtype, block_size
         self.max_threads = torch.get_num_threads()
         cpu_ext.available()  # build or load the C++ CPU kernels now, not inside the first request
+        self.int8_head = int8_head and _int8_head_usable(dtype)
         with torch.inference_mode():
-            self.model = network(self.config, weights.tensors, dtype)
+            self.model = network(self.config, weights.tensors, dtype, int8_head=self.int8_head)
         c = self.config
         self.block_bytes = kv_block_bytes(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)
         if num_blocks is None:

@@ -742,3 +742,120 @@ def test_int4_weights_take_quantkits_layout_exactly_where_the_cpu_has_bf16_instr
     assert type(weight) is expected
     x = torch.randn(3, 128).to(torch.bfloat16)
     assert rel_err(cpu_int4.int4_matmul(x, weight), w4a16_matmul_ref(x, qweight, qzeros, scales)) < BF16_RTOL
+
+
+# ---------------------------------------------------------------- int8 output head
+
+needs_int8_kernel = pytest.mark.skipif(
+    not cpu_ext.cpu_has_int8_instructions(),
+    reason=f"this CPU lacks {' and '.join(cpu_ext.INT8_CPU_FLAGS)}: quantkit's int8 GEMV is not built for it",
+)
+
+
+def q8_0_weight(out_features: int, in_features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A GGUF Q8_0-style weight: fp16 scale d and int8 codes per 32 inputs (one code at +-127 per
+    group, as Q8_0's amax / 127 scale makes it), dequantized in fp32 as transformers does."""
+    g = torch.Generator().manual_seed(seed)
+    groups = in_features // 32
+    codes = torch.randint(-127, 128, (out_features, groups, 32), generator=g, dtype=torch.int32)
+    codes[:, :, 0] = torch.where(torch.rand(out_features, groups, generator=g) < 0.5, -127, 127)
+    d = (torch.rand(out_features, groups, generator=g) * 1e-3 + 1e-5).to(torch.float16)
+    weight = (codes.float() * d.float().unsqueeze(-1)).reshape(out_features, in_features)
+    return weight, codes.reshape(out_features, in_features).to(torch.int8), d
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16])  # as dequantized, as an artifact keeps it
+def test_int8_quantize_gives_a_q8_0_weight_its_own_codes_back(stored):
+    from quantkit.kernels.linear import quantize_int8
+
+    weight, codes, d = q8_0_weight(64, 576, seed=1)
+    q = quantize_int8(weight.to(stored))
+    assert torch.equal(q.codes, codes)
+    if stored == torch.float32:
+        assert torch.equal(q.scales, d)
+    else:  # fp16 storage rounds d * 127 once: the scale may move by one fp16 step, never more
+        steps = (q.scales.view(torch.int16).int() - d.view(torch.int16).int()).abs()
+        assert int(steps.max()) <= 1
+
+
+def test_int8_quantize_rounds_to_nearest_within_half_a_step_and_keeps_zero_groups_zero():
+    from quantkit.kernels.linear import dequantize_int8, quantize_int8
+
+    weight = torch.randn(40, 96, generator=torch.Generator().manual_seed(2)) * 0.05
+    weight[3] = 0.0  # an all-zero row: zero scales, zero codes, no NaN
+    q = quantize_int8(weight)
+    error = (dequantize_int8(q, torch.float32) - weight).abs().view(40, 3, 32)
+    step = q.scales.float().unsqueeze(-1)
+    assert bool((error <= step / 2 + 1e-7).all())
+    assert int(q.codes.abs().max()) == 127 and not q.codes[3].any() and not q.scales[3].any()
+    with pytest.raises(ValueError, match="divisible by 32"):
+        quantize_int8(torch.randn(4, 48))
+
+
+@needs_int8_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # 5, 9: more than one tile of x
+@pytest.mark.parametrize("out_features,in_features", [(37, 576), (260, 64), (16, 96)])  # 37, 260: not multiples of 16
+def test_int8_gemv_matches_reference(rows, out_features, in_features):
+    from quantkit.kernels.linear import int8_linear, pack_int8, quantize_int8
+    from quantkit.kernels.reference import int8_matmul_ref
+
+    g = torch.Generator().manual_seed(rows * out_features + in_features)
+    q = quantize_int8(torch.randn(out_features, in_features, generator=g))
+    x = torch.randn(rows, in_features, generator=g).to(torch.bfloat16)
+    packed = pack_int8(q)
+    out = torch.full((rows, out_features), float("nan"), dtype=torch.bfloat16)  # poisoned: every entry must be written
+    cpu_ext.op("int8_gemv")(x, packed.codes, packed.scales, out)
+    assert rel_err(out, int8_matmul_ref(x, q.codes, q.scales)) < BF16_RTOL
+    assert torch.equal(int8_linear(x, packed), out)
+
+
+@needs_int8_kernel
+def test_int8_gemv_keeps_small_entries_next_to_a_massive_activation():
+    # x goes onto a 16-bit grid scaled by its largest entry: entries 2^12 times smaller still keep
+    # their leading bits, so each output stays within bf16 rounding of the exact product.
+    from quantkit.kernels.linear import int8_linear, pack_int8, quantize_int8
+    from quantkit.kernels.reference import int8_matmul_ref
+
+    g = torch.Generator().manual_seed(5)
+    q = quantize_int8(torch.randn(64, 576, generator=g))
+    x = torch.randn(2, 576, generator=g)
+    x[0, 17], x[1, 300] = 4096.0, -4096.0
+    x = x.to(torch.bfloat16)
+    exact = int8_matmul_ref(x, q.codes, q.scales)
+    without_outlier = x.clone()
+    without_outlier[0, 17] = without_outlier[1, 300] = 0
+    small_part = int8_matmul_ref(without_outlier, q.codes, q.scales)  # what the small entries contribute
+    error = (int8_linear(x, pack_int8(q)).double() - exact).abs()
+    assert float(error.max()) < 2 ** -8 * float(exact.abs().max())
+    assert rel_err(int8_linear(without_outlier, pack_int8(q)), small_part) < BF16_RTOL
+
+
+@needs_int8_kernel
+def test_int8_gemv_rejects_mismatched_operands_with_a_message():
+    from quantkit.kernels.linear import pack_int8, quantize_int8
+
+    packed = pack_int8(quantize_int8(torch.randn(32, 64)))
+    with pytest.raises(RuntimeError, match="x and out must be bf16"):
+        cpu_ext.op("int8_gemv")(torch.randn(1, 64), packed.codes, packed.scales, torch.empty(1, 32, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        cpu_ext.op("int8_gemv")(torch.randn(1, 96).bfloat16(), packed.codes, packed.scales, torch.empty(1, 32, dtype=torch.bfloat16))
+
+
+def test_the_int8_kernel_is_built_exactly_where_the_cpu_has_its_instructions():
+    from quantkit.kernels.linear import int8_kernel_available
+
+    assert int8_kernel_available() == cpu_ext.cpu_has_int8_instructions()
+
+
+@needs_int8_kernel
+def test_output_head_reads_the_int8_copy_for_few_bf16_rows_and_the_dense_head_otherwise():
+    from quantkit.kernels.linear import INT8_HEAD_MAX_ROWS, OutputHead, dense_linear, int8_linear, pack_int8, quantize_int8
+
+    weight = torch.randn(100, 64, generator=torch.Generator().manual_seed(6))
+    packed = pack_int8(quantize_int8(weight))
+    head = OutputHead(weight.to(torch.bfloat16), packed)
+    few, many = torch.randn(INT8_HEAD_MAX_ROWS, 64).bfloat16(), torch.randn(INT8_HEAD_MAX_ROWS + 1, 64).bfloat16()
+    assert torch.equal(head(few), int8_linear(few, packed))
+    assert torch.equal(head(many), dense_linear(many, head.weight))
+    fp32_head = OutputHead(weight, packed)
+    assert torch.equal(fp32_head(few.float()), dense_linear(few.float(), weight))  # the int8 copy is for bf16 only

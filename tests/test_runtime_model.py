@@ -76,3 +76,26 @@ def test_kv_budget_smaller_than_one_block_is_a_clear_error(tiny_model_dir):
 
     with pytest.raises(QuantkitError, match="kv-cache-memory"):
         ModelRunner(load_weights(tiny_model_dir), torch.float32, 16, kv_cache_memory=100)
+
+
+@pytest.mark.skipif(not __import__("quantkit.kernels.cpu_ext", fromlist=["x"]).cpu_has_int8_instructions(),
+                    reason="this CPU lacks AVX-512 BF16 and VNNI: the int8 output head is not built for it")
+def test_int8_head_decodes_within_int8_rounding_of_the_dense_head(tiny_model_dir):
+    tokens = torch.randint(0, 500, (30,), generator=torch.Generator().manual_seed(7)).tolist()
+    dense = ModelRunner(load_weights(tiny_model_dir), torch.bfloat16, 16, num_blocks=8)
+    int8 = ModelRunner(load_weights(tiny_model_dir), torch.bfloat16, 16, num_blocks=8, int8_head=True)
+    assert int8.int8_head and int8.model.lm_head.int8 is not None and dense.model.lm_head.int8 is None
+    expected = hf_logits(tiny_model_dir, tokens)
+    got = {}
+    for name, runner in (("dense", dense), ("int8", int8)):
+        runner.fill_cache(StepInput([tokens[:20]], [0], [[1, 0]], [False]))
+        got[name] = torch.cat([runner.run(StepInput([[tokens[p]]], [p], [[1, 0]], [True])) for p in range(20, 30)])  # decode: 1 row
+    # int8 with one scale per 32 inputs moves a logit by a few tenths of a percent, like bf16 rounding.
+    assert rel_err(got["int8"], expected[20:]) < 2 * rel_err(got["dense"], expected[20:]) + 5e-3
+    assert rel_err(got["int8"], got["dense"].double()) < 2e-2
+
+
+def test_int8_head_is_refused_with_a_warning_outside_bf16(tiny_model_dir):
+    with pytest.warns(RuntimeWarning, match="int8 output head needs dtype bfloat16"):
+        runner = ModelRunner(load_weights(tiny_model_dir), torch.float32, 16, num_blocks=4, int8_head=True)
+    assert not runner.int8_head and runner.model.lm_head.int8 is None

@@ -1,5 +1,6 @@
-// Linear layers: the int4 GEMM for AWQ weights and a bf16 GEMV for a few rows, registered as
-// torch.ops.quantkit_cpu.*. Both need AVX-512 BF16; without it they refuse with a message.
+// Linear layers: the int4 GEMM for AWQ weights, and a bf16 and an int8 GEMV for a few rows (the
+// int8 one for an output head), registered as torch.ops.quantkit_cpu.*. All need AVX-512 BF16;
+// without it they refuse with a message.
 //
 // int4_linear: y = x @ W for bf16 x and an AWQ int4 weight W[k][n] = (q - z) * s, with AVX-512
 // BF16 dot products (vdpbf16ps: two bf16 products per fp32 lane). The codes q (0..15) become bf16
@@ -331,6 +332,141 @@ void dense_gemv(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out) 
 #endif
 }
 
+// ------------------------------------------------------------------------------------ int8 GEMV
+
+// int8_gemv: y = x @ W.T for a few bf16 rows x [M, K] and a weight-only int8 matrix
+// W[n][k] = q[n][k] * s[n][k / 32] (q int8, s fp16: GGUF's Q8_0), for an output head, which decode
+// reads whole every step. It runs on VNNI integer dot products: converting int8 codes to bf16 or
+// fp32 costs several instructions per 32 codes (the kernel became compute-bound at ~13 GB/s), while
+// vpdpwssd multiplies sign-extended codes by 16-bit x directly. x is put on a 16-bit grid per row
+// with a power-of-two step (amax / 2^15 rounded up), so entries within 2^8 of the row's largest
+// keep all their bits and any entry moves by at most amax / 2^16; every product and group sum is
+// then exact in int32, and each group's sum is scaled by s in fp32.
+//
+// Packed layout (int8_pack): codes int8 [N / 16, K / 2, 16, 2]: for output rows 16b .. 16b + 15 and
+// inputs 2t, 2t + 1, lane j holds (q[16b + j][2t], q[16b + j][2t + 1]), which sign-extended to 16
+// bits is exactly vpdpwssd's operand; scales fp16 [N / 16, K / 32, 16]. Rows past N are zero.
+constexpr int64_t INT8_GROUP = 32;
+constexpr int64_t INT8_LANES = 16;
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+constexpr bool INT8_KERNEL = true;
+
+// One tile: M rows of x (16-bit pairs, int32 words) against RB blocks of 16 output rows.
+template <int M, int RB>
+inline void int8_tile(const int32_t* xpairs, const float* xstep, int64_t K, const int8_t* codes, const c10::Half* scales,
+                      c10::BFloat16* y, int64_t N, int64_t n) {
+  const int64_t groups = K / INT8_GROUP, block_codes = K * INT8_LANES, block_scales = groups * INT8_LANES;
+  __m512 acc[M][RB];
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < RB; ++b) acc[m][b] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i sums[M][RB];
+    for (int m = 0; m < M; ++m)
+      for (int b = 0; b < RB; ++b) sums[m][b] = _mm512_setzero_si512();
+    for (int64_t t = g * INT8_GROUP / 2; t < (g + 1) * INT8_GROUP / 2; ++t) {
+      __m512i w[RB];
+      for (int b = 0; b < RB; ++b)
+        w[b] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + b * block_codes + t * 2 * INT8_LANES)));
+      for (int m = 0; m < M; ++m) {
+        const __m512i xs = _mm512_set1_epi32(xpairs[m * (K / 2) + t]);
+        for (int b = 0; b < RB; ++b) sums[m][b] = _mm512_dpwssd_epi32(sums[m][b], w[b], xs);
+      }
+    }
+    for (int b = 0; b < RB; ++b) {
+      const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * block_scales + g * INT8_LANES)));
+      for (int m = 0; m < M; ++m) acc[m][b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[m][b]), s, acc[m][b]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < RB; ++b) {
+      const int64_t row = n + b * INT8_LANES, width = std::min<int64_t>(INT8_LANES, N - row);
+      if (width <= 0) continue;
+      const __m256i out = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[m][b], _mm512_set1_ps(xstep[m])));
+      _mm256_mask_storeu_epi16(y + m * N + row, __mmask16((1u << width) - 1), out);
+    }
+}
+
+template <int M, int RB>
+void int8_blocks(const int32_t* xpairs, const float* xstep, int64_t K, const int8_t* codes, const c10::Half* scales, c10::BFloat16* y,
+                 int64_t N, int64_t b0, int64_t b1) {
+  const int64_t groups = K / INT8_GROUP;
+  int64_t b = b0;
+  for (; b + RB <= b1; b += RB)
+    int8_tile<M, RB>(xpairs, xstep, K, codes + b * K * INT8_LANES, scales + b * groups * INT8_LANES, y, N, b * INT8_LANES);
+  for (; b < b1; ++b) int8_tile<M, 1>(xpairs, xstep, K, codes + b * K * INT8_LANES, scales + b * groups * INT8_LANES, y, N, b * INT8_LANES);
+}
+#else
+constexpr bool INT8_KERNEL = false;
+#endif
+
+// codes int8 [N, K] -> the packed layout above (rows padded with zeros to a multiple of 16).
+at::Tensor int8_pack(const at::Tensor& codes) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.size(1) % INT8_GROUP == 0,
+              "int8_pack: codes must be int8 [N, K], K a multiple of 32");
+  const int64_t N = codes.size(0), K = codes.size(1), blocks = (N + INT8_LANES - 1) / INT8_LANES;
+  auto padded = at::zeros({blocks * INT8_LANES, K}, at::kChar);
+  padded.narrow(0, 0, N).copy_(codes);
+  return padded.view({blocks, INT8_LANES, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+void int8_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, at::Tensor& out) {
+  TORCH_CHECK(INT8_KERNEL, "int8_gemv needs AVX-512 BF16 and VNNI; this build has none (use the dense head)");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 && codes.scalar_type() == at::kChar &&
+                  scales.scalar_type() == at::kHalf,
+              "int8_gemv: x and out must be bf16, codes int8, scales fp16");
+  TORCH_CHECK(x.is_contiguous() && codes.is_contiguous() && scales.is_contiguous() && out.is_contiguous() && x.dim() == 2 &&
+                  codes.dim() == 4 && scales.dim() == 3,
+              "int8_gemv: x [M, K], packed codes [N / 16, K / 2, 16, 2], scales [N / 16, K / 32, 16], out [M, N], all contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), blocks = codes.size(0);
+  TORCH_CHECK(K % INT8_GROUP == 0 && codes.size(1) * 2 == K && codes.size(2) == INT8_LANES && scales.size(0) == blocks &&
+                  scales.size(1) == K / INT8_GROUP && scales.size(2) == INT8_LANES && out.size(0) == M && M >= 1 &&
+                  N <= blocks * INT8_LANES && N > (blocks - 1) * INT8_LANES,
+              "int8_gemv: shapes do not match (K a multiple of 32, codes and scales from int8_pack of an [N, K] weight)");
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+  // x on its 16-bit grid: step 2^e with amax / 2^e <= 32767; a zero row keeps step 1 (all zeros).
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> step(M);
+  const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+  for (int64_t m = 0; m < M; ++m) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(to_float(xp[m * K + k])));
+    TORCH_CHECK(std::isfinite(amax), "int8_gemv: x has a NaN or infinite entry");
+    int e = 0;
+    if (amax > 0.f) {
+      std::frexp(amax, &e);  // amax < 2^e
+      e -= 15;               // amax / 2^e < 2^15
+    }
+    step[m] = std::ldexp(1.f, e);
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = std::nearbyint(std::ldexp(to_float(xp[m * K + k]), -e));
+      xq[m * K + k] = int16_t(std::max(-32767.f, std::min(32767.f, v)));
+    }
+  }
+  const int32_t* xpairs = reinterpret_cast<const int32_t*>(xq.data());
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  c10::BFloat16* yp = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
+    // Blocks are walked in chunks whose codes stay in L2 while every tile of x passes over them.
+    for (int64_t c0 = b0; c0 < b1; c0 += 64) {
+      const int64_t c1 = std::min(b1, c0 + 64);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int32_t* xm = xpairs + m0 * (K / 2);
+        const float* sm = step.data() + m0;
+        c10::BFloat16* ym = yp + m0 * N;
+        switch (std::min<int64_t>(4, M - m0)) {
+          case 1: int8_blocks<1, 4>(xm, sm, K, cp, sp, ym, N, c0, c1); break;
+          case 2: int8_blocks<2, 4>(xm, sm, K, cp, sp, ym, N, c0, c1); break;
+          case 3: int8_blocks<3, 2>(xm, sm, K, cp, sp, ym, N, c0, c1); break;
+          default: int8_blocks<4, 2>(xm, sm, K, cp, sp, ym, N, c0, c1); break;
+        }
+      }
+    }
+  });
+#endif
+}
+
 }  // namespace
 }  // namespace quantkit_cpu
 
@@ -339,4 +475,6 @@ TORCH_LIBRARY_IMPL(quantkit_cpu, CPU, m) {
   m.impl("int4_linear", quantkit_cpu::int4_linear);
   m.impl("int4_dequantize", quantkit_cpu::int4_dequantize);
   m.impl("dense_gemv", quantkit_cpu::dense_gemv);
+  m.impl("int8_pack", quantkit_cpu::int8_pack);
+  m.impl("int8_gemv", quantkit_cpu::int8_gemv);
 }

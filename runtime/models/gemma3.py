@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.kernels.attention import AttentionMetadata
-from quantkit.kernels.linear import dense_linear
 
 from .llama import MLP, Attention, RotaryEmbedding, output_head, parse_rope, qk_norm_weight, windows_from_layer_types
 
@@ -116,7 +115,7 @@ class DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
-    def __init__(self, config: Gemma3Config, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype):
+    def __init__(self, config: Gemma3Config, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, int8_head: bool = False):
         super().__init__()
         self.config, self.dtype = config, dtype
         self.embed_tokens = tensors["model.embed_tokens.weight"].to(dtype)
@@ -125,7 +124,7 @@ class Gemma3ForCausalLM(nn.Module):
             DecoderLayer(config, tensors, f"model.layers.{i}", dtype, i) for i in range(config.num_layers)
         )
         self.norm = GemmaRMSNorm(tensors["model.norm.weight"], config.rms_norm_eps)
-        self.lm_head = output_head(tensors, self.embed_tokens, False, dtype)  # tied checkpoints omit lm_head.weight
+        self.lm_head = output_head(tensors, self.embed_tokens, False, dtype, int8_head)  # tied checkpoints omit lm_head.weight
         self.global_rotary = RotaryEmbedding(config.head_dim, *config.global_rope)
         self.local_rotary = RotaryEmbedding(config.head_dim, *config.local_rope)
 
@@ -140,7 +139,7 @@ class Gemma3ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """Logits of the given rows, soft-capped if the config says so: fp32, or (upcast=False and no
         cap) in the compute dtype; the cap is always applied in fp32."""
-        logits = dense_linear(hidden, self.lm_head)
+        logits = self.lm_head(hidden)
         cap = self.config.final_logit_softcapping
         if cap is None:
             return logits.float() if upcast else logits

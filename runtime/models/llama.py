@@ -23,7 +23,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.kernels.attention import AttentionMetadata, paged_attention, rotate_and_store_kv
-from quantkit.kernels.linear import build_fused_linear, dense_linear
+from quantkit.kernels.linear import OutputHead, build_fused_linear, pack_int8, quantize_int8
 from quantkit.kernels.norm import add_rms_norm, rms_norm, silu_and_mul
 
 # --- config ------------------------------------------------------------------------------
@@ -186,14 +186,18 @@ def qk_norm_weight(config, tensors: Mapping[str, torch.Tensor], prefix: str) -> 
                       tensors[f"{prefix}.k_norm.weight"].expand(config.num_kv_heads, -1)])
 
 
-def output_head(tensors: Mapping[str, torch.Tensor], embed_tokens: torch.Tensor, tied: bool, dtype: torch.dtype) -> torch.Tensor:
-    """The logits matrix: the embeddings when tied (or the checkpoint stores no head), else lm_head."""
+def output_head(tensors: Mapping[str, torch.Tensor], embed_tokens: torch.Tensor, tied: bool, dtype: torch.dtype, int8: bool = False) -> OutputHead:
+    """The logits matrix: the embeddings when tied (or the checkpoint stores no head), else lm_head.
+
+    int8: also keep an int8 copy for decode (kernels/linear.py, OutputHead), quantized from the
+    checkpoint's own tensor (fp16/fp32), not from its copy in the compute dtype.
+    """
     if "lm_head.qweight" in tensors:  # would otherwise fall back to the embeddings: wrong logits
         raise QuantkitError("the checkpoint packs lm_head, which the runtime only reads dense; "
                             "re-quantize with lm_head in modules_to_not_convert.")
-    if tied or "lm_head.weight" not in tensors:
-        return embed_tokens
-    return tensors["lm_head.weight"].to(dtype)
+    name = "model.embed_tokens.weight" if tied or "lm_head.weight" not in tensors else "lm_head.weight"
+    weight = embed_tokens if name == "model.embed_tokens.weight" else tensors[name].to(dtype)
+    return OutputHead(weight, pack_int8(quantize_int8(tensors[name])) if int8 else None)
 
 
 class HeadRMSNorm(nn.Module):
@@ -270,14 +274,14 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype):
+    def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, int8_head: bool = False):
         super().__init__()
         self.config, self.dtype = config, dtype
         windows = config.layer_windows or (None,) * config.num_layers
         self.embed_tokens = tensors["model.embed_tokens.weight"].to(dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, tensors, f"model.layers.{i}", dtype, windows[i]) for i in range(config.num_layers))
         self.norm = RMSNorm(tensors["model.norm.weight"].to(dtype), config.rms_norm_eps)
-        self.lm_head = output_head(tensors, self.embed_tokens, config.tie_word_embeddings, dtype)
+        self.lm_head = output_head(tensors, self.embed_tokens, config.tie_word_embeddings, dtype, int8_head)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
@@ -291,5 +295,5 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, upcast: bool = True) -> torch.Tensor:
         """Logits of the given rows: fp32 for sampling; upcast=False leaves them in the compute
         dtype for a consumer that reads them in fp32 itself (scoring's target_logprobs)."""
-        logits = dense_linear(hidden, self.lm_head)
+        logits = self.lm_head(hidden)
         return logits.float() if upcast else logits
