@@ -15,6 +15,7 @@ import hashlib
 import os
 import platform
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -40,8 +41,11 @@ def _cpu_identity() -> str:
 
 
 def build_directory() -> Path:
+    """One directory per source version, checkout, torch version and CPU. The checkout counts:
+    torch's builder writes the sources' absolute paths into its build file, so two checkouts of
+    the same sources sharing a directory would each see the other's build as stale and rebuild."""
     sources = [f.read_text() for f in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))]
-    key = hashlib.sha256("\n".join([*sources, torch.__version__, " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([*sources, str(CSRC.resolve()), torch.__version__, " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
     return root / "cpu_kernels" / key
 
@@ -52,6 +56,7 @@ def _load() -> bool:
 
     directory = build_directory()
     directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(directory / "lock")
     _put_ninja_on_path()
     try:
         load(name="quantkit_cpu_kernels", sources=[str(f) for f in sorted(CSRC.glob("*.cpp"))], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
@@ -64,6 +69,22 @@ def _load() -> bool:
         )
         return False
     return True
+
+
+STALE_LOCK_SECONDS = 600  # a build takes ~15-60 s; a lock this old was left by a killed build
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """torch's builder waits for as long as its lock file exists, and a build killed midway (a
+    timed-out subprocess, Ctrl-C) leaves it behind: every later process would hang. Remove one
+    that no build has touched for STALE_LOCK_SECONDS."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(f"removing {lock}, left {age / 60:.0f} minutes ago by an interrupted build of quantkit's C++ kernels", RuntimeWarning, stacklevel=3)
+        lock.unlink(missing_ok=True)
 
 
 def build_failure_reason(error: BaseException) -> str:
@@ -116,10 +137,14 @@ def _bf16_compiled() -> bool:
     return bool(torch.ops.quantkit_cpu.bf16_available())
 
 
-@functools.cache
 def int8_compiled() -> bool:
-    """True when the int8 GEMV was compiled (it also needs AVX-512 VNNI)."""
-    return available() and bool(torch.ops.quantkit_cpu.int8_available())
+    """True when the kernels are available and the int8 GEMV was compiled (it also needs AVX-512 VNNI)."""
+    return available() and _int8_compiled()
+
+
+@functools.cache
+def _int8_compiled() -> bool:
+    return bool(torch.ops.quantkit_cpu.int8_available())
 
 
 BF16_CPU_FLAGS = ("avx512bw", "avx512_bf16")

@@ -40,7 +40,7 @@ EMULATED_UPCAST_ROWS = 8192  # output rows of a weight upcast at once: 18 MB in 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., in] @ weight[out, in].T (+ bias) in x's dtype."""
     if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
-            and x.shape[0] <= GEMV_MAX_ROWS and x.shape[1] % 32 == 0 and weight.is_contiguous() and cpu_ext.bf16_available()):
+            and 1 <= x.shape[0] <= GEMV_MAX_ROWS and x.shape[1] % 32 == 0 and weight.is_contiguous() and cpu_ext.bf16_available()):
         out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
         cpu_ext.op("dense_gemv")(x.contiguous(), weight, out)
         return out if bias is None else out + bias
@@ -233,7 +233,9 @@ class OutputHead(nn.Module):
 
     Batch-1 decode reads the whole head every step (56.6 MB in bf16 for SmolLM2-135M, about as
     many bytes as all its int4 layers), so bf16 calls of up to INT8_HEAD_MAX_ROWS rows read the
-    int8 copy, half the bytes; larger calls, compute-bound, use the dense head. The copy needs quantkit's int8 kernel (AVX-512 BF16 and
+    int8 copy, half the bytes; larger calls, compute-bound, use the dense head. (With more than
+    that many sequences per step, a request's logits come from one head or the other depending on
+    the batch around it, as its bf16 linears already do: see README, scheduler.) The copy needs quantkit's int8 kernel (AVX-512 BF16 and
     VNNI): `int8_kernel_available()` says whether to build one.
     """
 
@@ -242,7 +244,7 @@ class OutputHead(nn.Module):
         self.weight, self.int8 = weight, int8
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.int8 is not None and hidden.dtype == torch.bfloat16 and hidden.dim() == 2 and hidden.shape[0] <= INT8_HEAD_MAX_ROWS:
+        if self.int8 is not None and hidden.dtype == torch.bfloat16 and hidden.dim() == 2 and 1 <= hidden.shape[0] <= INT8_HEAD_MAX_ROWS:
             return int8_linear(hidden, self.int8)
         return dense_linear(hidden, self.weight)
 

@@ -207,7 +207,7 @@ def _parse_bytes(text: str) -> int:
 @click.option("--max-waiting", default=256, show_default=True, type=int, help="Queue length beyond which requests get 503.")
 @click.option("--block-size", default=16, show_default=True, type=int, help="Tokens per KV block.")
 @click.option("--served-model-name", help="Model id reported by /v1/models (default: MODEL).")
-@click.option("--int8-head", is_flag=True, help="Decode reads an int8 copy of the output head (half its bf16 bytes; +30 MiB for SmolLM2-135M).")
+@click.option("--int8-head", is_flag=True, help="Decode reads an int8 copy of the output head (half its bf16 bytes; +29 MiB for SmolLM2-135M).")
 def serve(model, host, port, api_key, kv_cache_memory, dtype, max_num_seqs, max_num_batched_tokens, max_waiting, block_size, served_model_name,
           int8_head) -> None:
     """Serve MODEL (an artifact, a model directory or 'smollm2-135m') with an OpenAI-compatible API."""

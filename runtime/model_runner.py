@@ -43,8 +43,8 @@ def _int8_head_usable(dtype: torch.dtype) -> bool:
         warnings.warn(f"the int8 output head needs dtype bfloat16 (got {dtype}); using the dense head", RuntimeWarning, stacklevel=3)
         return False
     if not int8_kernel_available():
-        warnings.warn("the int8 output head needs quantkit's C++ kernels on a CPU with AVX-512 BF16 and VNNI, which this machine "
-                      "lacks; using the dense head", RuntimeWarning, stacklevel=3)
+        warnings.warn("the int8 output head needs quantkit's C++ kernels (built, not switched off) on a CPU with AVX-512 BF16 and "
+                      "VNNI; using the dense head", RuntimeWarning, stacklevel=3)
         return False
     return True
 
@@ -64,9 +64,9 @@ class ModelRunner:
         self.dtype, self.block_size = dtype, block_size
         self.max_threads = torch.get_num_threads()
         cpu_ext.available()  # build or load the C++ CPU kernels now, not inside the first request
-        self.int8_head = int8_head and _int8_head_usable(dtype)
         with torch.inference_mode():
-            self.model = network(self.config, weights.tensors, dtype, int8_head=self.int8_head)
+            self.model = network(self.config, weights.tensors, dtype, int8_head=int8_head and _int8_head_usable(dtype))
+        self.int8_head = self.model.lm_head.int8 is not None
         c = self.config
         self.block_bytes = kv_block_bytes(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)
         if num_blocks is None:

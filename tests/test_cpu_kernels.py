@@ -794,7 +794,7 @@ def test_int8_quantize_rounds_to_nearest_within_half_a_step_and_keeps_zero_group
 
 @needs_int8_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # 5, 9: more than one tile of x
-@pytest.mark.parametrize("out_features,in_features", [(37, 576), (260, 64), (16, 96)])  # 37, 260: not multiples of 16
+@pytest.mark.parametrize("out_features,in_features", [(37, 576), (260, 64), (16, 96), (2100, 64)])  # 37, 260: not multiples of 16; 2100: past one 64-block chunk per thread
 def test_int8_gemv_matches_reference(rows, out_features, in_features):
     from quantkit.kernels.linear import int8_linear, pack_int8, quantize_int8
     from quantkit.kernels.reference import int8_matmul_ref
@@ -811,8 +811,9 @@ def test_int8_gemv_matches_reference(rows, out_features, in_features):
 
 @needs_int8_kernel
 def test_int8_gemv_keeps_small_entries_next_to_a_massive_activation():
-    # x goes onto a 16-bit grid scaled by its largest entry: entries 2^12 times smaller still keep
-    # their leading bits, so each output stays within bf16 rounding of the exact product.
+    # x goes onto a 16-bit grid scaled by its largest entry: next to a 4096, N(0, 1) entries keep
+    # only their leading bits, yet no output moves by more than 2^-8 of the largest one, and
+    # without the outlier the same entries compute within bf16 tolerance.
     from quantkit.kernels.linear import int8_linear, pack_int8, quantize_int8
     from quantkit.kernels.reference import int8_matmul_ref
 
@@ -859,3 +860,51 @@ def test_output_head_reads_the_int8_copy_for_few_bf16_rows_and_the_dense_head_ot
     assert torch.equal(head(many), dense_linear(many, head.weight))
     fp32_head = OutputHead(weight, packed)
     assert torch.equal(fp32_head(few.float()), dense_linear(few.float(), weight))  # the int8 copy is for bf16 only
+
+
+@needs_int8_kernel
+def test_int8_gemv_turns_a_row_with_nan_or_inf_into_nan_and_leaves_the_others():
+    from quantkit.kernels.linear import int8_linear, pack_int8, quantize_int8
+    from quantkit.kernels.reference import int8_matmul_ref
+
+    q = quantize_int8(torch.randn(48, 64, generator=torch.Generator().manual_seed(8)))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    x[0, 5], x[2, 60] = float("nan"), float("inf")
+    y = int8_linear(x, pack_int8(q))
+    assert bool(y[0].isnan().all()) and bool(y[2].isnan().all())
+    assert rel_err(y[1:2], int8_matmul_ref(x[1:2], q.codes, q.scales)) < BF16_RTOL
+
+
+def test_heads_take_zero_rows():
+    # A step where no sequence samples (a long prompt's first chunk) asks the head for no rows.
+    from quantkit.kernels.linear import OutputHead, dense_linear, pack_int8, quantize_int8
+
+    weight = torch.randn(40, 64).to(torch.bfloat16)
+    assert dense_linear(torch.empty(0, 64, dtype=torch.bfloat16), weight).shape == (0, 40)
+    if cpu_ext.cpu_has_int8_instructions():
+        head = OutputHead(weight, pack_int8(quantize_int8(weight.float())))
+        assert head(torch.empty(0, 64, dtype=torch.bfloat16)).shape == (0, 40)
+
+
+def test_a_lock_left_by_an_interrupted_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    # torch's builder waits as long as the lock exists: a killed build must not hang every later process.
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    stale.touch()
+    fresh.touch()
+    old = os.stat(stale).st_mtime - cpu_ext.STALE_LOCK_SECONDS - 1
+    os.utime(stale, (old, old))
+    with pytest.warns(RuntimeWarning, match="interrupted build"):
+        cpu_ext._remove_stale_lock(stale)
+    cpu_ext._remove_stale_lock(fresh)
+    cpu_ext._remove_stale_lock(tmp_path / "absent")
+    assert not stale.exists() and fresh.exists()
+
+
+def test_two_checkouts_of_the_same_sources_build_in_different_directories(monkeypatch, tmp_path):
+    import shutil
+
+    copy = tmp_path / "csrc"
+    shutil.copytree(cpu_ext.CSRC, copy)
+    here = cpu_ext.build_directory()
+    monkeypatch.setattr(cpu_ext, "CSRC", copy)
+    assert cpu_ext.build_directory() != here

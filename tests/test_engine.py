@@ -151,3 +151,10 @@ def test_int8_head_decodes_the_default_model_like_the_dense_head(smollm2_dir):
     int8 = LLM(str(smollm2_dir), kv_cache_memory=64 * 1024**2, int8_head=True)
     assert int8.engine.runner.model.lm_head.int8 is not None and dense.engine.runner.model.lm_head.int8 is None
     assert [o.token_ids for o in int8.generate(prompts, params)] == [o.token_ids for o in dense.generate(prompts, params)]
+
+
+def test_a_prompt_longer_than_the_token_budget_is_prefilled_in_chunks_in_bf16(tiny_model_dir):
+    # Its first chunks sample nothing: the head is asked for zero rows (the bf16 GEMV refused them).
+    prompt = random_prompts([40], seed=3)[0]
+    chunked = LLM(str(tiny_model_dir), dtype="bfloat16", num_blocks=8, max_num_batched_tokens=16).generate([prompt], GREEDY)[0]
+    assert len(chunked.token_ids) == GREEDY.max_tokens and chunked.finish_reason == "length"

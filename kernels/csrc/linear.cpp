@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -339,9 +340,10 @@ void dense_gemv(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out) 
 // reads whole every step. It runs on VNNI integer dot products: converting int8 codes to bf16 or
 // fp32 costs several instructions per 32 codes (the kernel became compute-bound at ~13 GB/s), while
 // vpdpwssd multiplies sign-extended codes by 16-bit x directly. x is put on a 16-bit grid per row
-// with a power-of-two step (amax / 2^15 rounded up), so entries within 2^8 of the row's largest
-// keep all their bits and any entry moves by at most amax / 2^16; every product and group sum is
-// then exact in int32, and each group's sum is scaled by s in fp32.
+// with the power-of-two step 2^(e - 15), amax < 2^e: entries within 2^7 of the row's largest keep
+// all their bits and any entry moves by at most amax / 2^15; every product and group sum is then
+// exact in int32, and each group's sum is scaled by s in fp32. A row of x holding NaN or inf gives
+// a row of NaN, as a dense matmul would.
 //
 // Packed layout (int8_pack): codes int8 [N / 16, K / 2, 16, 2]: for output rows 16b .. 16b + 15 and
 // inputs 2t, 2t + 1, lane j holds (q[16b + j][2t], q[16b + j][2t + 1]), which sign-extended to 16
@@ -419,7 +421,7 @@ void int8_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& s
                   codes.dim() == 4 && scales.dim() == 3,
               "int8_gemv: x [M, K], packed codes [N / 16, K / 2, 16, 2], scales [N / 16, K / 32, 16], out [M, N], all contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1), blocks = codes.size(0);
-  TORCH_CHECK(K % INT8_GROUP == 0 && codes.size(1) * 2 == K && codes.size(2) == INT8_LANES && scales.size(0) == blocks &&
+  TORCH_CHECK(K % INT8_GROUP == 0 && codes.size(1) * 2 == K && codes.size(2) == INT8_LANES && codes.size(3) == 2 && scales.size(0) == blocks &&
                   scales.size(1) == K / INT8_GROUP && scales.size(2) == INT8_LANES && out.size(0) == M && M >= 1 &&
                   N <= blocks * INT8_LANES && N > (blocks - 1) * INT8_LANES,
               "int8_gemv: shapes do not match (K a multiple of 32, codes and scales from int8_pack of an [N, K] weight)");
@@ -427,11 +429,20 @@ void int8_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& s
   // x on its 16-bit grid: step 2^e with amax / 2^e <= 32767; a zero row keeps step 1 (all zeros).
   std::vector<int16_t> xq(M * K);
   std::vector<float> step(M);
+  std::vector<int64_t> non_finite_rows;
   const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
   for (int64_t m = 0; m < M; ++m) {
     float amax = 0.f;
-    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(to_float(xp[m * K + k])));
-    TORCH_CHECK(std::isfinite(amax), "int8_gemv: x has a NaN or infinite entry");
+    bool finite = true;  // a NaN must not vanish into the grid (std::max would drop it)
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = std::fabs(to_float(xp[m * K + k]));
+      finite = finite && std::isfinite(a);
+      amax = std::max(amax, a);
+    }
+    if (!finite) {  // computed as zeros below, then overwritten with NaN
+      non_finite_rows.push_back(m);
+      amax = 0.f;
+    }
     int e = 0;
     if (amax > 0.f) {
       std::frexp(amax, &e);  // amax < 2^e
@@ -439,7 +450,7 @@ void int8_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& s
     }
     step[m] = std::ldexp(1.f, e);
     for (int64_t k = 0; k < K; ++k) {
-      const float v = std::nearbyint(std::ldexp(to_float(xp[m * K + k]), -e));
+      const float v = amax > 0.f ? std::nearbyint(std::ldexp(to_float(xp[m * K + k]), -e)) : 0.f;
       xq[m * K + k] = int16_t(std::max(-32767.f, std::min(32767.f, v)));
     }
   }
@@ -464,6 +475,7 @@ void int8_gemv(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& s
       }
     }
   });
+  for (const int64_t m : non_finite_rows) out[m].fill_(std::numeric_limits<float>::quiet_NaN());
 #endif
 }
 

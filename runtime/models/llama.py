@@ -14,6 +14,7 @@ into one [num_tokens, hidden] batch; attention reads and writes the paged KV cac
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -197,7 +198,13 @@ def output_head(tensors: Mapping[str, torch.Tensor], embed_tokens: torch.Tensor,
                             "re-quantize with lm_head in modules_to_not_convert.")
     name = "model.embed_tokens.weight" if tied or "lm_head.weight" not in tensors else "lm_head.weight"
     weight = embed_tokens if name == "model.embed_tokens.weight" else tensors[name].to(dtype)
-    return OutputHead(weight, pack_int8(quantize_int8(tensors[name])) if int8 else None)
+    int8_copy = None
+    if int8:
+        try:
+            int8_copy = pack_int8(quantize_int8(tensors[name]))
+        except ValueError as e:  # a width not divisible by 32, or values fp16 scales cannot hold
+            warnings.warn(f"no int8 output head ({e}); using the dense head", RuntimeWarning, stacklevel=2)
+    return OutputHead(weight, int8_copy)
 
 
 class HeadRMSNorm(nn.Module):
