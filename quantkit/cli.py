@@ -259,9 +259,10 @@ def _workload_options(f):
 @click.option("--memory-budget", default="8GiB", show_default=True, help="Budget for the most-sequences-that-fit figure.")
 @click.option("--concurrency", default=32, show_default=True, type=int, help="Sequences in the GPU tier estimate.")
 @click.option("--context-tokens", default=4096, show_default=True, type=int, help="Context per sequence in the GPU tier estimate.")
+@click.option("--int8-head", is_flag=True, help="The engine's int4 modes read an int8 copy of the output head (as serve --int8-head).")
 @_workload_options
 def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cache_memory, memory_budget, concurrency, context_tokens,
-                  workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
+                  int8_head, workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
     """One workload, all queued at t=0: HF one-at-a-time and static batching vs quantkit's engine, bf16 vs int4.
 
     ARTIFACT is a quantkit artifact or an AutoAWQ GEMM checkpoint (which needs --baseline).
@@ -280,7 +281,8 @@ def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cach
         raise QuantkitError(f"unknown mode(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(_OFFLINE_MODES)}.")
     workload = qb.make_workload(str(artifact), workload_file, requests, seed, parse_range(prompt_tokens), parse_range(output_tokens))
     data = qb.run_offline(artifact, baseline, workload, chosen, out_dir,
-                          {"static_batch": static_batch, "max_num_seqs": max_num_seqs, "kv_cache_memory": _parse_bytes(kv_cache_memory)},
+                          {"static_batch": static_batch, "max_num_seqs": max_num_seqs, "kv_cache_memory": _parse_bytes(kv_cache_memory),
+                           "int8_head": int8_head},
                           price_per_hour, _parse_bytes(memory_budget), concurrency, context_tokens, progress=click.echo)
     console.print(runs_table(f"offline: {len(workload)} requests queued at t=0", data["results"]))
     console.print(ratios_table(data["ratios"]))

@@ -265,6 +265,20 @@ def test_offline_mode_runs_every_way_of_serving_the_same_workload(tiny_artifact,
     assert (tmp_path / "offline_throughput.png").stat().st_size > 0
 
 
+def test_offline_int8_head_applies_to_the_int4_engine_modes_only(tiny_artifact, tmp_path):
+    from quantkit.kernels import cpu_ext
+
+    code, out = run_cli("bench", "offline", tiny_artifact, "--requests", "2", "--prompt-tokens", "8-16", "--output-tokens", "3-5",
+                        "--modes", "engine-one-at-a-time-int4,engine-one-at-a-time-bf16", "--kv-cache-memory", "4MiB", "--int8-head",
+                        "-o", tmp_path)
+    assert code == 0, out
+    data = json.loads((tmp_path / "offline.json").read_text())
+    assert data["config"]["int8_head"] is True
+    assert data["results"]["engine-one-at-a-time-int4"]["int8_head"] is cpu_ext.cpu_has_int8_instructions()
+    assert data["results"]["engine-one-at-a-time-bf16"]["int8_head"] is False
+    assert all(r["completed"] == 2 for r in data["results"].values())
+
+
 @pytest.mark.parametrize("args, message", [
     (["offline", "{model}", "--requests", "2"], "neither a quantkit artifact"),
     (["offline", "{artifact}", "--modes", "turbo"], "unknown mode(s) turbo"),
