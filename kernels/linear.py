@@ -6,8 +6,9 @@ The runtime builds every projection with `build_linear` and never asks whether i
   dequantize + dense matmul for more rows or other dtypes (kernels/cpu_int4.py);
 - dense weights -> DenseLinear: a matmul in the runtime's dtype (for fp16/bf16/fp32 comparisons
   through the same model code);
-- the output head -> OutputHead: `dense_linear`, or for decode an optional int8 copy of the head
-  (quantize_int8) read by quantkit's int8 GEMV, half the bytes of bf16.
+- the output head -> OutputHead: `dense_linear`, or for decode an int8 copy of the head
+  (quantize_int8) read by quantkit's int8 GEMV, half the bytes of bf16; by default kept only where
+  it is no further from the checkpoint than the dense copy (int8_error_ratio).
 Where bf16 matmuls are emulated (a CPU without AVX-512 BF16), bf16 batches of 64 rows or more
 compute in fp32 and round once: there fp32 is the fast path.
 """
@@ -193,6 +194,19 @@ def dequantize_int8(weight: Int8Weight, dtype: torch.dtype) -> torch.Tensor:
     """W [out, in] in `dtype`, formed in fp32 and rounded once."""
     w = weight.codes.float().view(weight.codes.shape[0], -1, INT8_GROUP) * weight.scales.float().unsqueeze(-1)
     return w.view(weight.codes.shape).to(dtype)
+
+
+def int8_error_ratio(weight: torch.Tensor, q: Int8Weight, dtype: torch.dtype) -> float:
+    """How far the int8 copy lies from the checkpoint's weight, over how far its copy in `dtype`
+    does (Frobenius norms). At most 1: the int8 copy is no less faithful than the dense one the
+    runtime already computes with (0.14 for SmolLM2's Q8_0-born head against bf16; about 3 for
+    Gaussian fp16 weights)."""
+    source = weight.float()
+    int8_error = float((dequantize_int8(q, torch.float32) - source).norm())
+    dense_error = float((weight.to(dtype).float() - source).norm())
+    if dense_error == 0.0:
+        return 0.0 if int8_error == 0.0 else float("inf")
+    return int8_error / dense_error
 
 
 @dataclass(frozen=True)

@@ -207,7 +207,9 @@ def _parse_bytes(text: str) -> int:
 @click.option("--max-waiting", default=256, show_default=True, type=int, help="Queue length beyond which requests get 503.")
 @click.option("--block-size", default=16, show_default=True, type=int, help="Tokens per KV block.")
 @click.option("--served-model-name", help="Model id reported by /v1/models (default: MODEL).")
-@click.option("--int8-head", is_flag=True, help="Decode reads an int8 copy of the output head (half its bf16 bytes; +29 MiB for SmolLM2-135M).")
+@click.option("--int8-head/--no-int8-head", default=None,
+              help="Decode reads an int8 copy of the output head (half its bf16 bytes; +29 MiB for SmolLM2-135M). "
+                   "Default: only where the copy is no further from the checkpoint than the bf16 head (SmolLM2's, born Q8_0).")
 def serve(model, host, port, api_key, kv_cache_memory, dtype, max_num_seqs, max_num_batched_tokens, max_waiting, block_size, served_model_name,
           int8_head) -> None:
     """Serve MODEL (an artifact, a model directory or 'smollm2-135m') with an OpenAI-compatible API."""
@@ -259,7 +261,8 @@ def _workload_options(f):
 @click.option("--memory-budget", default="8GiB", show_default=True, help="Budget for the most-sequences-that-fit figure.")
 @click.option("--concurrency", default=32, show_default=True, type=int, help="Sequences in the GPU tier estimate.")
 @click.option("--context-tokens", default=4096, show_default=True, type=int, help="Context per sequence in the GPU tier estimate.")
-@click.option("--int8-head", is_flag=True, help="The engine's int4 modes read an int8 copy of the output head (as serve --int8-head).")
+@click.option("--int8-head/--no-int8-head", default=None, help="The engine's modes read an int8 copy of the output head, or not "
+              "(default: as serve decides, where lossless).")
 @_workload_options
 def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cache_memory, memory_budget, concurrency, context_tokens,
                   int8_head, workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:

@@ -38,7 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     chunked_prefill: bool = True
     seed: int = 0  # seeds the generators of requests that bring no seed
-    int8_head: bool = False  # decode reads an int8 copy of the output head (half the bytes of bf16)
+    int8_head: bool | None = None  # decode reads an int8 copy of the output head (half the bytes of bf16); None: where lossless
 
 
 @dataclass

@@ -37,8 +37,11 @@ def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
-def _int8_head_usable(dtype: torch.dtype) -> bool:
-    """The int8 output head runs on quantkit's int8 kernel with bf16 activations; elsewhere say why it is off."""
+def _int8_head_usable(dtype: torch.dtype, asked: bool) -> bool:
+    """The int8 output head runs on quantkit's int8 kernel with bf16 activations; where it cannot,
+    a request for it (asked, not the automatic choice) is told why it is off."""
+    if not asked:
+        return dtype == torch.bfloat16 and int8_kernel_available()
     if dtype != torch.bfloat16:
         warnings.warn(f"the int8 output head needs dtype bfloat16 (got {dtype}); using the dense head", RuntimeWarning, stacklevel=3)
         return False
@@ -51,7 +54,7 @@ def _int8_head_usable(dtype: torch.dtype) -> bool:
 
 class ModelRunner:
     def __init__(self, weights: ModelWeights, dtype: torch.dtype, block_size: int, kv_cache_memory: int | None = None, num_blocks: int | None = None,
-                 int8_head: bool = False):
+                 int8_head: bool | None = None):
         if weights.architecture not in MODEL_CLASSES:
             raise QuantkitError(
                 f"architecture {weights.architecture} is not supported by the runtime (supported: {', '.join(sorted(MODEL_CLASSES))})."
@@ -65,7 +68,9 @@ class ModelRunner:
         self.max_threads = torch.get_num_threads()
         cpu_ext.available()  # build or load the C++ CPU kernels now, not inside the first request
         with torch.inference_mode():
-            self.model = network(self.config, weights.tensors, dtype, int8_head=int8_head and _int8_head_usable(dtype))
+            # int8_head None: the model's head decides (output_head keeps an int8 copy no less faithful than the dense one)
+            usable = int8_head is not False and _int8_head_usable(dtype, asked=int8_head is True)
+            self.model = network(self.config, weights.tensors, dtype, int8_head=int8_head if usable else False)
         self.int8_head = self.model.lm_head.int8 is not None
         c = self.config
         self.block_bytes = kv_block_bytes(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)

@@ -265,17 +265,19 @@ def test_offline_mode_runs_every_way_of_serving_the_same_workload(tiny_artifact,
     assert (tmp_path / "offline_throughput.png").stat().st_size > 0
 
 
-def test_offline_int8_head_applies_to_the_int4_engine_modes_only(tiny_artifact, tmp_path):
+@pytest.mark.parametrize("flag, expected", [("--int8-head", True), ("--no-int8-head", False), (None, False)])
+def test_offline_int8_head_is_forced_on_or_off_for_every_engine_mode_or_left_to_the_model(tiny_artifact, tmp_path, flag, expected):
+    # The tiny model's random fp32 head is not on an int8 grid: by default (None) it stays dense.
     from quantkit.kernels import cpu_ext
 
     code, out = run_cli("bench", "offline", tiny_artifact, "--requests", "2", "--prompt-tokens", "8-16", "--output-tokens", "3-5",
-                        "--modes", "engine-one-at-a-time-int4,engine-one-at-a-time-bf16", "--kv-cache-memory", "4MiB", "--int8-head",
-                        "-o", tmp_path)
+                        "--modes", "engine-one-at-a-time-int4,engine-one-at-a-time-bf16", "--kv-cache-memory", "4MiB",
+                        *([flag] if flag else []), "-o", tmp_path)
     assert code == 0, out
     data = json.loads((tmp_path / "offline.json").read_text())
-    assert data["config"]["int8_head"] is True
-    assert data["results"]["engine-one-at-a-time-int4"]["int8_head"] is cpu_ext.cpu_has_int8_instructions()
-    assert data["results"]["engine-one-at-a-time-bf16"]["int8_head"] is False
+    assert data["config"]["int8_head"] is {"--int8-head": True, "--no-int8-head": False, None: None}[flag]
+    for mode in ("engine-one-at-a-time-int4", "engine-one-at-a-time-bf16"):
+        assert data["results"][mode]["int8_head"] is (expected and cpu_ext.cpu_has_int8_instructions())
     assert all(r["completed"] == 2 for r in data["results"].values())
 
 

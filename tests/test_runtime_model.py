@@ -108,3 +108,23 @@ def test_int8_head_is_refused_with_a_warning_without_its_kernel(tiny_model_dir, 
     with pytest.warns(RuntimeWarning, match="AVX-512 BF16 and VNNI"):
         runner = ModelRunner(load_weights(tiny_model_dir), torch.bfloat16, 16, num_blocks=4, int8_head=True)
     assert not runner.int8_head and runner.model.lm_head.int8 is None
+
+
+def test_by_default_the_int8_head_is_kept_only_where_it_is_no_further_from_the_checkpoint():
+    from quantkit.runtime.models.llama import output_head
+
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(-127, 128, (64, 3, 32), generator=g).float()
+    codes[:, :, 0] = 127  # Q8_0: each group's scale is its amax / 127
+    scales = (torch.rand(64, 3, 1, generator=g) * 1e-3 + 1e-5).to(torch.float16).float()
+    born_int8 = (codes * scales).reshape(64, 96).to(torch.float16)  # a GGUF Q8_0 head, stored in fp16
+    gaussian = (torch.randn(64, 96, generator=g) * 0.02).to(torch.float16)
+    for weight, kept in ((born_int8, True), (gaussian, False)):
+        tensors = {"model.embed_tokens.weight": weight}
+        assert (output_head(tensors, weight.to(torch.bfloat16), True, torch.bfloat16, int8=None).int8 is not None) is kept
+        assert output_head(tensors, weight.to(torch.bfloat16), True, torch.bfloat16, int8=True).int8 is not None  # asked for: always
+
+
+def test_the_automatic_int8_head_stays_quiet_where_it_cannot_run(tiny_model_dir, recwarn):
+    runner = ModelRunner(load_weights(tiny_model_dir), torch.float32, 16, num_blocks=4)
+    assert not runner.int8_head and not [w for w in recwarn if "int8" in str(w.message)]

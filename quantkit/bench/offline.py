@@ -36,7 +36,7 @@ class OfflineConfig:
     max_num_batched_tokens: int = 512
     kv_cache_memory: int = 512 * MiB
     threads: int | None = None  # default: every core
-    int8_head: bool = False  # the engine's int4 modes read an int8 copy of the output head (serve --int8-head)
+    int8_head: bool | None = None  # the engine's modes read an int8 copy of the output head; None: where lossless (as serve)
 
 
 class KVWasteMeter:
@@ -59,12 +59,12 @@ class KVWasteMeter:
         return {"paged": self.paged / self.time, "contiguous_reservation": self.contiguous / self.time}
 
 
-def run_engine(model: str, workload: list[BenchRequest], max_num_seqs: int, config: OfflineConfig, int8_head: bool = False) -> dict:
+def run_engine(model: str, workload: list[BenchRequest], max_num_seqs: int, config: OfflineConfig) -> dict:
     from quantkit.runtime.engine import EngineConfig, LLMEngine
     from quantkit.runtime.sampling import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=model, dtype="bfloat16", kv_cache_memory=config.kv_cache_memory, max_num_seqs=max_num_seqs,
-                                    max_num_batched_tokens=config.max_num_batched_tokens, max_waiting=len(workload), int8_head=int8_head))
+                                    max_num_batched_tokens=config.max_num_batched_tokens, max_waiting=len(workload), int8_head=config.int8_head))
     prompts = [list(r.prompt_ids) if r.prompt_ids else engine.tokenize(r.prompt) for r in workload]
     start = time.perf_counter()
     timings, ids = {}, []
@@ -153,9 +153,8 @@ def _run_mode(mode: str, workload: list[BenchRequest], config: OfflineConfig) ->
     elif mode == "hf-static":
         result = run_hf(config.baseline, workload, config.static_batch)
     else:
-        int4 = mode.endswith("int4")
-        result = run_engine(config.artifact if int4 else config.baseline, workload, 1 if "one-at-a-time" in mode else config.max_num_seqs, config,
-                            int8_head=int4 and config.int8_head)
+        model = config.artifact if mode.endswith("int4") else config.baseline
+        result = run_engine(model, workload, 1 if "one-at-a-time" in mode else config.max_num_seqs, config)
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     return result
 

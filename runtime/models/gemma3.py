@@ -115,7 +115,7 @@ class DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
-    def __init__(self, config: Gemma3Config, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, int8_head: bool = False):
+    def __init__(self, config: Gemma3Config, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, int8_head: bool | None = False):
         super().__init__()
         self.config, self.dtype = config, dtype
         self.embed_tokens = tensors["model.embed_tokens.weight"].to(dtype)

@@ -24,7 +24,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.kernels.attention import AttentionMetadata, paged_attention, rotate_and_store_kv
-from quantkit.kernels.linear import OutputHead, build_fused_linear, pack_int8, quantize_int8
+from quantkit.kernels.linear import OutputHead, build_fused_linear, int8_error_ratio, pack_int8, quantize_int8
 from quantkit.kernels.norm import add_rms_norm, rms_norm, silu_and_mul
 
 # --- config ------------------------------------------------------------------------------
@@ -187,11 +187,14 @@ def qk_norm_weight(config, tensors: Mapping[str, torch.Tensor], prefix: str) -> 
                       tensors[f"{prefix}.k_norm.weight"].expand(config.num_kv_heads, -1)])
 
 
-def output_head(tensors: Mapping[str, torch.Tensor], embed_tokens: torch.Tensor, tied: bool, dtype: torch.dtype, int8: bool = False) -> OutputHead:
+def output_head(tensors: Mapping[str, torch.Tensor], embed_tokens: torch.Tensor, tied: bool, dtype: torch.dtype,
+                int8: bool | None = False) -> OutputHead:
     """The logits matrix: the embeddings when tied (or the checkpoint stores no head), else lm_head.
 
     int8: also keep an int8 copy for decode (kernels/linear.py, OutputHead), quantized from the
-    checkpoint's own tensor (fp16/fp32), not from its copy in the compute dtype.
+    checkpoint's own tensor (fp16/fp32), not from its copy in the compute dtype. None: keep it
+    only where it is no further from the checkpoint than the dense copy (int8_error_ratio <= 1),
+    as for a head that was int8 before (a GGUF Q8_0 tensor).
     """
     if "lm_head.qweight" in tensors:  # would otherwise fall back to the embeddings: wrong logits
         raise QuantkitError("the checkpoint packs lm_head, which the runtime only reads dense; "
@@ -199,11 +202,14 @@ def output_head(tensors: Mapping[str, torch.Tensor], embed_tokens: torch.Tensor,
     name = "model.embed_tokens.weight" if tied or "lm_head.weight" not in tensors else "lm_head.weight"
     weight = embed_tokens if name == "model.embed_tokens.weight" else tensors[name].to(dtype)
     int8_copy = None
-    if int8:
+    if int8 or int8 is None:
         try:
-            int8_copy = pack_int8(quantize_int8(tensors[name]))
+            q = quantize_int8(tensors[name])
+            if int8 or int8_error_ratio(tensors[name], q, dtype) <= 1.0:
+                int8_copy = pack_int8(q)
         except ValueError as e:  # a width not divisible by 32, or values fp16 scales cannot hold
-            warnings.warn(f"no int8 output head ({e}); using the dense head", RuntimeWarning, stacklevel=2)
+            if int8:
+                warnings.warn(f"no int8 output head ({e}); using the dense head", RuntimeWarning, stacklevel=2)
     return OutputHead(weight, int8_copy)
 
 
@@ -281,7 +287,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, int8_head: bool = False):
+    def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, int8_head: bool | None = False):
         super().__init__()
         self.config, self.dtype = config, dtype
         windows = config.layer_windows or (None,) * config.num_layers
