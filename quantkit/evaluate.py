@@ -51,8 +51,11 @@ class QuantkitLM(TemplateLM):
     def __init__(self, pretrained: str, dtype: str = "bfloat16", max_length: int = 2048, batch_tokens: int = 4096,
                  kv_cache_memory: int = 512 * MiB, batch_size: int | str | None = None, **_ignored):
         super().__init__()
+        # The dense output head, always: the measured difference is then only the artifact's own
+        # quantization, and a score never depends on how many rows its batch had (the int8 head
+        # serves calls of up to 64 rows only).
         self.llm = LLM(str(pretrained), dtype=dtype, kv_cache_memory=kv_cache_memory, enable_prefix_caching=False,
-                       max_num_batched_tokens=batch_tokens)
+                       max_num_batched_tokens=batch_tokens, int8_head=False)
         self.engine = self.llm.engine
         self.runner = self.engine.runner
         self.tokenizer = self.engine.tokenizer

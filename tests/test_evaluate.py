@@ -183,3 +183,9 @@ def test_registering_quantkit_keeps_lm_evals_own_models():
 
     assert get_model("quantkit") is QuantkitLM
     assert get_model("hf").__name__ == "HFLM"
+
+
+def test_evaluation_scores_with_the_dense_head_even_where_serving_would_take_the_int8_one(smollm2_dir):
+    # The default model's head gets an int8 copy by default when served; scores must not depend
+    # on it (nor on how many rows a scoring batch had), so the evaluation keeps the dense head.
+    assert QuantkitLM(str(smollm2_dir), kv_cache_memory=32 * 1024**2).runner.model.lm_head.int8 is None
