@@ -258,7 +258,8 @@ class OutputHead(nn.Module):
         self.weight, self.int8 = weight, int8
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.int8 is not None and hidden.dtype == torch.bfloat16 and hidden.dim() == 2 and 1 <= hidden.shape[0] <= INT8_HEAD_MAX_ROWS:
+        if (self.int8 is not None and hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and hidden.dim() == 2
+                and 1 <= hidden.shape[0] <= INT8_HEAD_MAX_ROWS):
             return int8_linear(hidden, self.int8)
         return dense_linear(hidden, self.weight)
 
