@@ -137,8 +137,8 @@ def _bf16_compiled() -> bool:
     return bool(torch.ops.quantkit_cpu.bf16_available())
 
 
-def int8_compiled() -> bool:
-    """True when the kernels are available and the int8 GEMV was compiled (it also needs AVX-512 VNNI)."""
+def int8_available() -> bool:
+    """True when the int8 GEMV (the int8 output head) is there: the bf16 kernels' instructions plus AVX-512 VNNI."""
     return available() and _int8_compiled()
 
 
@@ -155,12 +155,16 @@ def cpu_has_bf16_instructions() -> bool:
     """True when this CPU has the instructions the bf16 kernels are written in (AVX-512 BW and
     BF16). On other CPUs (AVX2 only, say) those kernels are not compiled and the runtime runs
     PyTorch's ops instead; where the CPU has them, a build that lacks them is a failure."""
-    return set(BF16_CPU_FLAGS) <= set(_cpu_identity().replace(":", " ").split())
+    return _cpu_has(BF16_CPU_FLAGS)
 
 
 def cpu_has_int8_instructions() -> bool:
     """True when this CPU has what the int8 GEMV (the int8 output head) is written in."""
-    return set(INT8_CPU_FLAGS) <= set(_cpu_identity().replace(":", " ").split())
+    return _cpu_has(INT8_CPU_FLAGS)
+
+
+def _cpu_has(flags: tuple[str, ...]) -> bool:
+    return set(flags) <= set(_cpu_identity().replace(":", " ").split())
 
 
 # oneDNN ISA levels below AVX512_CORE_BF16: capped at one of these (ONEDNN_MAX_CPU_ISA), oneDNN

@@ -221,11 +221,6 @@ class PackedInt8:
         return self.codes.numel() + self.scales.numel() * 2
 
 
-def int8_kernel_available() -> bool:
-    """True when quantkit's int8 GEMV runs here (C++ kernels built, AVX-512 BF16 and VNNI)."""
-    return cpu_ext.bf16_available() and cpu_ext.int8_compiled()
-
-
 def pack_int8(weight: Int8Weight) -> PackedInt8:
     """Codes and scales in 16-row blocks, rows past out_features zero (int8_gemv's operands)."""
     out_features, in_features = weight.codes.shape
@@ -249,8 +244,9 @@ class OutputHead(nn.Module):
     many bytes as all its int4 layers), so bf16 calls of up to INT8_HEAD_MAX_ROWS rows read the
     int8 copy, half the bytes; larger calls, compute-bound, use the dense head. (With more than
     that many sequences per step, a request's logits come from one head or the other depending on
-    the batch around it, as its bf16 linears already do: see README, scheduler.) The copy needs quantkit's int8 kernel (AVX-512 BF16 and
-    VNNI): `int8_kernel_available()` says whether to build one.
+    the batch around it, as its bf16 linears already do: see README, scheduler.) The copy needs
+    quantkit's int8 kernel (AVX-512 BF16 and VNNI): `cpu_ext.int8_available()` says whether to
+    build one.
     """
 
     def __init__(self, weight: torch.Tensor, int8: PackedInt8 | None = None):

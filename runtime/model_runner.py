@@ -14,7 +14,6 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.kernels import cpu_ext
 from quantkit.kernels.attention import AttentionMetadata, allocate_kv_cache
-from quantkit.kernels.linear import int8_kernel_available
 from quantkit.kernels.logprobs import target_logprobs
 from quantkit.kernels.threads import cpu_threads, threads_for_tokens
 
@@ -41,11 +40,11 @@ def _int8_head_usable(dtype: torch.dtype, asked: bool) -> bool:
     """The int8 output head runs on quantkit's int8 kernel with bf16 activations; where it cannot,
     a request for it (asked, not the automatic choice) is told why it is off."""
     if not asked:
-        return dtype == torch.bfloat16 and int8_kernel_available()
+        return dtype == torch.bfloat16 and cpu_ext.int8_available()
     if dtype != torch.bfloat16:
         warnings.warn(f"the int8 output head needs dtype bfloat16 (got {dtype}); using the dense head", RuntimeWarning, stacklevel=3)
         return False
-    if not int8_kernel_available():
+    if not cpu_ext.int8_available():
         warnings.warn("the int8 output head needs quantkit's C++ kernels (built, not switched off) on a CPU with AVX-512 BF16 and "
                       "VNNI; using the dense head", RuntimeWarning, stacklevel=3)
         return False

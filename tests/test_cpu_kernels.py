@@ -843,9 +843,7 @@ def test_int8_gemv_rejects_mismatched_operands_with_a_message():
 
 
 def test_the_int8_kernel_is_built_exactly_where_the_cpu_has_its_instructions():
-    from quantkit.kernels.linear import int8_kernel_available
-
-    assert int8_kernel_available() == cpu_ext.cpu_has_int8_instructions()
+    assert cpu_ext.int8_available() == cpu_ext.cpu_has_int8_instructions()
 
 
 @needs_int8_kernel

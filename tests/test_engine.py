@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantkit.kernels import cpu_ext
 from quantkit.runtime.engine import LLM, EngineConfig, LLMEngine, earliest_stop
 from quantkit.runtime.sampling import SamplingParams
 
@@ -137,7 +138,7 @@ def test_abort_frees_the_blocks_of_a_running_request(tiny_model_dir):
     assert engine.scheduler.num_used_blocks == 0 and not engine.has_unfinished()
 
 
-@pytest.mark.skipif(not __import__("quantkit.kernels.cpu_ext", fromlist=["x"]).cpu_has_int8_instructions(),
+@pytest.mark.skipif(not cpu_ext.cpu_has_int8_instructions(),
                     reason="this CPU lacks AVX-512 BF16 and VNNI: the int8 output head is not built for it")
 def test_int8_head_decodes_the_default_model_like_the_dense_head(smollm2_dir):
     # The int8 head moves logits by a few hundredths (BENCHMARKS.md: top-1 kept at 99.5% of

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from quantkit.kernels import cpu_ext
 from quantkit.runtime.model_runner import ModelRunner, StepInput
 from quantkit.runtime.weights import load_weights
 
@@ -78,7 +79,7 @@ def test_kv_budget_smaller_than_one_block_is_a_clear_error(tiny_model_dir):
         ModelRunner(load_weights(tiny_model_dir), torch.float32, 16, kv_cache_memory=100)
 
 
-@pytest.mark.skipif(not __import__("quantkit.kernels.cpu_ext", fromlist=["x"]).cpu_has_int8_instructions(),
+@pytest.mark.skipif(not cpu_ext.cpu_has_int8_instructions(),
                     reason="this CPU lacks AVX-512 BF16 and VNNI: the int8 output head is not built for it")
 def test_int8_head_decodes_within_int8_rounding_of_the_dense_head(tiny_model_dir):
     tokens = torch.randint(0, 500, (30,), generator=torch.Generator().manual_seed(7)).tolist()
@@ -104,7 +105,7 @@ def test_int8_head_is_refused_with_a_warning_outside_bf16(tiny_model_dir):
 def test_int8_head_is_refused_with_a_warning_without_its_kernel(tiny_model_dir, monkeypatch):
     import quantkit.runtime.model_runner as model_runner
 
-    monkeypatch.setattr(model_runner, "int8_kernel_available", lambda: False)
+    monkeypatch.setattr(model_runner.cpu_ext, "int8_available", lambda: False)
     with pytest.warns(RuntimeWarning, match="AVX-512 BF16 and VNNI"):
         runner = ModelRunner(load_weights(tiny_model_dir), torch.bfloat16, 16, num_blocks=4, int8_head=True)
     assert not runner.int8_head and runner.model.lm_head.int8 is None

@@ -202,7 +202,7 @@ def output_head(tensors: Mapping[str, torch.Tensor], embed_tokens: torch.Tensor,
     name = "model.embed_tokens.weight" if tied or "lm_head.weight" not in tensors else "lm_head.weight"
     weight = embed_tokens if name == "model.embed_tokens.weight" else tensors[name].to(dtype)
     int8_copy = None
-    if int8 or int8 is None:
+    if int8 is not False:  # asked for (True), or left to the head (None)
         try:
             q = quantize_int8(tensors[name])
             if int8 or int8_error_ratio(tensors[name], q, dtype) <= 1.0:
