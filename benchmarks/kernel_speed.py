@@ -12,7 +12,8 @@ Prints tables and writes JSON (benchmarks/results/kernels.json):
      matmuls, per-sequence SDPA, one padded SDPA, compiled flex_attention) at several batch sizes
      and context lengths, and for prefill (quantkit's C++ bf16 kernel vs the SDPA plan);
   5. a whole-model decode step at batch 1, int4 vs bf16, through the runtime's model, with
-     quantkit's C++ kernels and with the plain-torch paths (QUANTKIT_CPU_KERNELS=0).
+     quantkit's C++ kernels (layers in one C++ call, kernels/decoder.py, and module by module)
+     and with the plain-torch paths (QUANTKIT_CPU_KERNELS=0).
 
     python benchmarks/kernel_speed.py            # everything (a few minutes)
     python benchmarks/kernel_speed.py --quick    # fewer repeats
@@ -321,15 +322,23 @@ def decode_step(min_seconds: float, artifact: Path) -> dict:
 
         quantize("smollm2-135m", artifact, Recipe().with_overrides(method="rtn", group_size=64), force=True)
     out = {"artifact": str(artifact), "context": 256}
-    # (weights, plain-torch paths, int8 output head): the head is set explicitly in every variant,
-    # since the runtime's default keeps the default model's int8 head (it is the more faithful copy).
-    variants = {"int4": (artifact, False, False), "int4_int8_head": (artifact, False, True), "bf16": ("smollm2-135m", False, False),
-                "bf16_int8_head": ("smollm2-135m", False, True), "int4_plain_torch": (artifact, True, False),
-                "bf16_plain_torch": ("smollm2-135m", True, False)}
+    # (weights, plain-torch paths, int8 output head, fused decoder): the head is set explicitly in
+    # every variant, since the runtime's default keeps the default model's int8 head (it is the more
+    # faithful copy); "modules" variants run the layers module by module (fused_decoder off), as
+    # prefill steps do and as decode did before kernels/decoder.py.
+    variants = {"int4": (artifact, False, False, True), "int4_int8_head": (artifact, False, True, True),
+                "bf16": ("smollm2-135m", False, False, True), "bf16_int8_head": ("smollm2-135m", False, True, True),
+                "int4_int8_head_modules": (artifact, False, True, False), "bf16_int8_head_modules": ("smollm2-135m", False, True, False),
+                "int4_plain_torch": (artifact, True, False, False), "bf16_plain_torch": ("smollm2-135m", True, False, False)}
     steps = {}
-    for name, (spec, fallback, int8_head) in variants.items():
+    for name, (spec, fallback, int8_head, fused) in variants.items():
         with plain_torch(fallback):  # weights are prepared and each step planned for one set of kernels
-            steps[name] = _decode_step(ModelRunner(load_weights(spec), torch.bfloat16, block_size=16, num_blocks=32, int8_head=int8_head), fallback)
+            runner = ModelRunner(load_weights(spec), torch.bfloat16, block_size=16, num_blocks=32, int8_head=int8_head)
+            if not fused:
+                runner.model.fused_decoder = None
+            elif runner.model.fused_decoder is None:
+                raise RuntimeError(f"{name}: the fused decoder did not build on this machine (needs quantkit's C++ bf16 kernels)")
+            steps[name] = _decode_step(runner, fallback)
     # Interleaved: one step of each variant in turn, over and over; medians. This machine's speed
     # drifts by tens of percent within minutes (another tenant), and variants timed one after the
     # other would compare the drift as much as the kernels.
@@ -432,11 +441,16 @@ def main() -> None:
     step = decode_step(min_seconds, args.artifact)
     print("\nwhole-model decode step, batch 1, context 256 (bf16 activations):")
     for kernels, int4, bf16 in (("quantkit C++, bf16 head", "int4", "bf16"), ("int8 head in both", "int4_int8_head", "bf16_int8_head"),
-                                ("int8 head in int4 only", "int4_int8_head", "bf16"), ("plain torch", "int4_plain_torch", "bf16_plain_torch")):
+                                ("int8 head in int4 only", "int4_int8_head", "bf16"),
+                                ("int8 head, layers as modules", "int4_int8_head_modules", "bf16_int8_head_modules"),
+                                ("plain torch", "int4_plain_torch", "bf16_plain_torch")):
         i4, bf = step[int4], step[bf16]
-        print(f"  {kernels:23}: int4 {i4['step_s'] * 1e3:6.2f} ms, bf16 {bf['step_s'] * 1e3:6.2f} ms, speedup {bf['step_s'] / i4['step_s']:.2f}x"
+        print(f"  {kernels:28}: int4 {i4['step_s'] * 1e3:6.2f} ms, bf16 {bf['step_s'] * 1e3:6.2f} ms, speedup {bf['step_s'] / i4['step_s']:.2f}x"
               f" | layers only: int4 {i4['layers_only_s'] * 1e3:6.2f} ms, bf16 {bf['layers_only_s'] * 1e3:6.2f} ms, speedup {bf['layers_only_s'] / i4['layers_only_s']:.2f}x")
     print(f"  int4 step, quantkit's kernels over the plain-torch paths: {step['int4_plain_torch']['step_s'] / step['int4']['step_s']:.2f}x")
+    for fmt in ("int4", "bf16"):
+        fused, modules = step[f"{fmt}_int8_head"]["step_s"], step[f"{fmt}_int8_head_modules"]["step_s"]
+        print(f"  {fmt} step (int8 head), fused decoder over the layers as modules: {modules * 1e3:.2f} -> {fused * 1e3:.2f} ms, {modules / fused:.2f}x")
 
     write_results(args.out, {
         "memory_read_bandwidth_bytes_per_s": bandwidth,

@@ -1,7 +1,8 @@
 // quantkit's own CPU kernels: the operator schemas of torch.ops.quantkit_cpu.*, built together by
 // kernels/cpu_ext.py. The implementations live in attention.cpp (paged_decode, rope_store),
 // prefill.cpp (paged_prefill), linear.cpp (int4_pack, int4_linear, int4_dequantize, dense_gemv,
-// int8_pack, int8_gemv) and elementwise.cpp (rms_norm, add_rms_norm, silu_and_mul, target_logprobs).
+// int8_pack, int8_gemv), elementwise.cpp (rms_norm, add_rms_norm, silu_and_mul, target_logprobs) and
+// decoder.cpp (decode_layers, a decode step's layers calling the others).
 
 #include <torch/library.h>
 
@@ -46,4 +47,7 @@ TORCH_LIBRARY(quantkit_cpu, m) {
         "Tensor rows, Tensor seqs, int block_size, float scale, int window, Tensor(a!) out) -> ()");
   m.def("paged_prefill(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "Tensor starts, Tensor q_lens, Tensor seqs, int block_size, float scale, int window, Tensor(a!) out) -> ()");
+  m.def("decode_layers(Tensor(a!) x, Tensor[] norms, Tensor[] linears, int[] groups, int[] out_features, Tensor(b!)[] caches, Tensor cos, "
+        "Tensor signed_sin, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor rows, Tensor seqs, int block_size, "
+        "float scale, int[] windows, int num_heads, int head_dim, float eps, int gemv_max_rows) -> Tensor");
 }

@@ -24,6 +24,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.kernels.attention import AttentionMetadata, paged_attention, rotate_and_store_kv
+from quantkit.kernels.decoder import FusedDecoder, LayerWeights
 from quantkit.kernels.linear import OutputHead, build_fused_linear, int8_error_ratio, pack_int8, quantize_int8
 from quantkit.kernels.norm import add_rms_norm, rms_norm, silu_and_mul
 
@@ -296,11 +297,20 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(tensors["model.norm.weight"].to(dtype), config.rms_norm_eps)
         self.lm_head = output_head(tensors, self.embed_tokens, config.tie_word_embeddings, dtype, int8_head)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        # Decode steps run these same layers in one C++ call where it can (kernels/decoder.py);
+        # None: always the modules. q/k norms (Qwen3) are not in it.
+        self.fused_decoder = None if config.qk_norm else FusedDecoder.build(
+            [LayerWeights(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                          (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj), layer.self_attn.window)
+             for layer in self.layers],
+            self.norm.weight, config.num_heads, config.head_dim, self.layers[0].self_attn.scale, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""
         x, residual = F.embedding(input_ids, self.embed_tokens), None
         rope = self.rotary(positions, self.dtype)
+        if self.fused_decoder is not None and self.fused_decoder.takes(x, meta):
+            return self.fused_decoder(x, rope, kv_caches, meta)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             x, residual = layer(x, residual, rope, kv_cache, meta)
         return self.norm.add_and_norm(x, residual)[0]

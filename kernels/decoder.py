@@ -1,0 +1,97 @@
+"""A decode step's decoder layers in one C++ call (kernels/csrc/decoder.cpp, decode_layers).
+
+At batch-1 decode, SmolLM2-135M's 30 layers make ~270 kernel calls of 2-30 us each, and calling
+each from Python (module, checks, argument boxing) costs about as much again: a third of the int4
+step. `FusedDecoder` hands the layers' weights to C++ once, at load, and each decode step makes
+one call that runs the same kernels, with the same arguments, in the same order: its results are
+bit-identical to the modules' (tests/test_decoder.py), so it is a faster way to run the model,
+not another model. It takes a step only where that holds (`takes`): every row decoding, bf16 on
+the CPU, rows where each linear's module would call the kernel decode_layers calls. Prefill,
+mixed steps, other dtypes and devices, biases and q/k norms run the modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import cpu_ext, cpu_int4
+from .attention import AttentionMetadata
+from .linear import EMULATED_BF16_FP32_FROM_ROWS, GEMV_MAX_ROWS, DenseLinear, QuantLinear
+
+_UNUSED = torch.empty(0)  # the scales/zeros slots of a dense linear
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """What one pre-norm Llama block gives the fused path: its two norms' weights, its four
+    linears (fused q/k/v, o, fused gate/up, down; SiLU-gated MLP), its sliding window or None."""
+
+    input_norm: torch.Tensor
+    post_attention_norm: torch.Tensor
+    linears: tuple[nn.Module, nn.Module, nn.Module, nn.Module]
+    window: int | None
+
+
+def linear_operands(linear: nn.Module) -> tuple[list[torch.Tensor], int, int] | None:
+    """(3 tensors, group size, output width) of a linear for decode_layers: quantkit's int4 layout
+    (codes, scales, zeros; group > 0), or a dense bf16 weight (group 0). None where decode_layers
+    would not compute what the module computes: a bias, PyTorch's int4 layout, another dtype."""
+    if getattr(linear, "bias", None) is not None:
+        return None
+    if isinstance(linear, QuantLinear) and isinstance(linear.cpu_weight, cpu_int4.NativeInt4Weight):
+        w = linear.cpu_weight
+        return [w.codes, w.scales, w.zeros], w.group_size, w.out_features
+    if (isinstance(linear, DenseLinear) and linear.weight.dtype == torch.bfloat16 and linear.weight.is_cpu
+            and linear.weight.is_contiguous()):
+        return [linear.weight, _UNUSED, _UNUSED], 0, linear.out_features
+    return None
+
+
+class FusedDecoder:
+    """The layers of a Llama-family model as decode_layers' operands, built once at load."""
+
+    def __init__(self, layers: list[LayerWeights], final_norm: torch.Tensor, num_heads: int, head_dim: int, scale: float, eps: float,
+                 operands: list[tuple[list[torch.Tensor], int, int]]):
+        self.norms = [w for layer in layers for w in (layer.input_norm, layer.post_attention_norm)] + [final_norm]
+        self.linears = [t for tensors, _, _ in operands for t in tensors]
+        self.groups = [group for _, group, _ in operands]
+        self.out_features = [width for _, _, width in operands]
+        self.windows = [layer.window or 0 for layer in layers]
+        self.num_heads, self.head_dim, self.scale, self.eps = num_heads, head_dim, scale, eps
+        self.int4 = any(g > 0 for g in self.groups)
+        self.dense = any(g == 0 for g in self.groups)
+
+    @classmethod
+    def build(cls, layers: list[LayerWeights], final_norm: torch.Tensor, num_heads: int, head_dim: int, scale: float,
+              eps: float) -> FusedDecoder | None:
+        """The fused path for these layers, or None where it cannot run them (no C++ bf16 kernels
+        on this machine, weights not in bf16 on the CPU, a linear it does not compute the same)."""
+        norms = [final_norm] + [w for layer in layers for w in (layer.input_norm, layer.post_attention_norm)]
+        if not layers or not cpu_ext.bf16_available() or any(w.dtype != torch.bfloat16 or not w.is_cpu for w in norms):
+            return None
+        operands = [linear_operands(linear) for layer in layers for linear in layer.linears]
+        if any(o is None for o in operands):
+            return None
+        return cls(layers, final_norm, num_heads, head_dim, scale, eps, operands)
+
+    def takes(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """True when this step is one the modules would run on exactly decode_layers' kernels:
+        every row decodes (C++ attention planned), bf16 rows on the CPU, few enough rows that the
+        int4 linears use the int4 kernel (cpu_int4.NATIVE_DENSE_FROM_ROWS) and the dense ones
+        dense_gemv or the bf16 matmul (not the fp32 path of emulated bf16)."""
+        rows = x.shape[0]
+        return (meta.all_decode and meta.decode_seqs is not None and x.dtype == torch.bfloat16 and x.is_cpu
+                and not (self.int4 and rows >= cpu_int4.NATIVE_DENSE_FROM_ROWS)
+                and not (self.dense and rows >= EMULATED_BF16_FP32_FROM_ROWS and not cpu_ext.bf16_matmuls_are_native()))
+
+    def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [rows, hidden] after the last layer and the final norm (x is overwritten)."""
+        caches = [t for pair in kv_caches for t in pair]
+        return cpu_ext.op("decode_layers")(
+            x, self.norms, self.linears, self.groups, self.out_features, caches, rope[0], rope[1], meta.slot_mapping, meta.block_tables,
+            meta.context_lens, meta.decode_rows, meta.decode_seqs, meta.block_size, self.scale, self.windows, self.num_heads, self.head_dim,
+            self.eps, GEMV_MAX_ROWS)

@@ -1,0 +1,108 @@
+"""The fused decode path (kernels/decoder.py): a decode step's layers in one C++ call.
+
+It must be a faster way to run the same model, never another model: its logits and KV cache equal
+the module-by-module path's bit for bit, for int4 artifacts and dense bf16 weights, one sequence
+and batches (dense batches above the GEMV's rows take the bf16 matmul), full and sliding-window
+attention. It takes exactly the steps where that holds, and builds only for models it runs the same.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_architectures import build_tiny
+
+from quantkit.kernels import cpu_ext, cpu_int4
+from quantkit.kernels.attention import AttentionMetadata
+from quantkit.kernels.decoder import FusedDecoder
+from quantkit.runtime.model_runner import ModelRunner, StepInput
+from quantkit.runtime.weights import load_weights
+
+needs_bf16_kernels = pytest.mark.skipif(not cpu_ext.cpu_has_bf16_instructions(),
+                                        reason="the fused decoder runs quantkit's bf16 kernels: this CPU lacks AVX-512 BF16")
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_model_dir, tmp_path_factory):
+    """{(architecture, weights): model dir} for Llama and Mistral (window 8), dense and RTN int4."""
+    from quantkit.pipeline import quantize
+    from quantkit.recipe import Recipe
+
+    dirs = {}
+    for arch in ("llama", "mistral"):
+        dense = tmp_path_factory.mktemp(arch)
+        build_tiny(arch, dense, tiny_model_dir)
+        int4 = tmp_path_factory.mktemp(f"{arch}-int4")
+        quantize(str(dense), int4, Recipe().with_overrides(method="rtn", group_size=32, samples=4, seqlen=32), force=True)
+        dirs[arch, "dense"], dirs[arch, "int4"] = dense, int4
+    return dirs
+
+
+def runners(model_dir) -> tuple[ModelRunner, ModelRunner]:
+    """Two bf16 runners of one model: the fused decoder on, and off (the layers as modules)."""
+    fused, modules = (ModelRunner(load_weights(model_dir), torch.bfloat16, 16, num_blocks=64) for _ in range(2))
+    modules.model.fused_decoder = None
+    return fused, modules
+
+
+@needs_bf16_kernels
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("weights", ["int4", "dense"])
+def test_fused_decode_steps_equal_the_modules_bit_for_bit(tiny_models, arch, weights, monkeypatch):
+    calls = []
+    real_call = FusedDecoder.__call__
+    monkeypatch.setattr(FusedDecoder, "__call__", lambda self, *a: calls.append(a[0].shape[0]) or real_call(self, *a))
+    fused, modules = runners(tiny_models[arch, weights])
+    assert fused.model.fused_decoder is not None
+    g = torch.Generator().manual_seed(5)
+    lengths = [3, 20, 9, 40, 1, 17]  # contexts inside and beyond the window (8), partial blocks
+    prompts = [torch.randint(1, 500, (n,), generator=g).tolist() for n in lengths]
+    tables = [list(range(4 * i, 4 * i + 4))[::-1] for i in range(len(prompts))]  # 64 tokens each, blocks out of order
+    for runner in (fused, modules):
+        runner.run(StepInput(prompts, [0] * len(prompts), tables, [True] * len(prompts)))  # prefill: the modules
+    assert calls == []
+    batches = [range(6), [2], [0, 3, 5], range(6), [4], [1, 2, 3, 4]] * 2  # 6 rows: dense takes the bf16 matmul, not the GEMV
+    for step, batch in enumerate(batches):
+        tokens = [[int(torch.randint(1, 500, (), generator=g))] for _ in batch]
+        inputs = StepInput(tokens, [lengths[i] for i in batch], [tables[i] for i in batch], [True] * len(batch))
+        got, expected = fused.run(inputs), modules.run(inputs)
+        assert torch.equal(got, expected), f"step {step}: logits differ by up to {(got - expected).abs().max()}"
+        for i in batch:
+            lengths[i] += 1
+    assert calls == [len(b) for b in batches]
+    for (k1, v1), (k2, v2) in zip(fused.kv_caches, modules.kv_caches, strict=True):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+        assert k1.abs().sum() > 0  # the steps did write the cache
+
+
+@needs_bf16_kernels
+def test_only_all_decode_bf16_steps_with_few_enough_rows_take_it(tiny_models):
+    fused, _ = runners(tiny_models["llama", "int4"])
+    decoder = fused.model.fused_decoder
+    hidden = fused.config.hidden_size
+
+    def takes(query_lens: list[int], dtype=torch.bfloat16) -> bool:
+        meta = AttentionMetadata.build([[i] for i in range(len(query_lens))], [q + 3 for q in query_lens], query_lens, 16)
+        return decoder.takes(torch.zeros(sum(query_lens), hidden, dtype=dtype), meta)
+
+    assert takes([1]) and takes([1] * 7)
+    assert not takes([5])  # a prefill chunk
+    assert not takes([1, 4, 1])  # decode rows mixed with a chunk
+    assert not takes([1], dtype=torch.float32)
+    rows = cpu_int4.NATIVE_DENSE_FROM_ROWS  # from here the int4 linears dequantize instead: not the int4 kernel
+    assert takes([1] * (rows - 1)) and not takes([1] * rows)
+
+
+@needs_bf16_kernels
+def test_it_is_built_only_for_models_it_runs_the_same(tiny_models, tiny_model_dir, tmp_path, monkeypatch):
+    def decoder(model_dir, dtype=torch.bfloat16):
+        return ModelRunner(load_weights(model_dir), dtype, 16, num_blocks=8).model.fused_decoder
+
+    assert decoder(tiny_models["mistral", "int4"]).windows == [8, 8]
+    assert decoder(tiny_models["llama", "dense"]).groups == [0] * 8
+    assert decoder(tiny_models["llama", "dense"], torch.float32) is None  # its kernels are bf16
+    for arch in ("qwen2", "qwen3"):  # q/k/v biases; q/k norms
+        build_tiny(arch, tmp_path / arch, tiny_model_dir)
+        assert decoder(tmp_path / arch) is None
+    monkeypatch.setattr(cpu_ext, "ENABLED", False)  # QUANTKIT_CPU_KERNELS=0: the plain-torch paths only
+    assert decoder(tiny_models["llama", "int4"]) is None
