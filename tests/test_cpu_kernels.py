@@ -792,6 +792,19 @@ def test_int8_quantize_rounds_to_nearest_within_half_a_step_and_keeps_zero_group
         quantize_int8(torch.randn(4, 48))
 
 
+def test_int8_quantize_and_its_error_ratio_give_the_same_answer_in_row_chunks(monkeypatch):
+    from quantkit.kernels import linear
+
+    weight = (torch.randn(50, 64, generator=torch.Generator().manual_seed(3)) * 0.05).to(torch.float16)
+    whole = linear.quantize_int8(weight)
+    ratio = linear.int8_error_ratio(weight, whole, torch.bfloat16)
+    monkeypatch.setattr(linear, "INT8_CHUNK_ROWS", 7)  # 50 rows: 8 chunks, the last one short
+    chunked = linear.quantize_int8(weight)
+    assert torch.equal(chunked.codes, whole.codes) and torch.equal(chunked.scales, whole.scales)
+    assert linear.int8_error_ratio(weight, chunked, torch.bfloat16) == pytest.approx(ratio, rel=1e-6)
+    assert 2 < ratio < 5  # Gaussian fp16 weights: the int8 copy is about 3x further than bf16
+
+
 @needs_int8_kernel
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])  # 5, 9: more than one tile of x
 @pytest.mark.parametrize("out_features,in_features", [(37, 576), (260, 64), (16, 96), (2100, 64)])  # 37, 260: not multiples of 16; 2100: past one 64-block chunk per thread
