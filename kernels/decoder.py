@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import cpu_ext, cpu_int4
+from . import cpu_ext, cpu_int4, linear
 from .attention import AttentionMetadata
-from .linear import EMULATED_BF16_FP32_FROM_ROWS, GEMV_MAX_ROWS, DenseLinear, QuantLinear
+from .linear import DenseLinear, QuantLinear
 
 _UNUSED = torch.empty(0)  # the scales/zeros slots of a dense linear
 
@@ -35,18 +35,17 @@ class LayerWeights:
     window: int | None
 
 
-def linear_operands(linear: nn.Module) -> tuple[list[torch.Tensor], int, int] | None:
+def linear_operands(module: nn.Module) -> tuple[list[torch.Tensor], int, int] | None:
     """(3 tensors, group size, output width) of a linear for decode_layers: quantkit's int4 layout
     (codes, scales, zeros; group > 0), or a dense bf16 weight (group 0). None where decode_layers
     would not compute what the module computes: a bias, PyTorch's int4 layout, another dtype."""
-    if getattr(linear, "bias", None) is not None:
+    if getattr(module, "bias", None) is not None:
         return None
-    if isinstance(linear, QuantLinear) and isinstance(linear.cpu_weight, cpu_int4.NativeInt4Weight):
-        w = linear.cpu_weight
+    if isinstance(module, QuantLinear) and isinstance(module.cpu_weight, cpu_int4.NativeInt4Weight):
+        w = module.cpu_weight
         return [w.codes, w.scales, w.zeros], w.group_size, w.out_features
-    if (isinstance(linear, DenseLinear) and linear.weight.dtype == torch.bfloat16 and linear.weight.is_cpu
-            and linear.weight.is_contiguous()):
-        return [linear.weight, _UNUSED, _UNUSED], 0, linear.out_features
+    if isinstance(module, DenseLinear) and module.weight.dtype == torch.bfloat16 and module.weight.is_cpu and module.weight.is_contiguous():
+        return [module.weight, _UNUSED, _UNUSED], 0, module.out_features
     return None
 
 
@@ -72,7 +71,7 @@ class FusedDecoder:
         norms = [final_norm] + [w for layer in layers for w in (layer.input_norm, layer.post_attention_norm)]
         if not layers or not cpu_ext.bf16_available() or any(w.dtype != torch.bfloat16 or not w.is_cpu for w in norms):
             return None
-        operands = [linear_operands(linear) for layer in layers for linear in layer.linears]
+        operands = [linear_operands(module) for layer in layers for module in layer.linears]
         if any(o is None for o in operands):
             return None
         return cls(layers, final_norm, num_heads, head_dim, scale, eps, operands)
@@ -85,7 +84,7 @@ class FusedDecoder:
         rows = x.shape[0]
         return (meta.all_decode and meta.decode_seqs is not None and x.dtype == torch.bfloat16 and x.is_cpu
                 and not (self.int4 and rows >= cpu_int4.NATIVE_DENSE_FROM_ROWS)
-                and not (self.dense and rows >= EMULATED_BF16_FP32_FROM_ROWS and not cpu_ext.bf16_matmuls_are_native()))
+                and not (self.dense and rows >= linear.EMULATED_BF16_FP32_FROM_ROWS and not cpu_ext.bf16_matmuls_are_native()))
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  meta: AttentionMetadata) -> torch.Tensor:
@@ -94,4 +93,4 @@ class FusedDecoder:
         return cpu_ext.op("decode_layers")(
             x, self.norms, self.linears, self.groups, self.out_features, caches, rope[0], rope[1], meta.slot_mapping, meta.block_tables,
             meta.context_lens, meta.decode_rows, meta.decode_seqs, meta.block_size, self.scale, self.windows, self.num_heads, self.head_dim,
-            self.eps, GEMV_MAX_ROWS)
+            self.eps, linear.GEMV_MAX_ROWS)

@@ -22,16 +22,37 @@ needs_bf16_kernels = pytest.mark.skipif(not cpu_ext.cpu_has_bf16_instructions(),
                                         reason="the fused decoder runs quantkit's bf16 kernels: this CPU lacks AVX-512 BF16")
 
 
+def build_llama_head_dim_64(out, tokenizer_dir) -> None:
+    """A tiny Llama with head_dim 64, the size the bf16 attention kernels are unrolled for (the
+    architectures' tiny models have 16: the generic kernels)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=True,
+                         bos_token_id=None, pad_token_id=None, eos_token_id=0)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).float().save_pretrained(out, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, out / f.name)
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tiny_model_dir, tmp_path_factory):
-    """{(architecture, weights): model dir} for Llama and Mistral (window 8), dense and RTN int4."""
+    """{(architecture, weights): model dir} for Llama, Mistral (window 8) and a Llama with head_dim
+    64, dense and RTN int4."""
     from quantkit.pipeline import quantize
     from quantkit.recipe import Recipe
 
     dirs = {}
-    for arch in ("llama", "mistral"):
+    for arch in ("llama", "mistral", "llama-d64"):
         dense = tmp_path_factory.mktemp(arch)
-        build_tiny(arch, dense, tiny_model_dir)
+        if arch == "llama-d64":
+            build_llama_head_dim_64(dense, tiny_model_dir)
+        else:
+            build_tiny(arch, dense, tiny_model_dir)
         int4 = tmp_path_factory.mktemp(f"{arch}-int4")
         quantize(str(dense), int4, Recipe().with_overrides(method="rtn", group_size=32, samples=4, seqlen=32), force=True)
         dirs[arch, "dense"], dirs[arch, "int4"] = dense, int4
@@ -40,13 +61,13 @@ def tiny_models(tiny_model_dir, tmp_path_factory):
 
 def runners(model_dir) -> tuple[ModelRunner, ModelRunner]:
     """Two bf16 runners of one model: the fused decoder on, and off (the layers as modules)."""
-    fused, modules = (ModelRunner(load_weights(model_dir), torch.bfloat16, 16, num_blocks=64) for _ in range(2))
+    fused, modules = (ModelRunner(load_weights(model_dir), torch.bfloat16, 16, num_blocks=64) for _ in range(2))  # 12 x 5 blocks used
     modules.model.fused_decoder = None
     return fused, modules
 
 
 @needs_bf16_kernels
-@pytest.mark.parametrize("arch", ["llama", "mistral"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "llama-d64"])
 @pytest.mark.parametrize("weights", ["int4", "dense"])
 def test_fused_decode_steps_equal_the_modules_bit_for_bit(tiny_models, arch, weights, monkeypatch):
     calls = []
@@ -55,13 +76,14 @@ def test_fused_decode_steps_equal_the_modules_bit_for_bit(tiny_models, arch, wei
     fused, modules = runners(tiny_models[arch, weights])
     assert fused.model.fused_decoder is not None
     g = torch.Generator().manual_seed(5)
-    lengths = [3, 20, 9, 40, 1, 17]  # contexts inside and beyond the window (8), partial blocks
+    lengths = [3, 20, 9, 40, 1, 17, 5, 33, 2, 12, 26, 8]  # contexts inside and beyond the window (8), partial blocks
     prompts = [torch.randint(1, 500, (n,), generator=g).tolist() for n in lengths]
-    tables = [list(range(4 * i, 4 * i + 4))[::-1] for i in range(len(prompts))]  # 64 tokens each, blocks out of order
+    tables = [list(range(5 * i, 5 * i + 5))[::-1] for i in range(len(prompts))]  # 80 tokens each, blocks out of order
     for runner in (fused, modules):
         runner.run(StepInput(prompts, [0] * len(prompts), tables, [True] * len(prompts)))  # prefill: the modules
     assert calls == []
-    batches = [range(6), [2], [0, 3, 5], range(6), [4], [1, 2, 3, 4]] * 2  # 6 rows: dense takes the bf16 matmul, not the GEMV
+    # 6 rows: dense takes the bf16 matmul, not the GEMV; 12 rows: two threads (kernels/threads.py)
+    batches = [range(6), [2], [0, 3, 5], range(12), [4], [1, 2, 3, 4], range(6, 12)] * 2
     for step, batch in enumerate(batches):
         tokens = [[int(torch.randint(1, 500, (), generator=g))] for _ in batch]
         inputs = StepInput(tokens, [lengths[i] for i in batch], [tables[i] for i in batch], [True] * len(batch))

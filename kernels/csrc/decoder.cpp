@@ -28,17 +28,22 @@ c10::TypedOperatorHandle<Signature> find(const char* name) {
 }
 
 using T = at::Tensor;
+using Int4Linear = void(const T&, const T&, const T&, const T&, int64_t, T&);
+using DenseGemv = void(const T&, const T&, T&);
+using RmsNorm = void(const T&, const T&, double, T&);
+using AddRmsNorm = void(T&, T&, const T&, double);
+using RopeStore = void(T&, const T&, const T&, const T&, T&, T&, const T&, int64_t);
+using SiluAndMul = void(const T&, T&);
+using PagedDecode = void(const T&, const T&, const T&, const T&, const T&, const T&, const T&, int64_t, double, int64_t, T&);
 
 struct Kernels {
-  c10::TypedOperatorHandle<void(const T&, const T&, const T&, const T&, int64_t, T&)> int4_linear = find<void(const T&, const T&, const T&, const T&, int64_t, T&)>("quantkit_cpu::int4_linear");
-  c10::TypedOperatorHandle<void(const T&, const T&, T&)> dense_gemv = find<void(const T&, const T&, T&)>("quantkit_cpu::dense_gemv");
-  c10::TypedOperatorHandle<void(const T&, const T&, double, T&)> rms_norm = find<void(const T&, const T&, double, T&)>("quantkit_cpu::rms_norm");
-  c10::TypedOperatorHandle<void(T&, T&, const T&, double)> add_rms_norm = find<void(T&, T&, const T&, double)>("quantkit_cpu::add_rms_norm");
-  c10::TypedOperatorHandle<void(T&, const T&, const T&, const T&, T&, T&, const T&, int64_t)> rope_store =
-      find<void(T&, const T&, const T&, const T&, T&, T&, const T&, int64_t)>("quantkit_cpu::rope_store");
-  c10::TypedOperatorHandle<void(const T&, T&)> silu_and_mul = find<void(const T&, T&)>("quantkit_cpu::silu_and_mul");
-  c10::TypedOperatorHandle<void(const T&, const T&, const T&, const T&, const T&, const T&, const T&, int64_t, double, int64_t, T&)> paged_decode =
-      find<void(const T&, const T&, const T&, const T&, const T&, const T&, const T&, int64_t, double, int64_t, T&)>("quantkit_cpu::paged_decode");
+  c10::TypedOperatorHandle<Int4Linear> int4_linear = find<Int4Linear>("quantkit_cpu::int4_linear");
+  c10::TypedOperatorHandle<DenseGemv> dense_gemv = find<DenseGemv>("quantkit_cpu::dense_gemv");
+  c10::TypedOperatorHandle<RmsNorm> rms_norm = find<RmsNorm>("quantkit_cpu::rms_norm");
+  c10::TypedOperatorHandle<AddRmsNorm> add_rms_norm = find<AddRmsNorm>("quantkit_cpu::add_rms_norm");
+  c10::TypedOperatorHandle<RopeStore> rope_store = find<RopeStore>("quantkit_cpu::rope_store");
+  c10::TypedOperatorHandle<SiluAndMul> silu_and_mul = find<SiluAndMul>("quantkit_cpu::silu_and_mul");
+  c10::TypedOperatorHandle<PagedDecode> paged_decode = find<PagedDecode>("quantkit_cpu::paged_decode");
 };
 
 const Kernels& kernels() {
@@ -59,10 +64,10 @@ at::Tensor linear(const Kernels& k, const at::Tensor& x, at::TensorList linears,
   return y;
 }
 
-// x: the step's embeddings [M, hidden] (bf16), overwritten (it becomes block 0's residual). norms: 2 per layer (input, post-attention), then
-// the final norm. caches: K and V per layer ([Hkv, slots, D]). windows: per layer, 0 for none.
-// The rest is paged_decode's and rope_store's operands, shared by every layer. Returns the final
-// hidden states [M, hidden], normed.
+// x: the step's embeddings [M, hidden] (bf16), overwritten (it becomes block 0's residual).
+// norms: 2 per layer (input, post-attention), then the final norm. caches: K and V per layer
+// ([Hkv, slots, D]). windows: per layer, 0 for none. The rest is paged_decode's and rope_store's
+// operands, shared by every layer. Returns the final hidden states [M, hidden], normed.
 at::Tensor decode_layers(at::Tensor& x, at::TensorList norms, at::TensorList linears, at::IntArrayRef groups, at::IntArrayRef out_features,
                          at::TensorList caches, const at::Tensor& cos, const at::Tensor& signed_sin, const at::Tensor& slot_mapping,
                          const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& rows, const at::Tensor& seqs,
@@ -73,9 +78,14 @@ at::Tensor decode_layers(at::Tensor& x, at::TensorList norms, at::TensorList lin
                   static_cast<int64_t>(groups.size()) == 4 * L && static_cast<int64_t>(out_features.size()) == 4 * L &&
                   static_cast<int64_t>(caches.size()) == 2 * L,
               "decode_layers: per layer 2 norms, 4 linears of 3 tensors, 4 groups and widths, 2 caches, 1 window; plus the final norm");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && M == rows.numel(), "decode_layers: x must be contiguous [decode rows, hidden]");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decode_layers: x must be contiguous [rows, hidden]");
+  TORCH_CHECK(M == rows.numel(), "decode_layers: every row of x must decode (x has ", M, " rows, rows lists ", rows.numel(), ")");
   const Kernels& k = kernels();
   const int64_t H = num_heads, D = head_dim, Hkv = caches[0].size(0);
+  for (int64_t l = 0; l < L; ++l)  // the splits below are views: a wrong width would split silently
+    TORCH_CHECK(out_features[4 * l] == (H + 2 * Hkv) * D && out_features[4 * l + 2] % 2 == 0 && caches[2 * l].size(0) == Hkv &&
+                    caches[2 * l].size(2) == D,
+                "decode_layers: layer ", l, ": q/k/v width must be (heads + 2 kv heads) * head_dim, gate/up even, caches [kv heads, slots, head_dim]");
   at::Tensor h = at::empty_like(x), residual = x, hidden;
   k.rms_norm.call(x, norms[0], eps, h);  // block 0: no residual yet
   for (int64_t l = 0; l < L; ++l) {
