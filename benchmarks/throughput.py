@@ -26,18 +26,21 @@ MiB = 1024**2
 MODES = ["engine-one-at-a-time-int4", "engine-continuous-int4"]
 
 
-def arithmetic_floor(artifact: Path, workload) -> dict:
-    """The least time any engine on this machine needs for the workload: its matmul FLOPs at the bf16
-    matmul peak measured now. Each request computes its prompt and all but its last output token
-    (that one is never fed back), and takes logits once per output token."""
+def workload_flops(artifact: Path, workload) -> dict[str, float]:
+    """The workload's matmul FLOPs: each request computes its prompt and all but its last output
+    token (that one is never fed back), and takes logits once per output token."""
     from quantkit.runtime.models import MODEL_CLASSES
 
     hf_config = json.loads((artifact / "config.json").read_text())
-    config = MODEL_CLASSES[hf_config["model_type"]][0].from_hf(hf_config)
+    config = MODEL_CLASSES[hf_config["architectures"][0]][0].from_hf(hf_config)
     prompts = [len(r.prompt_ids) for r in workload]
     outputs = [r.max_tokens for r in workload]  # ignore_eos: every request generates all of them
-    work = model_flops(config, tokens=sum(prompts) + sum(outputs) - len(workload), head_rows=sum(outputs),
+    return model_flops(config, tokens=sum(prompts) + sum(outputs) - len(workload), head_rows=sum(outputs),
                        attention_pairs=sum(causal_pairs(0, p) + causal_pairs(p, o - 1) for p, o in zip(prompts, outputs)))
+
+
+def arithmetic_floor(work: dict[str, float]) -> dict:
+    """The least time any engine on this machine needs for the work: its FLOPs at the bf16 matmul peak measured now."""
     peak = matmul_peak()
     return {"tflop": {k: v / 1e12 for k, v in work.items()}, "matmul_peak_flops": peak, "floor_s": sum(work.values()) / peak}
 
@@ -51,11 +54,12 @@ def main() -> None:
     args = parser.parse_args()
 
     workload = make_workload(str(args.artifact), None, args.requests, args.seed, (32, 512), (32, 256))
+    work = workload_flops(args.artifact, workload)  # before the long runs: a mistake here should not waste them
     data = run_offline(args.artifact, None, workload, MODES, args.out, {"max_num_seqs": 64, "kv_cache_memory": 512 * MiB},
                        price_per_hour=None, memory_budget=8 * 1024 * MiB, concurrency=32, context_tokens=4096)
     console.print(runs_table(f"{args.requests} requests queued at t=0", data["results"]))
     console.print(ratios_table(data["ratios"]))
-    floor = arithmetic_floor(args.artifact, workload)
+    floor = arithmetic_floor(work)  # the peak measured after the runs, on the machine as they left it
     data["arithmetic_floor"] = floor
     write_json(args.out / "offline.json", data)
     one = data["results"]["engine-one-at-a-time-int4"]["wall_s"]

@@ -294,3 +294,21 @@ def test_offline_int8_head_is_forced_on_or_off_for_every_engine_mode_or_left_to_
 def test_bench_bad_input_is_a_clear_error(tiny_model_dir, tiny_artifact, args, message):
     code, out = run_cli("bench", *[a.format(model=tiny_model_dir, artifact=tiny_artifact) for a in args])
     assert code == 2 and message in out and "Traceback" not in out
+
+
+def test_the_runtime_presets_floor_counts_the_workloads_matmul_flops(tiny_model_dir, monkeypatch):
+    # benchmarks/throughput.py divides these FLOPs by the measured matmul peak: the least time any engine needs.
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import throughput
+
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    one_request = [SimpleNamespace(prompt_ids=[5, 6, 7], max_tokens=2)]  # computes 3 + 1 tokens, 2 rows of logits
+    flops = throughput.workload_flops(tiny_model_dir, one_request)
+    # tiny Llama: 2 layers, hidden 64, 4 heads / 2 KV heads of 16, intermediate 128
+    per_token = 2 * 2 * (64 * (4 + 2 * 2) * 16 + 4 * 16 * 64 + 3 * 64 * 128)
+    assert flops["linears"] == 4 * per_token
+    assert flops["head"] == 2 * 2 * 64 * vocab
+    assert flops["attention"] == 4 * 2 * 4 * 16 * (1 + 2 + 3 + 4)  # query i sees i keys
