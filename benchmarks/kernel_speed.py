@@ -39,6 +39,7 @@ from common import write_results  # noqa: E402
 from quantkit.kernels import cpu_ext, cpu_int4  # noqa: E402
 from quantkit.kernels.attention import AttentionMetadata, cpu_layout, paged_attention  # noqa: E402
 from quantkit.kernels.linear import GEMV_MAX_ROWS, dense_linear  # noqa: E402
+from quantkit.kernels import threads as thread_policy  # noqa: E402
 from quantkit.kernels.threads import cpu_threads, threads_for_tokens  # noqa: E402
 from quantkit.pack import pack_int4  # noqa: E402
 
@@ -329,7 +330,9 @@ def decode_step(min_seconds: float, artifact: Path) -> dict:
     variants = {"int4": (artifact, False, False, True), "int4_int8_head": (artifact, False, True, True),
                 "bf16": ("smollm2-135m", False, False, True), "bf16_int8_head": ("smollm2-135m", False, True, True),
                 "int4_int8_head_modules": (artifact, False, True, False), "bf16_int8_head_modules": ("smollm2-135m", False, True, False),
-                "int4_plain_torch": (artifact, True, False, False), "bf16_plain_torch": ("smollm2-135m", True, False, False)}
+                "int4_plain_torch": (artifact, True, False, False), "bf16_plain_torch": ("smollm2-135m", True, False, False),
+                # the same as *_int8_head, but decoding on every thread instead of one (kernels/threads.py)
+                "int4_int8_head_all_threads": (artifact, False, True, True), "bf16_int8_head_all_threads": ("smollm2-135m", False, True, True)}
     steps = {}
     for name, (spec, fallback, int8_head, fused) in variants.items():
         with plain_torch(fallback):  # weights are prepared and each step planned for one set of kernels
@@ -346,7 +349,7 @@ def decode_step(min_seconds: float, artifact: Path) -> dict:
     times = {name: {"step_s": [], "layers_only_s": []} for name in steps}
     for _ in range(rounds):
         for name, (run, forward, _) in steps.items():
-            with plain_torch(variants[name][1]), torch.inference_mode():
+            with plain_torch(variants[name][1]), decode_threads(name.endswith("_all_threads")), torch.inference_mode():
                 for key, fn in (("step_s", run), ("layers_only_s", forward)):
                     t0 = time.perf_counter()
                     fn()
@@ -355,6 +358,17 @@ def decode_step(min_seconds: float, artifact: Path) -> dict:
         out[name] = {"step_s": statistics.median(times[name]["step_s"]), "layers_only_s": statistics.median(times[name]["layers_only_s"]),
                      "rounds": rounds, **sizes}
     return out
+
+
+@contextlib.contextmanager
+def decode_threads(all_threads: bool) -> Iterator[None]:
+    """With all_threads: steps of any size use every thread (the runtime's default: one up to 8 tokens)."""
+    old = thread_policy.SINGLE_THREAD_MAX_TOKENS
+    thread_policy.SINGLE_THREAD_MAX_TOKENS = 0 if all_threads else old
+    try:
+        yield
+    finally:
+        thread_policy.SINGLE_THREAD_MAX_TOKENS = old
 
 
 def _decode_step(runner, fallback: bool):
@@ -448,6 +462,10 @@ def main() -> None:
         print(f"  {kernels:28}: int4 {i4['step_s'] * 1e3:6.2f} ms, bf16 {bf['step_s'] * 1e3:6.2f} ms, speedup {bf['step_s'] / i4['step_s']:.2f}x"
               f" | layers only: int4 {i4['layers_only_s'] * 1e3:6.2f} ms, bf16 {bf['layers_only_s'] * 1e3:6.2f} ms, speedup {bf['layers_only_s'] / i4['layers_only_s']:.2f}x")
     print(f"  int4 step, quantkit's kernels over the plain-torch paths: {step['int4_plain_torch']['step_s'] / step['int4']['step_s']:.2f}x")
+    one, every = {f: step[f"{f}_int8_head"]["step_s"] for f in ("int4", "bf16")}, {f: step[f"{f}_int8_head_all_threads"]["step_s"] for f in ("int4", "bf16")}
+    print(f"  int8 head, decoding on every thread: int4 {every['int4'] * 1e3:6.2f} ms, bf16 {every['bf16'] * 1e3:6.2f} ms; each format at its"
+          f" faster thread count: int4 {min(one['int4'], every['int4']) * 1e3:.2f} ms, bf16 {min(one['bf16'], every['bf16']) * 1e3:.2f} ms,"
+          f" speedup {min(one['bf16'], every['bf16']) / min(one['int4'], every['int4']):.2f}x")
     for fmt in ("int4", "bf16"):
         fused, modules = step[f"{fmt}_int8_head"]["step_s"], step[f"{fmt}_int8_head_modules"]["step_s"]
         print(f"  {fmt} step (int8 head), fused decoder over the layers as modules: {modules * 1e3:.2f} -> {fused * 1e3:.2f} ms, {modules / fused:.2f}x")
