@@ -8,8 +8,8 @@ search per-group clipping; quantize (to nearest, or with `rounding: gptq` in GPT
 error-compensating order on the same grid); then run the *quantized* block to produce the next
 block's inputs, so later blocks calibrate against the errors of earlier ones.
 
-Forward passes run in `compute_dtype` (bf16 by default: 5x faster than fp32 matmuls on this
-CPU, and its rounding is two orders of magnitude below int4 error), while scales, clipping and
+Forward passes run in `compute_dtype` (bf16 by default: its matmuls are 2.2x faster than fp32
+at 256 rows on this CPU, BENCHMARKS.md, and its rounding is two orders of magnitude below int4 error), while scales, clipping and
 codes are computed from fp32 master weights that the search itself never mutates.
 """
 
