@@ -7,7 +7,8 @@ one call that runs the same kernels, with the same arguments, in the same order:
 bit-identical to the modules' (tests/test_decoder.py), so it is a faster way to run the model,
 not another model. It takes a step only where that holds (`takes`): every row decoding, bf16 on
 the CPU, rows where each linear's module would call the kernel decode_layers calls. Prefill,
-mixed steps, other dtypes and devices, biases and q/k norms run the modules.
+mixed steps, other dtypes and devices run the modules. Biases (Qwen2's q/k/v) and q/k norms
+(Qwen3) are computed by the same ATen ops the modules call.
 """
 
 from __future__ import annotations
@@ -27,25 +28,30 @@ _UNUSED = torch.empty(0)  # the scales/zeros slots of a dense linear
 @dataclass(frozen=True)
 class LayerWeights:
     """What one pre-norm Llama block gives the fused path: its two norms' weights, its four
-    linears (fused q/k/v, o, fused gate/up, down; SiLU-gated MLP), its sliding window or None."""
+    linears (fused q/k/v, o, fused gate/up, down; SiLU-gated MLP), its sliding window or None,
+    and its q/k norm's weight [heads + kv heads, head_dim] or None."""
 
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
     linears: tuple[nn.Module, nn.Module, nn.Module, nn.Module]
     window: int | None
+    qk_norm: torch.Tensor | None = None
 
 
 def linear_operands(module: nn.Module) -> tuple[list[torch.Tensor], int, int] | None:
-    """(3 tensors, group size, output width) of a linear for decode_layers: quantkit's int4 layout
-    (codes, scales, zeros; group > 0), or a dense bf16 weight (group 0). None where decode_layers
-    would not compute what the module computes: a bias, PyTorch's int4 layout, another dtype."""
-    if getattr(module, "bias", None) is not None:
+    """(4 tensors, group size, output width) of a linear for decode_layers: quantkit's int4 layout
+    (codes, scales, zeros; group > 0) or a dense bf16 weight (group 0), then the bias (empty for
+    none). None where decode_layers would not compute what the module computes: PyTorch's int4
+    layout, another dtype."""
+    bias = getattr(module, "bias", None)
+    if bias is not None and (bias.dtype != torch.bfloat16 or not bias.is_cpu):
         return None
+    bias = _UNUSED if bias is None else bias
     if isinstance(module, QuantLinear) and isinstance(module.cpu_weight, cpu_int4.NativeInt4Weight):
         w = module.cpu_weight
-        return [w.codes, w.scales, w.zeros], w.group_size, w.out_features
+        return [w.codes, w.scales, w.zeros, bias], w.group_size, w.out_features
     if isinstance(module, DenseLinear) and module.weight.dtype == torch.bfloat16 and module.weight.is_cpu and module.weight.is_contiguous():
-        return [module.weight, _UNUSED, _UNUSED], 0, module.out_features
+        return [module.weight, _UNUSED, _UNUSED, bias], 0, module.out_features
     return None
 
 
@@ -59,6 +65,7 @@ class FusedDecoder:
         self.groups = [group for _, group, _ in operands]
         self.out_features = [width for _, _, width in operands]
         self.windows = [layer.window or 0 for layer in layers]
+        self.qk_norms = [_UNUSED if layer.qk_norm is None else layer.qk_norm for layer in layers]
         self.num_heads, self.head_dim, self.scale, self.eps = num_heads, head_dim, scale, eps
         self.int4 = any(g > 0 for g in self.groups)
         self.dense = any(g == 0 for g in self.groups)
@@ -69,6 +76,7 @@ class FusedDecoder:
         """The fused path for these layers, or None where it cannot run them (no C++ bf16 kernels
         on this machine, weights not in bf16 on the CPU, a linear it does not compute the same)."""
         norms = [final_norm] + [w for layer in layers for w in (layer.input_norm, layer.post_attention_norm)]
+        norms += [layer.qk_norm for layer in layers if layer.qk_norm is not None]
         if not layers or not cpu_ext.bf16_available() or any(w.dtype != torch.bfloat16 or not w.is_cpu for w in norms):
             return None
         operands = [linear_operands(module) for layer in layers for module in layer.linears]
@@ -91,6 +99,6 @@ class FusedDecoder:
         """Hidden states [rows, hidden] after the last layer and the final norm (x is overwritten)."""
         caches = [t for pair in kv_caches for t in pair]
         return cpu_ext.op("decode_layers")(
-            x, self.norms, self.linears, self.groups, self.out_features, caches, rope[0], rope[1], meta.slot_mapping, meta.block_tables,
+            x, self.norms, self.linears, self.groups, self.out_features, self.qk_norms, caches, rope[0], rope[1], meta.slot_mapping, meta.block_tables,
             meta.context_lens, meta.decode_rows, meta.decode_seqs, meta.block_size, self.scale, self.windows, self.num_heads, self.head_dim,
             self.eps, linear.GEMV_MAX_ROWS)

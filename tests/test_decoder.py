@@ -3,7 +3,8 @@
 It must be a faster way to run the same model, never another model: its logits and KV cache equal
 the module-by-module path's bit for bit, for int4 artifacts and dense bf16 weights, one sequence
 and batches (dense batches above the GEMV's rows take the bf16 matmul), full and sliding-window
-attention. It takes exactly the steps where that holds, and builds only for models it runs the same.
+attention, q/k/v biases (Qwen2) and q/k norms (Qwen3). It takes exactly the steps where that holds,
+and builds only where its kernels run.
 """
 
 from __future__ import annotations
@@ -41,13 +42,13 @@ def build_llama_head_dim_64(out, tokenizer_dir) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_models(tiny_model_dir, tmp_path_factory):
-    """{(architecture, weights): model dir} for Llama, Mistral (window 8) and a Llama with head_dim
-    64, dense and RTN int4."""
+    """{(architecture, weights): model dir} for Llama, Mistral (window 8), Qwen2 (q/k/v biases, a
+    sliding layer), Qwen3 (q/k norms, head_dim 32) and a Llama with head_dim 64, dense and RTN int4."""
     from quantkit.pipeline import quantize
     from quantkit.recipe import Recipe
 
     dirs = {}
-    for arch in ("llama", "mistral", "llama-d64"):
+    for arch in ("llama", "mistral", "qwen2", "qwen3", "llama-d64"):
         dense = tmp_path_factory.mktemp(arch)
         if arch == "llama-d64":
             build_llama_head_dim_64(dense, tiny_model_dir)
@@ -67,7 +68,7 @@ def runners(model_dir) -> tuple[ModelRunner, ModelRunner]:
 
 
 @needs_bf16_kernels
-@pytest.mark.parametrize("arch", ["llama", "mistral", "llama-d64"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "llama-d64"])
 @pytest.mark.parametrize("weights", ["int4", "dense"])
 def test_fused_decode_steps_equal_the_modules_bit_for_bit(tiny_models, arch, weights, monkeypatch):
     calls = []
@@ -116,15 +117,16 @@ def test_only_all_decode_bf16_steps_with_few_enough_rows_take_it(tiny_models):
 
 
 @needs_bf16_kernels
-def test_it_is_built_only_for_models_it_runs_the_same(tiny_models, tiny_model_dir, tmp_path, monkeypatch):
+def test_it_carries_each_architectures_layers_and_is_built_only_where_its_kernels_run(tiny_models, monkeypatch):
     def decoder(model_dir, dtype=torch.bfloat16):
         return ModelRunner(load_weights(model_dir), dtype, 16, num_blocks=8).model.fused_decoder
 
     assert decoder(tiny_models["mistral", "int4"]).windows == [8, 8]
     assert decoder(tiny_models["llama", "dense"]).groups == [0] * 8
+    qwen2 = decoder(tiny_models["qwen2", "int4"])  # the q/k/v projection's bias, in each layer
+    assert [qwen2.linears[4 * i + 3].numel() > 0 for i in range(8)] == [True, False, False, False] * 2
+    qwen3 = decoder(tiny_models["qwen3", "dense"])
+    assert [tuple(w.shape) for w in qwen3.qk_norms] == [(4 + 2, 32)] * 2  # q heads + kv heads, head_dim
     assert decoder(tiny_models["llama", "dense"], torch.float32) is None  # its kernels are bf16
-    for arch in ("qwen2", "qwen3"):  # q/k/v biases; q/k norms
-        build_tiny(arch, tmp_path / arch, tiny_model_dir)
-        assert decoder(tmp_path / arch) is None
     monkeypatch.setattr(cpu_ext, "ENABLED", False)  # QUANTKIT_CPU_KERNELS=0: the plain-torch paths only
     assert decoder(tiny_models["llama", "int4"]) is None

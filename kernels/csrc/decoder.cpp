@@ -10,10 +10,11 @@
 // bit-identical to the module path (tested), which stays the path for everything else (prefill,
 // other dtypes, biases, q/k norms, GPUs).
 //
-// Each linear is 3 tensors of `linears` with its group size in `groups`: (codes, scales, zeros) of
-// quantkit's int4 layout for group > 0, (bf16 weight [N, K], -, -) for a dense one (group 0), which
-// takes dense_gemv up to gemv_max_rows rows and at::linear above, as kernels/linear.py's
-// dense_linear does.
+// Each linear is 4 tensors of `linears` with its group size in `groups`: (codes, scales, zeros, bias)
+// of quantkit's int4 layout for group > 0, (bf16 weight [N, K], -, -, bias) for a dense one (group
+// 0), which takes dense_gemv up to gemv_max_rows rows and at::linear above, as kernels/linear.py's
+// dense_linear does; an empty bias is none (a bias is added as the modules add it: Qwen2's q/k/v).
+// A layer with a q/k norm (Qwen3) normalizes q and k over head_dim, then scales each head, before RoPE.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -51,33 +52,37 @@ const Kernels& kernels() {
   return k;
 }
 
-// y = x @ W.T for linear i (3 tensors each in `linears`): quantkit's int4 kernel, or a dense weight.
+// y = x @ W.T (+ bias) for linear i (4 tensors each in `linears`): quantkit's int4 kernel, or a dense weight.
 at::Tensor linear(const Kernels& k, const at::Tensor& x, at::TensorList linears, at::IntArrayRef groups, at::IntArrayRef out_features,
                   int64_t i, int64_t gemv_max_rows) {
-  const at::Tensor& w = linears[3 * i];
-  if (groups[i] == 0 && !(x.size(0) <= gemv_max_rows && x.size(1) % 32 == 0)) return at::linear(x, w);
+  const at::Tensor& w = linears[4 * i];
+  const at::Tensor& bias = linears[4 * i + 3];
+  const bool has_bias = bias.numel() > 0;
+  if (groups[i] == 0 && !(x.size(0) <= gemv_max_rows && x.size(1) % 32 == 0))
+    return has_bias ? at::linear(x, w, bias) : at::linear(x, w);
   at::Tensor y = at::empty({x.size(0), out_features[i]}, x.options());
   if (groups[i] > 0)
-    k.int4_linear.call(x, w, linears[3 * i + 1], linears[3 * i + 2], groups[i], y);
+    k.int4_linear.call(x, w, linears[4 * i + 1], linears[4 * i + 2], groups[i], y);
   else
     k.dense_gemv.call(x, w, y);
-  return y;
+  return has_bias ? y + bias : y;
 }
 
 // x: the step's embeddings [M, hidden] (bf16), overwritten (it becomes block 0's residual).
 // norms: 2 per layer (input, post-attention), then the final norm. caches: K and V per layer
-// ([Hkv, slots, D]). windows: per layer, 0 for none. The rest is paged_decode's and rope_store's
+// ([Hkv, slots, D]). qk_norms: per layer, the q/k norm's weight [H + Hkv, D] or an empty tensor.
+// windows: per layer, 0 for none. The rest is paged_decode's and rope_store's
 // operands, shared by every layer. Returns the final hidden states [M, hidden], normed.
 at::Tensor decode_layers(at::Tensor& x, at::TensorList norms, at::TensorList linears, at::IntArrayRef groups, at::IntArrayRef out_features,
-                         at::TensorList caches, const at::Tensor& cos, const at::Tensor& signed_sin, const at::Tensor& slot_mapping,
-                         const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& rows, const at::Tensor& seqs,
+                         at::TensorList qk_norms, at::TensorList caches, const at::Tensor& cos, const at::Tensor& signed_sin,
+                         const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& context_lens, const at::Tensor& rows, const at::Tensor& seqs,
                          int64_t block_size, double scale, at::IntArrayRef windows, int64_t num_heads, int64_t head_dim, double eps,
                          int64_t gemv_max_rows) {
   const int64_t L = static_cast<int64_t>(windows.size()), M = x.size(0);
-  TORCH_CHECK(L > 0 && static_cast<int64_t>(norms.size()) == 2 * L + 1 && static_cast<int64_t>(linears.size()) == 12 * L &&
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(norms.size()) == 2 * L + 1 && static_cast<int64_t>(linears.size()) == 16 * L &&
                   static_cast<int64_t>(groups.size()) == 4 * L && static_cast<int64_t>(out_features.size()) == 4 * L &&
-                  static_cast<int64_t>(caches.size()) == 2 * L,
-              "decode_layers: per layer 2 norms, 4 linears of 3 tensors, 4 groups and widths, 2 caches, 1 window; plus the final norm");
+                  static_cast<int64_t>(qk_norms.size()) == L && static_cast<int64_t>(caches.size()) == 2 * L,
+              "decode_layers: per layer 2 norms, 4 linears of 4 tensors, 4 groups and widths, 1 q/k norm, 2 caches, 1 window; plus the final norm");
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "decode_layers: x must be contiguous [rows, hidden]");
   TORCH_CHECK(M == rows.numel(), "decode_layers: every row of x must decode (x has ", M, " rows, rows lists ", rows.numel(), ")");
   const Kernels& k = kernels();
@@ -96,6 +101,7 @@ at::Tensor decode_layers(at::Tensor& x, at::TensorList norms, at::TensorList lin
     at::Tensor kc = caches[2 * l], vc = caches[2 * l + 1];
     const at::Tensor qkv = linear(k, h, linears, groups, out_features, 4 * l, gemv_max_rows);  // [M, (H + 2 Hkv) D]
     at::Tensor qk = qkv.narrow(1, 0, (H + Hkv) * D).view({M, H + Hkv, D});
+    if (qk_norms[l].numel() > 0) qk = at::rms_norm(qk, {D}, std::nullopt, eps) * qk_norms[l];  // as HeadRMSNorm computes it
     const at::Tensor v = qkv.narrow(1, (H + Hkv) * D, Hkv * D).view({M, Hkv, D});
     k.rope_store.call(qk, v, cos, signed_sin, kc, vc, slot_mapping, H);
     at::Tensor attn = at::empty({M, H, D}, x.options());

@@ -47,7 +47,7 @@ TORCH_LIBRARY(quantkit_cpu, m) {
         "Tensor rows, Tensor seqs, int block_size, float scale, int window, Tensor(a!) out) -> ()");
   m.def("paged_prefill(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor context_lens, "
         "Tensor starts, Tensor q_lens, Tensor seqs, int block_size, float scale, int window, Tensor(a!) out) -> ()");
-  m.def("decode_layers(Tensor(a!) x, Tensor[] norms, Tensor[] linears, int[] groups, int[] out_features, Tensor(b!)[] caches, Tensor cos, "
+  m.def("decode_layers(Tensor(a!) x, Tensor[] norms, Tensor[] linears, int[] groups, int[] out_features, Tensor[] qk_norms, Tensor(b!)[] caches, Tensor cos, "
         "Tensor signed_sin, Tensor slot_mapping, Tensor block_tables, Tensor context_lens, Tensor rows, Tensor seqs, int block_size, "
         "float scale, int[] windows, int num_heads, int head_dim, float eps, int gemv_max_rows) -> Tensor");
 }

@@ -298,10 +298,11 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = output_head(tensors, self.embed_tokens, config.tie_word_embeddings, dtype, int8_head)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         # Decode steps run these same layers in one C++ call where it can (kernels/decoder.py);
-        # None: always the modules. q/k norms (Qwen3) are not in it.
-        self.fused_decoder = None if config.qk_norm else FusedDecoder.build(
+        # None: always the modules.
+        self.fused_decoder = FusedDecoder.build(
             [LayerWeights(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                          (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj), layer.self_attn.window)
+                          (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj), layer.self_attn.window,
+                          None if layer.self_attn.qk_norm is None else layer.self_attn.qk_norm.weight)
              for layer in self.layers],
             self.norm.weight, config.num_heads, config.head_dim, self.layers[0].self_attn.scale, config.rms_norm_eps)
 
