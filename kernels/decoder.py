@@ -22,7 +22,7 @@ from . import cpu_ext, cpu_int4, linear
 from .attention import AttentionMetadata
 from .linear import DenseLinear, QuantLinear
 
-_UNUSED = torch.empty(0)  # the scales/zeros slots of a dense linear
+_UNUSED = torch.empty(0)  # an absent operand: a dense linear's scales/zeros, a missing bias or q/k norm
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@
 // third of the step. Here each call goes through the dispatcher's typed (unboxed) path, well under
 // a microsecond. Same kernels, same arguments, same order and thread count: the results are
 // bit-identical to the module path (tested), which stays the path for everything else (prefill,
-// other dtypes, biases, q/k norms, GPUs).
+// mixed steps, other dtypes, GPUs).
 //
 // Each linear is 4 tensors of `linears` with its group size in `groups`: (codes, scales, zeros, bias)
 // of quantkit's int4 layout for group > 0, (bf16 weight [N, K], -, -, bias) for a dense one (group
