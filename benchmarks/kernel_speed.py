@@ -331,8 +331,9 @@ def decode_step(min_seconds: float, artifact: Path) -> dict:
                 "bf16": ("smollm2-135m", False, False, True), "bf16_int8_head": ("smollm2-135m", False, True, True),
                 "int4_int8_head_modules": (artifact, False, True, False), "bf16_int8_head_modules": ("smollm2-135m", False, True, False),
                 "int4_plain_torch": (artifact, True, False, False), "bf16_plain_torch": ("smollm2-135m", True, False, False),
-                # the same as *_int8_head, but decoding on every thread instead of one (kernels/threads.py)
-                "int4_int8_head_all_threads": (artifact, False, True, True), "bf16_int8_head_all_threads": ("smollm2-135m", False, True, True)}
+                # the same as *_int8_head, decoding on every thread / on one (the runtime: one for int4, all for dense bf16)
+                "int4_int8_head_all_threads": (artifact, False, True, True), "bf16_int8_head_all_threads": ("smollm2-135m", False, True, True),
+                "int4_int8_head_one_thread": (artifact, False, True, True), "bf16_int8_head_one_thread": ("smollm2-135m", False, True, True)}
     steps = {}
     for name, (spec, fallback, int8_head, fused) in variants.items():
         with plain_torch(fallback):  # weights are prepared and each step planned for one set of kernels
@@ -349,7 +350,8 @@ def decode_step(min_seconds: float, artifact: Path) -> dict:
     times = {name: {"step_s": [], "layers_only_s": []} for name in steps}
     for _ in range(rounds):
         for name, (run, forward, _) in steps.items():
-            with plain_torch(variants[name][1]), decode_threads(name.endswith("_all_threads")), torch.inference_mode():
+            setting = "all" if name.endswith("_all_threads") else "one" if name.endswith("_one_thread") else "runtime"
+            with plain_torch(variants[name][1]), decode_threads(setting), torch.inference_mode():
                 for key, fn in (("step_s", run), ("layers_only_s", forward)):
                     t0 = time.perf_counter()
                     fn()
@@ -361,14 +363,18 @@ def decode_step(min_seconds: float, artifact: Path) -> dict:
 
 
 @contextlib.contextmanager
-def decode_threads(all_threads: bool) -> Iterator[None]:
-    """With all_threads: steps of any size use every thread (the runtime's default: one up to 8 tokens)."""
-    old = thread_policy.SINGLE_THREAD_MAX_TOKENS
-    thread_policy.SINGLE_THREAD_MAX_TOKENS = 0 if all_threads else old
+def decode_threads(setting: str) -> Iterator[None]:
+    """"all": steps of any size on every thread; "one": small steps on one, dense bf16 models too;
+    "runtime": as the runtime chooses (kernels/threads.py)."""
+    old = thread_policy.SINGLE_THREAD_MAX_TOKENS, thread_policy.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS
+    if setting == "all":
+        thread_policy.SINGLE_THREAD_MAX_TOKENS = 0
+    elif setting == "one":
+        thread_policy.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS = False
     try:
         yield
     finally:
-        thread_policy.SINGLE_THREAD_MAX_TOKENS = old
+        thread_policy.SINGLE_THREAD_MAX_TOKENS, thread_policy.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS = old
 
 
 def _decode_step(runner, fallback: bool):
@@ -462,10 +468,10 @@ def main() -> None:
         print(f"  {kernels:28}: int4 {i4['step_s'] * 1e3:6.2f} ms, bf16 {bf['step_s'] * 1e3:6.2f} ms, speedup {bf['step_s'] / i4['step_s']:.2f}x"
               f" | layers only: int4 {i4['layers_only_s'] * 1e3:6.2f} ms, bf16 {bf['layers_only_s'] * 1e3:6.2f} ms, speedup {bf['layers_only_s'] / i4['layers_only_s']:.2f}x")
     print(f"  int4 step, quantkit's kernels over the plain-torch paths: {step['int4_plain_torch']['step_s'] / step['int4']['step_s']:.2f}x")
-    one, every = {f: step[f"{f}_int8_head"]["step_s"] for f in ("int4", "bf16")}, {f: step[f"{f}_int8_head_all_threads"]["step_s"] for f in ("int4", "bf16")}
-    print(f"  int8 head, decoding on every thread: int4 {every['int4'] * 1e3:6.2f} ms, bf16 {every['bf16'] * 1e3:6.2f} ms; each format at its"
-          f" faster thread count: int4 {min(one['int4'], every['int4']) * 1e3:.2f} ms, bf16 {min(one['bf16'], every['bf16']) * 1e3:.2f} ms,"
-          f" speedup {min(one['bf16'], every['bf16']) / min(one['int4'], every['int4']):.2f}x")
+    one, every = ({f: step[f"{f}_int8_head_{t}"]["step_s"] for f in ("int4", "bf16")} for t in ("one_thread", "all_threads"))
+    print(f"  int8 head, on one thread: int4 {one['int4'] * 1e3:6.2f} ms, bf16 {one['bf16'] * 1e3:6.2f} ms; on every thread: int4"
+          f" {every['int4'] * 1e3:6.2f} ms, bf16 {every['bf16'] * 1e3:6.2f} ms; each format at its faster thread count: speedup"
+          f" {min(one['bf16'], every['bf16']) / min(one['int4'], every['int4']):.2f}x")
     for fmt in ("int4", "bf16"):
         fused, modules = step[f"{fmt}_int8_head"]["step_s"], step[f"{fmt}_int8_head_modules"]["step_s"]
         print(f"  {fmt} step (int8 head), fused decoder over the layers as modules: {modules * 1e3:.2f} -> {fused * 1e3:.2f} ms, {modules / fused:.2f}x")

@@ -6,6 +6,12 @@ batch-1 decode (~1,000 small ops per step). With spinning waits the wake-up is f
 other busy process stalls every op (a decode step's mean went from 14 ms to 49 ms, worst 182 ms).
 So the runtime keeps PASSIVE waits and runs small steps on one thread; big matmuls (large
 batches, prefill, the lm_head) use them all. Switching costs well under a microsecond.
+
+Dense bf16 models are the exception: their GEMVs read 4x the bytes of int4 ones per call, long
+enough to repay the wake-up, so their small steps use every thread too (batch-1 decode, the
+layers in one C++ call, interleaved, benchmarks/results/kernels.log and decode_shapes.log:
+SmolLM2-135M 17.8 against 19.7 ms, Qwen3-0.6B's shapes 52 against 75 ms; int4 models lose on two
+threads: 10.3 against 6.1 ms, 28 against 27 ms).
 """
 
 from __future__ import annotations
@@ -32,5 +38,13 @@ def cpu_threads(num_threads: int) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
-def threads_for_tokens(num_tokens: int, max_threads: int) -> int:
-    return 1 if num_tokens <= SINGLE_THREAD_MAX_TOKENS else max_threads
+# Whether small steps of dense bf16 models use every thread (see above); benchmarks switch it off
+# to time them on one.
+DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS = True
+
+
+def threads_for_tokens(num_tokens: int, max_threads: int, dense_bf16: bool = False) -> int:
+    """Threads for a step of num_tokens tokens; dense_bf16: the model's linears are dense bf16 weights."""
+    if num_tokens > SINGLE_THREAD_MAX_TOKENS or (dense_bf16 and DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS):
+        return max_threads
+    return 1

@@ -14,6 +14,7 @@ import torch
 from quantkit.errors import QuantkitError
 from quantkit.kernels import cpu_ext
 from quantkit.kernels.attention import AttentionMetadata, allocate_kv_cache
+from quantkit.kernels.linear import QuantLinear
 from quantkit.kernels.logprobs import target_logprobs
 from quantkit.kernels.threads import cpu_threads, threads_for_tokens
 
@@ -71,6 +72,8 @@ class ModelRunner:
             usable = int8_head is not False and _int8_head_usable(dtype, asked=int8_head is True)
             self.model = network(self.config, weights.tensors, dtype, int8_head=int8_head if usable else False)
         self.int8_head = self.model.lm_head.int8 is not None
+        # dense bf16 linears take every thread even for small steps (kernels/threads.py)
+        self.dense_bf16 = dtype == torch.bfloat16 and not any(isinstance(m, QuantLinear) for m in self.model.modules())
         c = self.config
         self.block_bytes = kv_block_bytes(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)
         if num_blocks is None:
@@ -95,7 +98,7 @@ class ModelRunner:
         query_lens = [len(ids) for ids in step.token_ids]
         context_lens = [s + q for s, q in zip(step.starts, query_lens)]
         meta = AttentionMetadata.build(step.block_tables, context_lens, query_lens, self.block_size)
-        with cpu_threads(threads_for_tokens(len(input_ids), self.max_threads)):
+        with cpu_threads(threads_for_tokens(len(input_ids), self.max_threads, self.dense_bf16)):
             return self.model(input_ids, positions, self.kv_caches, meta), meta
 
     @torch.inference_mode()

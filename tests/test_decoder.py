@@ -130,3 +130,19 @@ def test_it_carries_each_architectures_layers_and_is_built_only_where_its_kernel
     assert decoder(tiny_models["llama", "dense"], torch.float32) is None  # its kernels are bf16
     monkeypatch.setattr(cpu_ext, "ENABLED", False)  # QUANTKIT_CPU_KERNELS=0: the plain-torch paths only
     assert decoder(tiny_models["llama", "int4"]) is None
+
+
+def test_small_steps_run_on_one_thread_except_for_dense_bf16_models(tiny_models, monkeypatch):
+    from quantkit.kernels import threads
+
+    assert [threads.threads_for_tokens(n, 2) for n in (1, 8, 9)] == [1, 1, 2]
+    assert [threads.threads_for_tokens(n, 2, dense_bf16=True) for n in (1, 8, 9)] == [2, 2, 2]
+    monkeypatch.setattr(threads, "DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS", False)  # as benchmarks time them on one
+    assert threads.threads_for_tokens(1, 2, dense_bf16=True) == 1
+
+    def dense_bf16(model_dir, dtype=torch.bfloat16) -> bool:
+        return ModelRunner(load_weights(model_dir), dtype, 16, num_blocks=8).dense_bf16
+
+    assert dense_bf16(tiny_models["llama", "dense"])
+    assert not dense_bf16(tiny_models["llama", "int4"])
+    assert not dense_bf16(tiny_models["llama", "dense"], torch.float32)
