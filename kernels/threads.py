@@ -11,7 +11,8 @@ Dense bf16 models are the exception: their GEMVs read 4x the bytes of int4 ones 
 enough to repay the wake-up, so their small steps use every thread too (batch-1 decode, the
 layers in one C++ call, interleaved, benchmarks/results/kernels.log and decode_shapes.log:
 SmolLM2-135M 17.8 against 19.7 ms, Qwen3-0.6B's shapes 52 against 75 ms; int4 models lose on two
-threads: 10.3 against 6.1 ms, 28 against 27 ms).
+threads: 10.3 against 6.1 ms, 28 against 27 ms). Beside another busy process bf16 loses 8% by it
+(22.2 against 20.5 ms, benchmarks/thread_policy.py): a dedicated machine is the case served.
 """
 
 from __future__ import annotations
