@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from quantkit.kernels import cpu_ext
+from quantkit.kernels import threads as thread_policy
 
 
 def machine() -> dict:
@@ -82,3 +85,34 @@ def model_flops(config, tokens: int, head_rows: int, attention_pairs: int) -> di
 def causal_pairs(start: int, length: int) -> int:
     """Query-key pairs of `length` new tokens after `start` cached ones: each sees its past and itself."""
     return length * start + length * (length + 1) // 2
+
+
+def decode_step_input(runner):
+    """Prefill 256 tokens into blocks 0-16 of a runner's cache; returns the decode step at position
+    256, which benchmarks run over and over (batch 1, context 256)."""
+    from quantkit.runtime.model_runner import StepInput
+
+    table = list(range(17))
+    with torch.inference_mode():
+        runner.run(StepInput([list(range(100, 356))], [0], [table], [True]))
+    return StepInput([[42]], [256], [table], [True])
+
+
+def linear_weight_bytes(model) -> int:
+    """Bytes the decoder's linears read per step (packed int4 or dense)."""
+    return sum(m.weight_bytes() for m in model.modules() if hasattr(m, "weight_bytes"))
+
+
+@contextlib.contextmanager
+def decode_threads(setting: str) -> Iterator[None]:
+    """"all": steps of any size on every thread; "one": small steps on one, dense bf16 models too;
+    "runtime": as the runtime chooses (kernels/threads.py)."""
+    old = thread_policy.SINGLE_THREAD_MAX_TOKENS, thread_policy.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS
+    if setting == "all":
+        thread_policy.SINGLE_THREAD_MAX_TOKENS = 0
+    elif setting == "one":
+        thread_policy.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS = False
+    try:
+        yield
+    finally:
+        thread_policy.SINGLE_THREAD_MAX_TOKENS, thread_policy.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS = old

@@ -24,8 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from common import write_results  # noqa: E402
-from quantkit.kernels import threads as thread_policy  # noqa: E402
+from common import decode_step_input, decode_threads, linear_weight_bytes, write_results  # noqa: E402
 
 QWEN3_0_6B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
@@ -46,17 +45,6 @@ def build(out: Path) -> None:
     for f in resolve_model("smollm2-135m").iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(f, out / f.name)
-
-
-def decode_step(runner):
-    """One decode step at position 256 after a 256-token prefill (the same step, over and over)."""
-    from quantkit.runtime.model_runner import StepInput
-
-    table = list(range(17))
-    with torch.inference_mode():
-        runner.run(StepInput([list(range(100, 356))], [0], [table], [True]))
-    step = StepInput([[42]], [256], [table], [True])
-    return lambda: runner.run(step)
 
 
 def main() -> None:
@@ -83,25 +71,21 @@ def main() -> None:
     for fmt, path in (("int4", int4_dir), ("bf16", dense_dir)):
         for head in ("dense_head", "int8_head"):
             runner = ModelRunner(load_weights(path), torch.bfloat16, block_size=16, num_blocks=32, int8_head=head == "int8_head")
-            models[fmt, head] = (runner, runner.model.fused_decoder, decode_step(runner))
+            step = decode_step_input(runner)
+            models[fmt, head] = (runner, runner.model.fused_decoder, lambda runner=runner, step=step: runner.run(step))
     times: dict[str, list[float]] = {}
-    single_thread_max = thread_policy.SINGLE_THREAD_MAX_TOKENS
-    thread_policy.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS = False  # "one_thread" means one, for both formats
     with torch.inference_mode():
         for _ in range(args.rounds):
             for (fmt, head), (runner, decoder, run) in models.items():
                 for layers in ("one_call", "modules"):
-                    for threads in ("one_thread", "all_threads"):  # the runtime decodes on one; bigger GEMVs may repay two
+                    for threads in ("one_thread", "all_threads"):  # int4 decodes on one, dense bf16 on all (kernels/threads.py)
                         runner.model.fused_decoder = decoder if layers == "one_call" else None
-                        thread_policy.SINGLE_THREAD_MAX_TOKENS = single_thread_max if threads == "one_thread" else 0
-                        t0 = time.perf_counter()
-                        run()
-                        times.setdefault(f"{fmt}_{head}_{layers}_{threads}", []).append(time.perf_counter() - t0)
-    thread_policy.SINGLE_THREAD_MAX_TOKENS = single_thread_max
-    thread_policy.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS = True
+                        with decode_threads("one" if threads == "one_thread" else "all"):
+                            t0 = time.perf_counter()
+                            run()
+                            times.setdefault(f"{fmt}_{head}_{layers}_{threads}", []).append(time.perf_counter() - t0)
     step = {name: statistics.median(t) for name, t in times.items()}
-    bytes_ = {fmt: sum(m.weight_bytes() for m in models[fmt, "dense_head"][0].model.modules() if hasattr(m, "weight_bytes"))
-              for fmt in ("int4", "bf16")}
+    bytes_ = {fmt: linear_weight_bytes(models[fmt, "dense_head"][0].model) for fmt in ("int4", "bf16")}
     print(f"Qwen3-0.6B shapes (random weights), batch-1 decode step at context 256, {args.rounds} interleaved rounds, medians:")
     print(f"  decoder linears: int4 {bytes_['int4'] / 1e6:.0f} MB, bf16 {bytes_['bf16'] / 1e6:.0f} MB; head 151936 x 1024: "
           f"bf16 {151936 * 1024 * 2 / 1e6:.0f} MB, int8 {151936 * 1024 * (1 + 2 / 32) / 1e6:.0f} MB")

@@ -35,11 +35,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import write_results  # noqa: E402
+from common import decode_step_input, decode_threads, linear_weight_bytes, write_results  # noqa: E402
 from quantkit.kernels import cpu_ext, cpu_int4  # noqa: E402
 from quantkit.kernels.attention import AttentionMetadata, cpu_layout, paged_attention  # noqa: E402
 from quantkit.kernels.linear import GEMV_MAX_ROWS, dense_linear  # noqa: E402
-from quantkit.kernels import threads as thread_policy  # noqa: E402
 from quantkit.kernels.threads import cpu_threads, threads_for_tokens  # noqa: E402
 from quantkit.pack import pack_int4  # noqa: E402
 
@@ -362,33 +361,14 @@ def decode_step(min_seconds: float, artifact: Path) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def decode_threads(setting: str) -> Iterator[None]:
-    """"all": steps of any size on every thread; "one": small steps on one, dense bf16 models too;
-    "runtime": as the runtime chooses (kernels/threads.py)."""
-    old = thread_policy.SINGLE_THREAD_MAX_TOKENS, thread_policy.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS
-    if setting == "all":
-        thread_policy.SINGLE_THREAD_MAX_TOKENS = 0
-    elif setting == "one":
-        thread_policy.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS = False
-    try:
-        yield
-    finally:
-        thread_policy.SINGLE_THREAD_MAX_TOKENS, thread_policy.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS = old
-
-
 def _decode_step(runner, fallback: bool):
     """(one decode step, the same step without the head, byte counts) after a 256-token prefill."""
-    from quantkit.runtime.model_runner import StepInput
-
     with plain_torch(fallback), torch.inference_mode():
-        table = list(range(17))
-        runner.run(StepInput([list(range(100, 356))], [0], [table], [True]))  # prefill 256 tokens
-        step = StepInput([[42]], [256], [table], [True])  # then decode position 256, over and over
+        step = decode_step_input(runner)
         for _ in range(5):
             runner.run(step)
     head = runner.model.lm_head
-    sizes = {"linear_weight_bytes": sum(m.weight_bytes() for m in runner.model.modules() if hasattr(m, "weight_bytes")),
+    sizes = {"linear_weight_bytes": linear_weight_bytes(runner.model),
              "head_bytes": head.int8.nbytes() if head.int8 is not None else head.weight.numel() * head.weight.element_size()}
     return (lambda: runner.run(step)), (lambda: runner._forward(step)), sizes  # _forward: without the head
 

@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from common import write_results
-from quantkit.kernels import threads
+from common import decode_step_input, decode_threads, write_results
 
 
 def main() -> None:
@@ -36,30 +35,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON (default: results/thread_policy_<policy>[_busy].json)")
     args = parser.parse_args()
 
-    from quantkit.runtime.model_runner import ModelRunner, StepInput
+    from quantkit.runtime.model_runner import ModelRunner
     from quantkit.runtime.weights import load_weights
 
     steps = {}
     for fmt, spec in (("int4", str(args.artifact)), ("bf16", "smollm2-135m")):
         runner = ModelRunner(load_weights(spec), torch.bfloat16, block_size=16, num_blocks=32, int8_head=True)
-        table = list(range(17))
-        with torch.inference_mode():
-            runner.run(StepInput([list(range(100, 356))], [0], [table], [True]))
-        steps[fmt] = (runner, StepInput([[42]], [256], [table], [True]))
+        steps[fmt] = (runner, decode_step_input(runner))
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
     times: dict[str, list[float]] = {}
-    old = threads.SINGLE_THREAD_MAX_TOKENS, threads.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS
     try:
         with torch.inference_mode():
             for _ in range(args.rounds):
                 for fmt, (runner, step) in steps.items():
                     for n in (1, 2):
-                        threads.SINGLE_THREAD_MAX_TOKENS, threads.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS = (8, False) if n == 1 else (0, True)
-                        t0 = time.perf_counter()
-                        runner.run(step)
-                        times.setdefault(f"{fmt}_{n}_thread", []).append(time.perf_counter() - t0)
+                        with decode_threads("one" if n == 1 else "all"):
+                            t0 = time.perf_counter()
+                            runner.run(step)
+                            times.setdefault(f"{fmt}_{n}_thread", []).append(time.perf_counter() - t0)
     finally:
-        threads.SINGLE_THREAD_MAX_TOKENS, threads.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS = old
         if busy is not None:
             busy.kill()
     policy = os.environ.get("OMP_WAIT_POLICY") or f"unset, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'default')}"
