@@ -41,6 +41,8 @@ VARIANTS: dict[str, tuple[dict, dict[str, str]]] = {
     "awq-duo": ({"duo_scaling": True}, {}),
     "awq-sink1": ({"sink_tokens": 1}, {}),
     "awq-gptq": ({"rounding": "gptq"}, {}),  # AWQ's scales, clipping and grid; codes rounded in GPTQ's order
+    "awq-gptq-act": ({"rounding": "gptq", "gptq_act_order": True}, {}),  # columns of the largest inputs rounded first
+    "awq-gptq-act-seq": ({"rounding": "gptq", "gptq_act_order": True, "sequential": True}, {}),
     "awq-omp-active": ({}, {"OMP_WAIT_POLICY": "ACTIVE"}),  # same work, spinning OpenMP waits
 }
 

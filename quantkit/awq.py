@@ -63,6 +63,7 @@ class AWQSettings:
     # columns not yet rounded so the layer's output on the calibration inputs stays closest.
     rounding: str = "nearest"
     gptq_damp: float = 0.01  # added to the Hessian's diagonal, as a fraction of its mean
+    gptq_act_order: bool = True  # round the columns of the largest inputs first (GPTQ's act-order)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -589,7 +590,7 @@ def _finalize_linear(
     """
     params = compute_qparams(linear.weight.data.float(), settings.group_size, settings.bits)
     if hessian is not None:
-        q = gptq_quantize(linear.weight.data.float(), hessian, params, damp=settings.gptq_damp)
+        q = gptq_quantize(linear.weight.data.float(), hessian, params, damp=settings.gptq_damp, act_order=settings.gptq_act_order)
     else:
         q = quantize(linear.weight.data.float(), params)
     w_q = dequantize(q, params)

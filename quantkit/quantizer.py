@@ -101,7 +101,8 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def gptq_quantize(
-    w: torch.Tensor, hessian: torch.Tensor, params: QuantParams, damp: float = 0.01, block_size: int = 128
+    w: torch.Tensor, hessian: torch.Tensor, params: QuantParams, damp: float = 0.01, block_size: int = 128,
+    act_order: bool = False,
 ) -> torch.Tensor:
     """Integer codes [out, in] of w on the fixed grid `params`, rounded to minimize output error.
 
@@ -112,6 +113,9 @@ def gptq_quantize(
     points) is fixed beforehand, so the codes pack exactly as round-to-nearest codes do. With a
     diagonal `hessian` no error is passed on and the codes equal round-to-nearest's.
     `damp` (a fraction of the mean diagonal) keeps the inverse well conditioned.
+    `act_order` rounds the columns of the largest inputs (the Hessian's diagonal) first, while the
+    most columns remain to absorb their error (GPTQ's "act-order"); the grid stays the fixed,
+    group-wise one, so the codes still pack in the usual column order.
     """
     max_code = 2**params.bits - 1
     gs = params.group_size
@@ -121,10 +125,21 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     weights[:, dead] = 0.0
     h += damp * torch.diagonal(h).mean() * torch.eye(len(h), dtype=h.dtype)
-    # Upper Cholesky factor of H^-1: row i holds how column i's error spreads to later columns.
-    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     scales = params.scales.repeat_interleave(gs, dim=1)  # [out, in]
     zeros = params.zeros.float().repeat_interleave(gs, dim=1)
+    if act_order:
+        order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        codes = _gptq_codes(weights[:, order], h[order][:, order], scales[:, order], zeros[:, order], max_code, block_size)
+        return codes[:, torch.argsort(order)]
+    return _gptq_codes(weights, h, scales, zeros, max_code, block_size)
+
+
+def _gptq_codes(
+    weights: torch.Tensor, h: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, max_code: int, block_size: int
+) -> torch.Tensor:
+    """GPTQ's column loop over `weights` (updated in place) in the given column order."""
+    # Upper Cholesky factor of H^-1: row i holds how column i's error spreads to later columns.
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     codes = torch.empty(weights.shape, dtype=torch.int32)
     in_features = weights.shape[1]
     for start in range(0, in_features, block_size):

@@ -312,3 +312,25 @@ def test_the_runtime_presets_floor_counts_the_workloads_matmul_flops(tiny_model_
     assert flops["linears"] == 4 * per_token
     assert flops["head"] == 2 * 2 * 64 * vocab
     assert flops["attention"] == 4 * 2 * 4 * 16 * (1 + 2 + 3 + 4)  # query i sees i keys
+
+
+def test_the_fidelity_screen_scores_passages_the_default_calibration_never_reads(smollm2_dir, monkeypatch):
+    # benchmarks/fidelity.py compares quantization variants on these passages: they must be held out.
+    from pathlib import Path
+
+    from quantkit.calibration import build_calibration_set, load_calibration_texts
+    from quantkit.recipe import CalibrationSettings
+    from quantkit.sources import load_tokenizer
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    import fidelity
+
+    tokenizer = load_tokenizer(smollm2_dir)
+    held_out = fidelity.held_out_passages(tokenizer, 200)
+    defaults = CalibrationSettings()
+    calibration = build_calibration_set(load_calibration_texts(None)[0], tokenizer, defaults.samples, defaults.seqlen, defaults.seed)
+    calibration_text = tokenizer.decode(calibration.flatten().tolist())
+    assert len(held_out) == 200 and len(set(held_out)) == 200
+    assert not [p for p in held_out if p[:80] in calibration_text]
+    # the target is the last word with its leading space, as lm-eval's LAMBADA scores it
+    assert fidelity.split_last_word("he said goodbye to marcus \n") == ("he said goodbye to", " marcus")

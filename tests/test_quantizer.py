@@ -89,6 +89,32 @@ def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
     assert torch.equal(gptq_quantize(w, diagonal, params), quantize(w, params))
 
 
+def test_gptq_act_order_rounds_large_input_channels_first_and_cuts_their_error():
+    """Outlier channels (as LLM activations have) rounded last leave no columns to absorb their error."""
+    torch.manual_seed(16)
+    w = torch.randn(96, 256)
+    x = correlated_inputs(4096, 256, seed=17)
+    x[:, -16:] *= 10  # the largest inputs come last in the natural column order
+    fit, held_out = x[:2048], x[2048:]
+    params = compute_qparams(w, 32)
+
+    def output_error(codes):
+        return ((held_out @ dequantize(codes, params).t() - held_out @ w.t()).pow(2).sum() / (held_out @ w.t()).pow(2).sum()).item()
+
+    plain = gptq_quantize(w, fit.t() @ fit, params)
+    act_order = gptq_quantize(w, fit.t() @ fit, params, act_order=True)
+    assert act_order.dtype == torch.int32 and act_order.min() >= 0 and act_order.max() <= 15
+    assert output_error(act_order) < 0.5 * output_error(plain), (output_error(act_order), output_error(plain))
+
+
+def test_gptq_act_order_keeps_the_grid_and_with_uncorrelated_inputs_is_round_to_nearest():
+    torch.manual_seed(18)
+    w = torch.randn(16, 128)
+    params = compute_qparams(w, 64)
+    diagonal = torch.diag(torch.rand(128) + 0.5)  # a shuffled order, but nothing to pass on
+    assert torch.equal(gptq_quantize(w, diagonal, params, act_order=True), quantize(w, params))
+
+
 def test_gptq_ignores_inputs_that_were_always_zero():
     torch.manual_seed(14)
     w = torch.randn(8, 64)
