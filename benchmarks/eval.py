@@ -108,7 +108,8 @@ def accuracy_table(results: dict[str, dict]) -> tuple[list[str], dict[str, float
                 row += f" {100 * (value / base['value'] - 1):+11.1f}%"
         lines.append(row)
     means = {name: sum(v) / len(v) for name, v in retention.items() if v}
-    lines.append("mean zero-shot retention: " + ", ".join(f"{k} {v:.1f}%" for k, v in means.items()))
+    if means:  # a perplexity-only run has no accuracy to retain
+        lines.append("mean zero-shot retention: " + ", ".join(f"{k} {v:.1f}%" for k, v in means.items()))
     return lines, means
 
 
@@ -152,6 +153,8 @@ def main() -> None:
         lines, means = accuracy_table(results)
         paired = paired_statistics(results, per_example)
         for name, rows in paired.items():
+            if not rows:
+                continue
             lines.append(f"{name}: retention standard error (paired) " + ", ".join(
                 f"{task} {row['retention_se_pct']:.1f}%" for task, row in rows.items() if isinstance(row, dict))
                 + f", mean {rows.get('mean_retention_se_pct', float('nan')):.1f}%")

@@ -63,6 +63,13 @@ def _tensor_meta(path: Path) -> dict[str, tuple[list[int], int]]:
     return meta
 
 
+def _rounding(recipe: dict) -> str:
+    """How the codes were rounded onto the grid, as the recipe recorded it (older artifacts: to nearest)."""
+    if recipe.get("rounding", "nearest") != "gptq":
+        return "codes rounded to nearest"
+    return "codes rounded by GPTQ" + (" in act-order" if recipe.get("gptq_act_order") else "")
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -117,7 +124,7 @@ def inspect_artifact(path: Path, show_layers: bool = True, echo: Callable[[str],
     echo(f"quantization  {q.get('quant_method')} {q.get('bits')}-bit, group {q.get('group_size')}, "
          f"zero_point={q.get('zero_point')}, version={q.get('version')}, not converted: {q.get('modules_to_not_convert')}")
     recipe = manifest.get("recipe", {}).get("quantization", {})
-    echo(f"method        {recipe.get('method')}  (source {manifest.get('source', {}).get('spec')}, "
+    echo(f"method        {recipe.get('method')}, {_rounding(recipe)}  (source {manifest.get('source', {}).get('spec')}, "
          f"weights sha256 {manifest.get('source', {}).get('weights_sha256', '')[:16]}...)")
     calib = manifest.get("calibration")
     if calib:
