@@ -25,7 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from common import write_results  # noqa: E402
 from quantkit.eval_tasks import DEFAULT_TASKS, resolve_tasks, task_manager_for  # noqa: E402
-from quantkit.evaluate import primary_metric, run_tasks, short_name  # noqa: E402
+from quantkit.evaluate import paired_difference, primary_metric, run_tasks, short_name  # noqa: E402
 from quantkit.sources import resolve_model  # noqa: E402
 
 
@@ -53,21 +53,6 @@ def speed(model_dir: Path, tasks: list[str], limits: dict[str, int], dtype: str,
         row["speedup"] = row["hf"]["s"] / row["quantkit"]["s"]
     total = {name: sum(row[name]["s"] for row in per_task.values()) for name in backends}
     return {"dtype": dtype, "max_length": max_length, "per_task": per_task, "total_s": total, "speedup": total["hf"] / total["quantkit"]}
-
-
-def paired_difference(base: dict[int, float], other: dict[int, float]) -> dict:
-    """Mean per-example difference (other - base) and its standard error over the shared examples.
-
-    Both models answer the same examples, so the noise of their difference is far smaller than
-    either score's own sampling error: it counts only the examples on which they disagree.
-    """
-    shared = sorted(base.keys() & other.keys())
-    n = len(shared)
-    diffs = [other[i] - base[i] for i in shared]
-    mean = sum(diffs) / n if n else float("nan")
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else float("nan")
-    return {"n": n, "diff": mean, "se": math.sqrt(var / n) if n > 1 else float("nan"),
-            "flipped_to_right": sum(d > 0 for d in diffs), "flipped_to_wrong": sum(d < 0 for d in diffs)}
 
 
 def paired_statistics(results: dict[str, dict], per_example: dict[str, dict]) -> dict[str, dict]:

@@ -15,6 +15,7 @@ nothing is ever written into it (`open_candidate`, `record_in_manifest`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -263,8 +264,34 @@ def short_name(task: str) -> str:
     return task.removeprefix("qk_")
 
 
-def build_report(baseline: dict, candidate: dict, results: dict[str, dict[str, dict]], limit: int | None, wall: dict[str, float], hashes: dict[str, str]) -> dict:
-    """The report `quantkit eval` writes and `quantkit gate` re-checks (see quantkit/gates.py)."""
+def paired_difference(base: dict[int, float], other: dict[int, float]) -> dict:
+    """Mean per-example difference (other - base) and its standard error over the shared examples.
+
+    Both models answer the same examples, so the noise of their difference is far smaller than
+    either score's own sampling error: it counts only the examples on which they disagree.
+    """
+    shared = sorted(base.keys() & other.keys())
+    n = len(shared)
+    diffs = [other[i] - base[i] for i in shared]
+    mean = sum(diffs) / n if n else float("nan")
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else float("nan")
+    return {"n": n, "diff": mean, "se": math.sqrt(var / n) if n > 1 else float("nan"),
+            "flipped_to_right": sum(d > 0 for d in diffs), "flipped_to_wrong": sum(d < 0 for d in diffs)}
+
+
+def retention_standard_error(base: dict[int, float], other: dict[int, float], base_score: float | None) -> float | None:
+    """The paired standard error of a task's retention, in percentage points (None without a score)."""
+    se = paired_difference(base, other)["se"]
+    return None if not base_score or math.isnan(se) else 100 * se / base_score
+
+
+def build_report(baseline: dict, candidate: dict, results: dict[str, dict[str, dict]], limit: int | None, wall: dict[str, float],
+                 hashes: dict[str, str], per_example: dict[str, dict[str, dict[int, float]]] | None = None) -> dict:
+    """The report `quantkit eval` writes and `quantkit gate` re-checks (see quantkit/gates.py).
+
+    With `per_example` ({"baseline"|"candidate": {task: {doc_id: score}}}), each accuracy task also
+    gets `retention_se_pct`, the paired standard error of its retention, so a reader can tell a
+    loss from the noise of a `--limit`."""
     import datetime
 
     import lm_eval
@@ -276,6 +303,9 @@ def build_report(baseline: dict, candidate: dict, results: dict[str, dict[str, d
         metric, higher, base = primary_metric(task, results["baseline"][task])
         _, _, cand = primary_metric(task, results["candidate"].get(task, {}))
         rows[short_name(task)] = {"task": task, "metric": metric, "higher_is_better": higher, "baseline": base, "candidate": cand}
+        pair = [(per_example or {}).get(role, {}).get(task) for role in ("baseline", "candidate")]
+        if higher and pair[0] and pair[1]:
+            rows[short_name(task)]["retention_se_pct"] = retention_standard_error(pair[0], pair[1], base)
     return {
         "quantkit_version": quantkit.__version__,
         "lm_eval_version": lm_eval.__version__,
@@ -294,12 +324,13 @@ def evaluate_pair(candidate: str, baseline: str, tasks: list[str], limit: int | 
     """Run baseline then candidate through the same tasks, the same runtime and dtype."""
     from quantkit.eval_tasks import task_hashes
 
-    results, wall = {}, {}
+    results, wall, per_example = {}, {}, {}
     for role, model in (("baseline", baseline), ("candidate", candidate)):
         echo(f"evaluating {role}: {model} ({', '.join(short_name(t) for t in tasks)}{'' if limit is None else f', limit {limit}'})")
-        results[role], wall[role] = run_tasks(model, tasks, limit, dtype)
+        per_example[role] = {}
+        results[role], wall[role] = run_tasks(model, tasks, limit, dtype, per_example=per_example[role])
         echo(f"  {wall[role]:.0f} s")
-    return build_report(describe_model(baseline, dtype), describe_model(candidate, dtype), results, limit, wall, task_hashes(tasks))
+    return build_report(describe_model(baseline, dtype), describe_model(candidate, dtype), results, limit, wall, task_hashes(tasks), per_example)
 
 
 def describe_model(model: str | Path, dtype: str) -> dict:

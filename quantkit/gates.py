@@ -112,6 +112,19 @@ def mean_retention(report: Mapping[str, Any]) -> float | None:
     return sum(rets) / len(rets)
 
 
+def mean_retention_se(report: Mapping[str, Any]) -> float | None:
+    """Paired standard error of the mean retention (points), when every accuracy task has one."""
+    ses = [_value(d.get("retention_se_pct")) for d in derived(report).values() if d["higher_is_better"]]
+    if not ses or any(se is None for se in ses):
+        return None
+    return math.sqrt(sum(se * se for se in ses)) / len(ses)
+
+
+def _with_se(percent: float, se: Any) -> str:
+    se = _value(se)
+    return f"{percent:.1f}%" + ("" if se is None else f" ± {se:.1f}")
+
+
 # ---------------------------------------------------------------- gates
 
 
@@ -211,7 +224,8 @@ def _pcts(value: float, threshold: float) -> tuple[str, str]:
 
 
 # The last column is retention for higher-is-better tasks and the signed increase for
-# lower-is-better ones (a perplexity "retention" of 114% would read as an improvement).
+# lower-is-better ones (a perplexity "retention" of 114% would read as an improvement). A retention
+# carries "± SE" (its paired standard error, in points) when the report has one.
 _HEADER = ("task", "metric", "baseline", "int4", "delta", "retention / increase")
 
 
@@ -221,13 +235,13 @@ def _rows(report: Mapping[str, Any]) -> list[tuple[str, ...]]:
     for task, d in table.items():
         delta = "n/a" if d["delta"] is None else ("+" if d["delta"] > 0 else "") + _num(d["delta"])
         if d["higher_is_better"]:
-            change = "n/a" if d["retention_pct"] is None else f"{d['retention_pct']:.1f}%"
+            change = "n/a" if d["retention_pct"] is None else _with_se(d["retention_pct"], d.get("retention_se_pct"))
         else:  # lower-is-better: a retention of perplexity reads backwards, show the increase
             change = "n/a" if d["increase_pct"] is None else f"{d['increase_pct']:+.1f}%"
         rows.append((task, str(d.get("metric", "")), _num(d.get("baseline")), _num(d.get("candidate")), delta, change))
     if any(d["higher_is_better"] for d in table.values()):
         mean = mean_retention(report)
-        rows.append(("mean", "retention", "", "", "", "n/a" if mean is None else f"{mean:.1f}%"))
+        rows.append(("mean", "retention", "", "", "", "n/a" if mean is None else _with_se(mean, mean_retention_se(report))))
     return rows
 
 

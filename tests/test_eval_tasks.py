@@ -17,7 +17,6 @@ import datasets
 import lm_eval  # a required dependency: if it is missing these tests must fail, not skip
 import pytest
 from lm_eval.api.task import ConfigurableTask
-from lm_eval.tasks import get_task_dict
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from quantkit import eval_tasks  # noqa: E402
@@ -42,7 +41,7 @@ DATA_SOURCE_KEYS = {
 @pytest.fixture(scope="module")
 def qk_tasks() -> dict:
     manager = eval_tasks.task_manager(include_standard=False)
-    return get_task_dict(list(MIRRORS), manager)
+    return manager.load(list(MIRRORS))["tasks"]  # {task name: Task}
 
 
 def _requests(task, doc) -> list[tuple]:

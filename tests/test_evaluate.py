@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -97,6 +98,23 @@ def test_generate_until_stops_at_the_first_stop_string(lm):
     assert stop not in cut and free.startswith(cut)
 
 
+def test_the_paired_standard_error_counts_only_the_examples_the_models_disagree_on():
+    from quantkit.evaluate import paired_difference, retention_standard_error
+
+    base = {i: 1.0 if i < 50 else 0.0 for i in range(100)}  # 50 of 100 right
+    same = paired_difference(base, dict(base))
+    assert same["diff"] == 0.0 and same["se"] == 0.0 and same["n"] == 100
+    other = {**base, 0: 0.0, 1: 0.0, 60: 1.0}  # loses two, gains one
+    pair = paired_difference(base, other)
+    assert (pair["flipped_to_wrong"], pair["flipped_to_right"]) == (2, 1)
+    diffs = [-1.0, -1.0, 1.0] + [0.0] * 97
+    mean = sum(diffs) / 100
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 99 / 100)
+    assert pair["diff"] == pytest.approx(-0.01) and pair["se"] == pytest.approx(se)
+    assert retention_standard_error(base, other, 0.5) == pytest.approx(100 * se / 0.5)
+    assert retention_standard_error(base, other, 0.0) is None
+
+
 def test_primary_metrics_pick_the_standard_headline_numbers():
     assert primary_metric("qk_hellaswag", {"acc,none": 0.3, "acc_norm,none": 0.4}) == ("acc_norm", True, 0.4)
     assert primary_metric("qk_wikitext", {"word_perplexity,none": 21.5}) == ("word_perplexity", False, 21.5)
@@ -143,6 +161,9 @@ def test_eval_runs_baseline_and_artifact_offline_writes_reports_and_records_them
     assert set(data["results"]) == {"piqa", "winogrande", "wikitext"}
     for row in data["results"].values():
         assert isinstance(row["baseline"], float) and isinstance(row["candidate"], float)
+    # Both models answered the same examples: each accuracy retention carries its paired error.
+    assert all("retention_se_pct" in data["results"][task] for task in ("piqa", "winogrande"))
+    assert "retention_se_pct" not in data["results"]["wikitext"]
     assert report.with_suffix(".md").is_file() and "piqa" in report.with_suffix(".md").read_text()
     manifest = json.loads((tiny_artifact / "quantkit.json").read_text())
     assert manifest["evaluations"][-1]["results"] == data["results"]

@@ -327,6 +327,24 @@ def test_the_table_shows_missing_values_as_na():
     assert row == ["hellaswag", "acc_norm", "0.431", "n/a", "n/a", "n/a"]
 
 
+def test_a_retention_with_a_paired_standard_error_shows_it_and_the_means():
+    r = report(wikitext=ppl(20.1, 22.9), hellaswag={**acc(0.431, 0.425), "retention_se_pct": 3.0},
+               piqa={**acc(0.68, 0.67), "retention_se_pct": 4.0})
+    rows = {line.split()[0]: line.split() for line in format_table(r).splitlines()[2:]}
+    assert rows["hellaswag"][-3:] == ["98.6%", "±", "3.0"]
+    assert rows["wikitext"][-1] == "+13.9%"  # an increase has no retention error to show
+    assert rows["mean"][-2:] == ["±", "2.5"]  # sqrt(3^2 + 4^2) / 2: the tasks' errors are independent
+    # The gates still judge the measured value: the error is there for the reader.
+    assert check_gates(r, {"min_task_retention_pct": 99.0})
+
+
+def test_without_per_example_scores_a_retention_has_no_error_shown():
+    r = report(hellaswag={**acc(0.431, 0.425), "retention_se_pct": None}, piqa={**acc(0.68, 0.67), "retention_se_pct": 4.0})
+    rows = {line.split()[0]: line.split() for line in format_table(r).splitlines()[2:]}
+    assert rows["hellaswag"][-1] == "98.6%"
+    assert rows["mean"][-1].endswith("%")  # no mean error unless every task has one
+
+
 def test_the_markdown_table_has_the_same_numbers():
     lines = format_markdown(good_report()).splitlines()
     assert lines[0].startswith("| task | metric | baseline | int4 | delta |")
