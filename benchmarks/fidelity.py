@@ -16,7 +16,6 @@ Per model, against the full-precision one:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 from common import write_results  # noqa: E402
 from quantkit.artifact import load_artifact, load_dequantized_model  # noqa: E402
 from quantkit.calibration import _shuffled, load_calibration_texts  # noqa: E402
+from quantkit.evaluate import paired_difference, retention_standard_error  # noqa: E402
 from quantkit.recipe import CalibrationSettings  # noqa: E402
 from quantkit.sources import load_model, load_tokenizer, resolve_model  # noqa: E402
 
@@ -70,11 +70,10 @@ def main() -> None:
 
     kl_sum = {name: 0.0 for name in models}
     agree = {name: 0 for name in models}
-    last_word = {name: 0 for name in models}
-    both_right = {name: 0 for name in models}
+    last_word: dict[str, dict[int, float]] = {name: {} for name in models}  # passage -> 1.0 if right
     predicted = 0
     start = time.perf_counter()
-    for passage in passages:
+    for index, passage in enumerate(passages):
         context, word = split_last_word(passage)
         context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
         word_ids = tokenizer(context + word, add_special_tokens=False)["input_ids"][len(context_ids) :]
@@ -86,33 +85,33 @@ def main() -> None:
             greedy = logprobs.argmax(-1)
             right = bool((greedy[len(context_ids) - 1 :] == torch.tensor(word_ids)).all())
             if reference is None:
-                reference = (logprobs, greedy, right)
+                reference = (logprobs, greedy)
             kl_sum[name] += float((reference[0].exp() * (reference[0] - logprobs)).sum())
             agree[name] += int((greedy == reference[1]).sum())
-            last_word[name] += right
-            both_right[name] += right and reference[2]
+            last_word[name][index] = float(right)
     seconds = time.perf_counter() - start
 
     base = last_word["full precision"]
+    base_accuracy = sum(base.values()) / len(passages)
     rows = {}
     print(f"{len(passages)} held-out LAMBADA-dev passages, {predicted} predicted tokens, {seconds:.0f} s\n")
     print(f"{'model':24}{'KL (nats)':>11}{'top-1 agree':>13}{'last word':>11}{'retention':>11}{'lost':>6}{'gained':>8}")
     for name in models:
-        lost, gained = base - both_right[name], last_word[name] - both_right[name]
-        # paired standard error of the retention: only the passages the two models disagree on vary
-        se = 100 * math.sqrt(lost + gained - (gained - lost) ** 2 / len(passages)) / max(base, 1)
+        pair = paired_difference(base, last_word[name])
+        accuracy = sum(last_word[name].values()) / len(passages)
+        se = retention_standard_error(base, last_word[name], base_accuracy) or 0.0
         rows[name] = {
             "kl_mean": kl_sum[name] / predicted,
             "top1_agreement": agree[name] / predicted,
-            "last_word_accuracy": last_word[name] / len(passages),
-            "last_word_retention_pct": 100 * last_word[name] / max(base, 1),
-            "retention_se_pct": se,
-            "lost": lost,
-            "gained": gained,
+            "last_word_accuracy": accuracy,
+            "last_word_retention_pct": 100 * accuracy / base_accuracy if base_accuracy else float("nan"),
+            "retention_se_pct": se,  # paired: only the passages the two models disagree on vary
+            "lost": pair["flipped_to_wrong"],
+            "gained": pair["flipped_to_right"],
         }
         r = rows[name]
-        print(f"{name:24}{r['kl_mean']:>11.5f}{100 * r['top1_agreement']:>12.2f}%{r['last_word_accuracy']:>11.4f}"
-              f"{r['last_word_retention_pct']:>8.1f}±{se:<3.1f}{lost:>5}{gained:>8}")
+        print(f"{name:24}{r['kl_mean']:>11.5f}{100 * r['top1_agreement']:>12.2f}%{accuracy:>11.4f}"
+              f"{r['last_word_retention_pct']:>8.1f}±{se:<3.1f}{r['lost']:>5}{r['gained']:>8}")
     write_results(opts.json, {
         "model": opts.model,
         "passages": len(passages),
