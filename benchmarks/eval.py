@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from pathlib import Path
@@ -25,7 +24,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from common import write_results  # noqa: E402
 from quantkit.eval_tasks import DEFAULT_TASKS, resolve_tasks, task_manager_for  # noqa: E402
-from quantkit.evaluate import paired_difference, primary_metric, run_tasks, short_name  # noqa: E402
+from quantkit.evaluate import paired_difference, primary_metric, retention_se_pct, run_tasks, short_name  # noqa: E402
+from quantkit.gates import error_of_mean  # noqa: E402
 from quantkit.sources import resolve_model  # noqa: E402
 
 
@@ -68,11 +68,11 @@ def paired_statistics(results: dict[str, dict], per_example: dict[str, dict]) ->
             if not other or not base_score:
                 continue
             row = paired_difference(base_values, other)
-            row["retention_se_pct"] = 100 * row["se"] / base_score
+            row["retention_se_pct"] = retention_se_pct(row, base_score)
             stats[name][short_name(task)] = row
         ses = [row["retention_se_pct"] for row in stats[name].values()]
         if ses:
-            stats[name]["mean_retention_se_pct"] = math.sqrt(sum(se * se for se in ses)) / len(ses)
+            stats[name]["mean_retention_se_pct"] = error_of_mean(ses)
     return stats
 
 

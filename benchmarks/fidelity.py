@@ -26,23 +26,18 @@ import torch  # noqa: E402
 
 from common import write_results  # noqa: E402
 from quantkit.artifact import load_artifact, load_dequantized_model  # noqa: E402
-from quantkit.calibration import _shuffled, load_calibration_texts  # noqa: E402
-from quantkit.evaluate import paired_difference, retention_standard_error  # noqa: E402
+from quantkit.calibration import load_calibration_texts, unread_documents  # noqa: E402
+from quantkit.evaluate import paired_difference, retention_se_pct  # noqa: E402
 from quantkit.recipe import CalibrationSettings  # noqa: E402
 from quantkit.sources import load_model, load_tokenizer, resolve_model  # noqa: E402
 
 
 def held_out_passages(tokenizer, n: int) -> list[str]:
-    """The last `n` passages of the default calibration's shuffled order, after checking that the
-    calibration set (which reads that order from the front) stops before them."""
+    """The last `n` passages of the default calibration's shuffled order, all past what it reads."""
     defaults = CalibrationSettings()
-    docs = _shuffled(load_calibration_texts(None)[0], defaults.seed)
-    needed, tokens, used = defaults.samples * defaults.seqlen, 0, 0
-    while tokens < needed:
-        tokens += len(tokenizer(docs[used], add_special_tokens=False)["input_ids"]) + 1  # + eos
-        used += 1
-    if used + n > len(docs):
-        raise SystemExit(f"only {len(docs) - used} passages lie outside the calibration set; ask for fewer")
+    docs = unread_documents(load_calibration_texts(None)[0], tokenizer, defaults.samples, defaults.seqlen, defaults.seed)
+    if n > len(docs):
+        raise SystemExit(f"only {len(docs)} passages lie outside the calibration set; ask for fewer")
     return docs[len(docs) - n :]
 
 
@@ -99,7 +94,7 @@ def main() -> None:
     for name in models:
         pair = paired_difference(base, last_word[name])
         accuracy = sum(last_word[name].values()) / len(passages)
-        se = retention_standard_error(base, last_word[name], base_accuracy) or 0.0
+        se = retention_se_pct(pair, base_accuracy) or 0.0
         rows[name] = {
             "kl_mean": kl_sum[name] / predicted,
             "top1_agreement": agree[name] / predicted,

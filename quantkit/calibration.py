@@ -66,13 +66,21 @@ def build_calibration_set(
     if not texts:
         raise QuantkitError(f"no calibration documents were given. Pass {_ACCEPTED}.")
     needed = n_samples * seqlen
-    ids = _collect_tokens(_shuffled(texts, seed), tokenizer, needed)
+    ids, _ = _collect_tokens(_shuffled(texts, seed), tokenizer, needed)
     if len(ids) < needed:
         raise QuantkitError(
             f"calibration text has {len(ids)} tokens but {n_samples} samples x {seqlen} tokens need "
             f"{needed}. Pass fewer --samples, a shorter --seqlen, or more calibration text."
         )
     return torch.tensor(ids[:needed], dtype=torch.long).view(n_samples, seqlen)
+
+
+def unread_documents(texts: list[str], tokenizer, n_samples: int = 128, seqlen: int = 512, seed: int = 0) -> list[str]:
+    """The documents a calibration set built with these settings never reads, in its shuffled order:
+    text for checking a quantization on something it was not fitted to."""
+    docs = _shuffled(texts, seed)
+    _, read = _collect_tokens(docs, tokenizer, n_samples * seqlen)
+    return docs[read:]
 
 
 def calibration_sha256(ids: torch.Tensor) -> str:
@@ -93,17 +101,20 @@ def _shuffled(texts: list[str], seed: int) -> list[str]:
     return order
 
 
-def _collect_tokens(docs: list[str], tokenizer, needed: int) -> list[int]:
-    """Concatenate token ids (eos between documents when the tokenizer has one) until `needed`."""
+def _collect_tokens(docs: list[str], tokenizer, needed: int) -> tuple[list[int], int]:
+    """Token ids of docs concatenated (eos between documents when the tokenizer has one) until
+    `needed`, and how many documents that read."""
     eos = getattr(tokenizer, "eos_token_id", None)
     ids: list[int] = []
+    read = 0
     for doc_ids in _tokenize_lazily(docs, tokenizer):
         if ids and eos is not None:
             ids.append(eos)
         ids.extend(doc_ids)
+        read += 1
         if len(ids) >= needed:
             break
-    return ids
+    return ids, read
 
 
 def _tokenize_lazily(docs: list[str], tokenizer) -> Iterator[list[int]]:

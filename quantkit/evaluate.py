@@ -279,10 +279,9 @@ def paired_difference(base: dict[int, float], other: dict[int, float]) -> dict:
             "flipped_to_right": sum(d > 0 for d in diffs), "flipped_to_wrong": sum(d < 0 for d in diffs)}
 
 
-def retention_standard_error(base: dict[int, float], other: dict[int, float], base_score: float | None) -> float | None:
-    """The paired standard error of a task's retention, in percentage points (None without a score)."""
-    se = paired_difference(base, other)["se"]
-    return None if not base_score or math.isnan(se) else 100 * se / base_score
+def retention_se_pct(pair: dict, base_score: float | None) -> float | None:
+    """A task's retention error in percentage points, from its `paired_difference` (None without a score)."""
+    return None if not base_score or math.isnan(pair["se"]) else 100 * pair["se"] / base_score
 
 
 def build_report(baseline: dict, candidate: dict, results: dict[str, dict[str, dict]], limit: int | None, wall: dict[str, float],
@@ -305,7 +304,7 @@ def build_report(baseline: dict, candidate: dict, results: dict[str, dict[str, d
         rows[short_name(task)] = {"task": task, "metric": metric, "higher_is_better": higher, "baseline": base, "candidate": cand}
         pair = [(per_example or {}).get(role, {}).get(task) for role in ("baseline", "candidate")]
         if higher and pair[0] and pair[1]:
-            rows[short_name(task)]["retention_se_pct"] = retention_standard_error(pair[0], pair[1], base)
+            rows[short_name(task)]["retention_se_pct"] = retention_se_pct(paired_difference(pair[0], pair[1]), base)
     return {
         "quantkit_version": quantkit.__version__,
         "lm_eval_version": lm_eval.__version__,

@@ -112,12 +112,17 @@ def mean_retention(report: Mapping[str, Any]) -> float | None:
     return sum(rets) / len(rets)
 
 
+def error_of_mean(errors: list[float]) -> float:
+    """Standard error of the mean of independent estimates with these standard errors."""
+    return math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
 def mean_retention_se(report: Mapping[str, Any]) -> float | None:
     """Paired standard error of the mean retention (points), when every accuracy task has one."""
     ses = [_value(d.get("retention_se_pct")) for d in derived(report).values() if d["higher_is_better"]]
     if not ses or any(se is None for se in ses):
         return None
-    return math.sqrt(sum(se * se for se in ses)) / len(ses)
+    return error_of_mean(ses)
 
 
 def _with_se(percent: float, se: Any) -> str:

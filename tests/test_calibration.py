@@ -14,6 +14,7 @@ from quantkit.calibration import (
     build_calibration_set,
     calibration_sha256,
     load_calibration_texts,
+    unread_documents,
 )
 from quantkit.errors import QuantkitError
 from quantkit.sources import load_tokenizer
@@ -166,3 +167,15 @@ def test_calibration_hash_covers_shape_as_well_as_ids() -> None:
     ids = torch.arange(12, dtype=torch.long)
     assert calibration_sha256(ids.view(3, 4)) != calibration_sha256(ids.view(4, 3))
     assert calibration_sha256(ids.view(3, 4)) == calibration_sha256(ids.view(3, 4).to(torch.int32))
+
+
+def test_unread_documents_are_the_shuffled_rest_after_what_the_calibration_set_reads(tokenizer, default_texts) -> None:
+    unread = unread_documents(default_texts, tokenizer, n_samples=4, seqlen=64, seed=0)
+    assert 0 < len(unread) < len(default_texts)
+    ids = build_calibration_set(default_texts, tokenizer, n_samples=4, seqlen=64, seed=0)
+    calibration_text = tokenizer.decode(ids.flatten().tolist())
+    assert not [doc for doc in unread if doc[:60] in calibration_text]
+    # and the rest is what it reads: every document but the last one read (which may be cut short) is in it
+    read = [doc for doc in default_texts if doc not in set(unread)]
+    assert len(read) + len(unread) == len(default_texts)
+    assert sum(doc[:60] in calibration_text for doc in read) >= len(read) - 1

@@ -99,7 +99,7 @@ def test_generate_until_stops_at_the_first_stop_string(lm):
 
 
 def test_the_paired_standard_error_counts_only_the_examples_the_models_disagree_on():
-    from quantkit.evaluate import paired_difference, retention_standard_error
+    from quantkit.evaluate import paired_difference, retention_se_pct
 
     base = {i: 1.0 if i < 50 else 0.0 for i in range(100)}  # 50 of 100 right
     same = paired_difference(base, dict(base))
@@ -111,8 +111,8 @@ def test_the_paired_standard_error_counts_only_the_examples_the_models_disagree_
     mean = sum(diffs) / 100
     se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 99 / 100)
     assert pair["diff"] == pytest.approx(-0.01) and pair["se"] == pytest.approx(se)
-    assert retention_standard_error(base, other, 0.5) == pytest.approx(100 * se / 0.5)
-    assert retention_standard_error(base, other, 0.0) is None
+    assert retention_se_pct(pair, 0.5) == pytest.approx(100 * se / 0.5)
+    assert retention_se_pct(pair, 0.0) is None
 
 
 def test_primary_metrics_pick_the_standard_headline_numbers():
