@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from .artifact import INDEX_NAME, MANIFEST_NAME
+from .artifact import INDEX_NAME, MANIFEST_NAME, open_safetensors, read_json_object, tensor_meta
 from .errors import QuantkitError
-from .pack import PACK_FACTOR
-from .shards import open_safetensors, read_json_object, weight_map
+from .pack import TensorMeta, check_packed_tensors
+from .shards import weight_map
 
 QUANT_CONFIG_NAME = "quant_config.json"  # AutoAWQ's settings file before transformers' quantization_config
 SUPPORTED_VERSION = "gemm"
@@ -40,7 +40,6 @@ OTHER_LAYOUTS = {
     "exllamav2": "ExLlamaV2 kernel layout",
     "ipex": "Intel Extension for PyTorch layout",
 }
-_PACKED_SUFFIXES = ("qweight", "qzeros", "scales")
 # Field names: transformers' quantization_config spelling first, then AutoAWQ's quant_config.json.
 _ALIASES = {"bits": ("bits", "w_bit"), "group_size": ("group_size", "q_group_size")}
 _SUPPORTED_HINT = f"quantkit serves AWQ GEMM checkpoints: version 'gemm', {SUPPORTED_BITS}-bit, zero_point true, group size one of {SUPPORTED_GROUP_SIZES}"
@@ -67,12 +66,6 @@ class AwqSettings:
             "version": self.version,
             "modules_to_not_convert": list(self.modules_to_not_convert),
         }
-
-
-@dataclass(frozen=True)
-class TensorMeta:
-    shape: tuple[int, ...]
-    dtype: str  # safetensors' name: "I32", "F16", ...
 
 
 @dataclass(frozen=True)
@@ -240,106 +233,6 @@ def check_awq_settings(settings: AwqSettings, where: str | Path) -> None:
 # ---------------------------------------------------------------------------- weight files
 
 
-def _tensor_meta(path: Path, mapping: Mapping[str, str]) -> dict[str, TensorMeta]:
-    """Shapes and dtypes of every mapped tensor, from the file headers; checks each is where the map says."""
-    by_file: dict[str, list[str]] = {}
-    for name, file in mapping.items():
-        by_file.setdefault(file, []).append(name)
-    meta: dict[str, TensorMeta] = {}
-    for file, names in sorted(by_file.items()):
-        with open_safetensors(path / file) as handle:
-            present = set(handle.keys())
-            absent = [n for n in names if n not in present]
-            if absent:
-                raise QuantkitError(
-                    f"{path}: {INDEX_NAME} says {', '.join(sorted(absent)[:5])}{' ...' if len(absent) > 5 else ''} "
-                    f"are in {file}, but that file does not hold them; the index and shards are from different exports: copy them again."
-                )
-            for name in names:
-                sl = handle.get_slice(name)
-                meta[name] = TensorMeta(tuple(sl.get_shape()), sl.get_dtype())
-    return meta
-
-
-# ---------------------------------------------------------------------------- tensor checks
-
-
-def _packed_modules(names: list[str] | set[str]) -> dict[str, set[str]]:
-    """Module prefix -> which of qweight/qzeros/scales it has."""
-    modules: dict[str, set[str]] = {}
-    for name in names:
-        module, _, suffix = name.rpartition(".")
-        if suffix in _PACKED_SUFFIXES:
-            modules.setdefault(module, set()).add(suffix)
-    return modules
-
-
-def _implied_group_size(module: str, meta: Mapping[str, TensorMeta]) -> int:
-    """The group size a packed linear's shapes imply; refuses shapes that are not the AWQ GEMM layout."""
-    qweight, qzeros, scales = (meta[f"{module}.{s}"] for s in _PACKED_SUFFIXES)
-    expected_dtypes = {"qweight": "I32", "qzeros": "I32", "scales": "F16"}
-    for suffix, m in zip(_PACKED_SUFFIXES, (qweight, qzeros, scales)):
-        if m.dtype != expected_dtypes[suffix] or len(m.shape) != 2:
-            raise QuantkitError(
-                f"{module}.{suffix} is {m.dtype} {list(m.shape)}; the AWQ GEMM layout stores it as a 2-D "
-                f"{expected_dtypes[suffix]} tensor. This is not an AutoAWQ GEMM export."
-            )
-    in_features, words = qweight.shape
-    n_groups, out_features = scales.shape
-    if words * PACK_FACTOR != out_features or qzeros.shape != (n_groups, words):
-        raise QuantkitError(
-            f"{module}: qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, scales {list(scales.shape)} are not the "
-            f"AWQ GEMM shapes [in, out/8], [in/g, out/8], [in/g, out]; another packing (e.g. GEMV) under a 'gemm' label is refused."
-        )
-    if n_groups == 0 or in_features % n_groups:
-        raise QuantkitError(f"{module}: {in_features} input features do not split into {n_groups} scale groups; the tensors are damaged.")
-    return in_features // n_groups
-
-
-def _not_converted(module: str, patterns: tuple[str, ...]) -> bool:
-    # AutoAWQ skips a module when any entry of modules_to_not_convert occurs in its name.
-    return any(p in module for p in patterns)
-
-
-def check_awq_tensors(meta: Mapping[str, TensorMeta], settings: AwqSettings, where: str | Path) -> tuple[str, ...]:
-    """Every packed linear complete, in the GEMM layout, all with the declared group size; returns them."""
-    modules = _packed_modules(set(meta))
-    if not modules:
-        raise QuantkitError(f"{where}: the settings declare AWQ but no tensor is packed (no *.qweight); the weights are not an AWQ export.")
-    incomplete = {m: sorted(set(_PACKED_SUFFIXES) - have) for m, have in modules.items() if have != set(_PACKED_SUFFIXES)}
-    if incomplete:
-        module, lacking = sorted(incomplete.items())[0]
-        raise QuantkitError(
-            f"{where}: {module} lacks {' and '.join(lacking)} ({len(incomplete)} packed linear(s) incomplete); every quantized "
-            "linear needs qweight, qzeros and scales. The checkpoint is incomplete or damaged: export it again."
-        )
-    doubled = sorted(m for m in modules if f"{m}.weight" in meta)
-    if doubled:
-        raise QuantkitError(f"{where}: {doubled[0]} has both a packed qweight and a dense weight; which one holds is unknown, so it is refused.")
-    skipped = sorted(m for m in modules if _not_converted(m, settings.modules_to_not_convert))
-    if skipped:
-        raise QuantkitError(
-            f"{where}: {skipped[0]} is packed although modules_to_not_convert {list(settings.modules_to_not_convert)} says it stays dense; "
-            "the settings do not describe these weights."
-        )
-    groups: dict[int, list[str]] = {}
-    for module in sorted(modules):
-        groups.setdefault(_implied_group_size(module, meta), []).append(module)
-    if len(groups) > 1:
-        detail = "; ".join(f"group {g}: {mods[0]}{f' and {len(mods) - 1} more' if len(mods) > 1 else ''}" for g, mods in sorted(groups.items()))
-        raise QuantkitError(
-            f"{where}: layers are quantized with different group sizes ({detail}); mixed group sizes are refused, "
-            f"since one group_size must describe the model. Re-quantize with a single q_group_size."
-        )
-    (implied,) = groups
-    if implied != settings.group_size:
-        raise QuantkitError(
-            f"{where}: the scales' shapes imply group size {implied} (e.g. {groups[implied][0]}) but {settings.source} says "
-            f"{settings.group_size}; the settings do not describe these weights. Fix the group size in the settings or re-export."
-        )
-    return tuple(sorted(modules))
-
-
 # ---------------------------------------------------------------------------- loading
 
 
@@ -351,8 +244,14 @@ def check_autoawq_checkpoint(path: str | Path) -> AwqCheckpoint:
     settings = read_awq_settings(path)
     check_awq_settings(settings, path)
     mapping = weight_map(path)
-    meta = _tensor_meta(path, mapping)
-    modules = check_awq_tensors(meta, settings, path)
+    stray = sorted(p.name for p in path.glob("*.safetensors") if p.name not in set(mapping.values()))
+    if stray:  # transformers would ignore it, quantkit too: still, what is served must be what was shipped
+        raise QuantkitError(
+            f"{path}: {stray[0]} is a weight file that {INDEX_NAME} does not list ({len(stray)} such file(s)); "
+            "remove it, or add its tensors to the index if it belongs to the checkpoint."
+        )
+    meta = tensor_meta(path, mapping)
+    modules = check_packed_tensors(meta, settings.group_size, settings.modules_to_not_convert, path, settings.source)
     config = read_json_object(path / "config.json")
     config["quantization_config"] = settings.quantization_config()
     files: dict[str, list[str]] = {}

@@ -396,20 +396,11 @@ def record_in_manifest(artifact_path, report: dict, report_path) -> bool:
 
     Returns False, writing nothing, for a foreign AWQ checkpoint: it has no manifest of ours.
     """
-    import json
-    import os
-
-    from quantkit.artifact import MANIFEST_NAME, read_manifest
+    from quantkit.artifact import append_to_manifest
     from quantkit.autoawq import declares_quantization
 
     if declares_quantization(artifact_path):  # no quantkit.json: someone else's export, left untouched
         return False
-    manifest = read_manifest(Path(artifact_path))
     summary = {k: report[k] for k in ("date", "lm_eval_version", "baseline", "limit", "task_hashes", "results")}
-    summary["report"] = str(report_path)
-    manifest.setdefault("evaluations", []).append(summary)
-    target = Path(artifact_path) / MANIFEST_NAME
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, target)
+    append_to_manifest(Path(artifact_path), "evaluations", {**summary, "report": str(report_path)})
     return True

@@ -32,13 +32,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from . import __version__ as quantkit_version
 from .artifact import (
     INDEX_NAME,
     MANIFEST_NAME,
-    QUANTIZED_SUFFIXES,
     Artifact,
     building_dir,  # the same temp dir and swap as write_artifact, so --force behaves identically
     check_output_dir,
@@ -46,6 +44,7 @@ from .artifact import (
     file_sha256,
     hash_files,
     load_artifact,
+    save_shard,
 )
 from .errors import QuantkitError
 from .pack import NATURAL_ORDER, PACK_FACTOR, pack_int4, unpack_awq
@@ -131,26 +130,6 @@ def compressed_tensors_config(group_size: int, ignore: list[str], bits: int = 4)
     }
 
 
-def _check_source(artifact: Artifact) -> int:
-    """The AWQ settings this exporter can translate; returns the group size."""
-    qc = artifact.quantization
-    problems = []
-    if qc.get("bits") != 4:
-        problems.append(f"bits={qc.get('bits')} (need 4)")
-    if qc.get("zero_point") is not True:
-        problems.append(f"zero_point={qc.get('zero_point')} (need true)")
-    if str(qc.get("version", "gemm")).lower() != "gemm":
-        problems.append(f"version={qc.get('version')} (need gemm)")
-    if not isinstance(qc.get("group_size"), int) or qc["group_size"] <= 0:
-        problems.append(f"group_size={qc.get('group_size')} (need a positive group size)")
-    if problems:
-        raise QuantkitError(
-            f"artifact {artifact.path} cannot be exported: its quantization_config has {', '.join(problems)}; "
-            "re-quantize it with `quantkit quantize` defaults."
-        )
-    return qc["group_size"]
-
-
 def _check_paths(source: Path, out: Path) -> None:
     """--force replaces `out`: never let that delete the source artifact."""
     src, dst = source.resolve(), out.resolve()
@@ -173,17 +152,7 @@ class _TensorReader:
         return self.handles[name].get_tensor(name)
 
 
-def _check_triplets(path: Path, names: set[str]) -> None:
-    """Every quantized linear has all three AWQ tensors, and there is at least one."""
-    modules = {n.rsplit(".", 1)[0] for n in names if n.endswith(QUANTIZED_SUFFIXES)}
-    if not modules:
-        raise QuantkitError(f"artifact {path} holds no quantized linears (no *.qweight tensors); it is damaged: quantize it again.")
-    broken = sorted(f"{m}{s}" for m in modules for s in QUANTIZED_SUFFIXES if f"{m}{s}" not in names)
-    if broken:
-        raise QuantkitError(f"artifact {path} is missing {', '.join(broken[:5])}; it is damaged: quantize it again.")
-
-
-def _converted_shard(names: list[str], reader: _TensorReader, group_size: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _converted_shard(names: list[str], reader: _TensorReader) -> Iterator[tuple[str, torch.Tensor]]:
     """The output tensors for one source shard: triplets converted, everything else as is.
 
     A module's converted tensors go to the shard holding its qweight, even when its qzeros or
@@ -197,11 +166,6 @@ def _converted_shard(names: list[str], reader: _TensorReader, group_size: int) -
             continue
         module = name[: -len(".qweight")]
         qweight, scales = reader.get(name), reader.get(f"{module}.scales")
-        if qweight.shape[0] != scales.shape[0] * group_size:
-            raise QuantkitError(
-                f"{module} has {qweight.shape[0]} input features in {scales.shape[0]} groups, not the config's "
-                f"group size {group_size}; the artifact is inconsistent: quantize it again."
-            )
         for local, tensor in awq_to_pack_quantized(qweight, reader.get(f"{module}.qzeros"), scales).items():
             yield f"{module}.{local}", tensor
 
@@ -209,16 +173,13 @@ def _converted_shard(names: list[str], reader: _TensorReader, group_size: int) -
 def _write_compressed_tensors(artifact: Artifact, tmp: Path, group_size: int) -> dict:
     """Shards, index and config.json into `tmp`; returns the written quantization_config."""
     files = artifact.weight_files
-    if not files:
-        raise QuantkitError(f"artifact {artifact.path} has no *.safetensors files; it is damaged: quantize it again.")
     weight_map: dict[str, str] = {}
     total = 0
     with ExitStack() as stack:
         reader = _TensorReader(files, stack)
-        _check_triplets(artifact.path, set(reader.handles))
         for f in files:
-            shard = dict(_converted_shard(reader.by_file[f], reader, group_size))
-            save_file({n: t.contiguous() for n, t in sorted(shard.items())}, str(tmp / f.name), metadata={"format": "pt"})
+            shard = dict(_converted_shard(reader.by_file[f], reader))
+            save_shard(dict(sorted(shard.items())), tmp / f.name)
             weight_map.update({n: f.name for n in shard})
             total += sum(t.numel() * t.element_size() for t in shard.values())
     if len(files) > 1:
@@ -242,7 +203,7 @@ def export_artifact(artifact_path: Path | str, out_dir: Path | str, fmt: str = C
     _check_paths(source, out)
     check_output_dir(out, force)
     artifact = load_artifact(source)
-    group_size = _check_source(artifact)
+    group_size = artifact.quantization["group_size"]  # load_artifact checked the settings against the tensors
 
     with building_dir(out) as tmp:
         quantization_config = _write_compressed_tensors(artifact, tmp, group_size)

@@ -6,13 +6,10 @@ whether quantkit can serve it (quantkit/autoawq.py's checks) instead of manifest
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-from safetensors import safe_open
-
-from .artifact import read_manifest, verify_artifact
+from .artifact import MANIFEST_NAME, examine_artifact
 from .autoawq import check_autoawq_checkpoint, declares_quantization, read_awq_settings
 from .errors import QuantkitError
 
@@ -51,16 +48,6 @@ def _numel(shape: list[int]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def _tensor_meta(path: Path) -> dict[str, tuple[list[int], int]]:
-    meta = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            for name in handle.keys():
-                sl = handle.get_slice(name)
-                meta[name] = (list(sl.get_shape()), _ITEMSIZE[sl.get_dtype()])
-    return meta
 
 
 def _rounding(recipe: dict) -> str:
@@ -107,39 +94,40 @@ def inspect_autoawq(path: Path, echo: Callable[[str], None] = print) -> bool:
 
 
 def inspect_artifact(path: Path, show_layers: bool = True, echo: Callable[[str], None] = print) -> bool:
-    """Print the report; returns False when any file fails hash verification."""
+    """Print the report; returns False when any file fails verification or the config does not
+    describe the tensors. Damage is reported line by line, never raised: only a directory without a
+    usable manifest is an error."""
     path = Path(path)
     if declares_quantization(path):
         return inspect_autoawq(path, echo)
-    manifest = read_manifest(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise QuantkitError(f"{path}/config.json is missing or unreadable ({e}); the artifact is damaged: quantize again.") from None
-    q = config.get("quantization_config", {})
+    report = examine_artifact(path)
+    manifest, config = report.manifest, report.config or {}
     echo(f"artifact      {path}")
-    echo(f"model         {config.get('model_type')} ({config.get('architectures', ['?'])[0]}), "
-         f"{config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}, "
-         f"{config.get('num_attention_heads')} heads / {config.get('num_key_value_heads')} kv heads")
-    echo(f"quantization  {q.get('quant_method')} {q.get('bits')}-bit, group {q.get('group_size')}, "
-         f"zero_point={q.get('zero_point')}, version={q.get('version')}, not converted: {q.get('modules_to_not_convert')}")
-    recipe = manifest.get("recipe", {}).get("quantization", {})
-    echo(f"method        {recipe.get('method')}, {_rounding(recipe)}  (source {manifest.get('source', {}).get('spec')}, "
-         f"weights sha256 {manifest.get('source', {}).get('weights_sha256', '')[:16]}...)")
+    if report.config is not None:
+        q = config.get("quantization_config") or {}
+        echo(f"model         {config.get('model_type')} ({(config.get('architectures') or ['?'])[0]}), "
+             f"{config.get('num_hidden_layers')} layers, hidden {config.get('hidden_size')}, "
+             f"{config.get('num_attention_heads')} heads / {config.get('num_key_value_heads')} kv heads")
+        echo(f"quantization  {q.get('quant_method')} {q.get('bits')}-bit, group {q.get('group_size')}, "
+             f"zero_point={q.get('zero_point')}, version={q.get('version')}, not converted: {q.get('modules_to_not_convert')}")
+    recipe = (manifest.get("recipe") or {}).get("quantization") or {}
+    source = manifest.get("source") or {}
+    echo(f"method        {recipe.get('method')}, {_rounding(recipe)}  (source {source.get('spec')}, "
+         f"weights sha256 {str(source.get('weights_sha256', ''))[:16]}...)")
     calib = manifest.get("calibration")
     if calib:
-        echo(f"calibration   {calib['source']}: {calib['samples']} x {calib['seqlen']} tokens, seed {calib['seed']}")
+        echo(f"calibration   {calib.get('source')}: {calib.get('samples')} x {calib.get('seqlen')} tokens, seed {calib.get('seed')}")
     timings = manifest.get("timings", {})
     if timings:
         echo(f"time          {timings.get('total_s', 0):.1f} s total, {timings.get('quantize_s', 0):.1f} s quantizing; "
              f"peak RSS {_mib(manifest.get('peak_rss_bytes', 0))}")
 
-    sizes = size_summary(_tensor_meta(path))
-    echo("")
-    _echo_sizes(sizes, echo)
+    if report.tensors:
+        echo("")
+        _echo_sizes(size_summary({n: (list(m.shape), _ITEMSIZE.get(m.dtype, 0)) for n, m in report.tensors.items()}), echo)
 
     layers = manifest.get("layers", {})
-    if show_layers and layers:
+    if show_layers and layers and report.ok:
         echo("")
         echo(f"{'layer':48}{'shape':>14}{'weight err':>12}{'output err':>12}")
         for name, row in layers.items():
@@ -148,11 +136,12 @@ def inspect_artifact(path: Path, show_layers: bool = True, echo: Callable[[str],
                  f"{(f'{out_err:.2e}' if out_err is not None else '-'):>12}")
         echo("  (relative squared error ||W_q - W||^2/||W||^2; output err on calibration tokens)")
 
-    checks = verify_artifact(path)
     echo("")
-    for c in checks:
-        status = "ok" if c.ok else ("MISSING" if c.actual is None else "MISMATCH")
-        echo(f"sha256 {status:9}{c.name}")
-    ok = bool(checks) and all(c.ok for c in checks)
-    echo(f"verification  {'passed' if ok else 'FAILED'} ({sum(c.ok for c in checks)}/{len(checks)} files)")
-    return ok
+    for c in report.files:
+        echo(f"sha256 ok     {c.name}" if c.ok else f"FAILED        {c.name}: {c.problem}")
+    if report.problem:
+        echo(f"FAILED        {report.problem}")
+    listed = [c for c in report.files if c.status != "UNLISTED"]
+    echo(f"verification  {'passed' if report.ok else 'FAILED'} ({sum(c.ok for c in listed)}/{len(listed)} files "
+         f"listed in {MANIFEST_NAME} verified)")
+    return report.ok

@@ -23,43 +23,21 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .artifact import INDEX_NAME, MANIFEST_NAME, copy_tokenizer_files, hash_files, replace_dir
+from .artifact import complete_artifact, replace_dir, save_shard, shard_names, write_text_atomically
 from .errors import QuantkitError
 
 STATE_NAME = "partial.json"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _durable_replace(tmp: Path, path: Path) -> None:
-    """Rename `tmp` over `path` so that after a power loss either the old or the complete new file is there.
-
-    Without the first fsync the rename can reach the disk before the data (an empty file that
-    partial.json already counts); without the second the rename itself can be lost.
-    """
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
+# A full disk mid-run: the blocks already committed stay, so the run continues where it stopped.
+RESUME_HINT = "free some space and run the same command with --resume: the blocks already finished are kept."
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    _durable_replace(tmp, path)
+    write_text_atomically(path, text, RESUME_HINT)
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    _durable_replace(tmp, path)
+    save_shard(tensors, path, RESUME_HINT)
 
 
 def _block_name(index: int) -> str:
@@ -72,8 +50,7 @@ def _hidden_name(index: int) -> str:
 
 def _shard_names(num_blocks: int) -> list[str]:
     """Final shard names: the tensors outside the blocks first, then one shard per block."""
-    total = num_blocks + 1
-    return [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+    return shard_names(num_blocks + 1)
 
 
 _LABELS = {
@@ -213,21 +190,16 @@ class PartialArtifact:
             )
         names = _shard_names(len(blocks))
         _atomic_save(rest, self.dir / names[0])
-        weight_map = {t: names[0] for t in rest}
+        shards = {names[0]: sorted(rest)}
         for i, record in enumerate(blocks):
             if (self.dir / _block_name(i)).exists():  # else renamed by a finalize that crashed
                 os.replace(self.dir / _block_name(i), self.dir / names[i + 1])
-            weight_map.update({t: names[i + 1] for t in record["tensors"]})
-        total_size = sum(t.numel() * t.element_size() for t in rest.values()) + sum(r["bytes"] for r in blocks)
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        (self.dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        copy_tokenizer_files(tokenizer_dir, self.dir)
+            shards[names[i + 1]] = record["tensors"]
         for leftover in [*self.dir.glob("hidden-*.safetensors"), *self.dir.glob("*.tmp")]:
             leftover.unlink()
-        (self.dir / MANIFEST_NAME).write_text(json.dumps({**manifest, "files": hash_files(self.dir, exclude=(STATE_NAME,))}, indent=2))
-        for f in [*self.dir.iterdir(), self.dir]:  # the artifact is durable before the commit point goes
-            _fsync(f)
+        total_size = sum(t.numel() * t.element_size() for t in rest.values()) + sum(r["bytes"] for r in blocks)
+        # The artifact is durable before the commit point goes.
+        complete_artifact(self.dir, shards, total_size, config, manifest, tokenizer_dir, RESUME_HINT)
         self.state_path.unlink()
         replace_dir(self.dir, self.out)
         return self.out

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from torch import nn
 
-from .artifact import INDEX_NAME
+from .artifact import INDEX_NAME, open_safetensors, read_json_object
 from .errors import QuantkitError
 from .models import ArchAdapter
 from .sources import refuse_missing_safetensors
@@ -58,19 +58,6 @@ class ShardedCheckpoint:
         return out
 
 
-def read_json_object(path: Path) -> dict:
-    """A JSON object from `path`, or a QuantkitError saying what is wrong with the file."""
-    try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        raise QuantkitError(f"cannot read {path} ({e}); check the file's permissions.") from None
-    except ValueError as e:
-        raise QuantkitError(f"{path} is not valid JSON ({e}); the checkpoint is damaged: copy or export it again.") from None
-    if not isinstance(data, dict):
-        raise QuantkitError(f"{path} holds {type(data).__name__}, not a JSON object; the checkpoint is damaged: export it again.")
-    return data
-
-
 def weight_map(path: str | Path) -> dict[str, str]:
     """Tensor name -> weight file: from the shard index if there is one, else the single safetensors file."""
     path = Path(path)
@@ -100,14 +87,6 @@ def weight_map(path: str | Path) -> dict[str, str]:
         )
     with open_safetensors(files[0]) as handle:
         return {name: files[0].name for name in handle.keys()}
-
-
-def open_safetensors(file: Path):
-    """safe_open that reports a damaged file as a QuantkitError naming it."""
-    try:
-        return safe_open(str(file), framework="pt")
-    except (SafetensorError, OSError) as e:
-        raise QuantkitError(f"{file} is not a readable safetensors file ({e}); the checkpoint is damaged: copy it again.") from None
 
 
 _FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}

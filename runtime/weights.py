@@ -10,15 +10,15 @@ Weights are read with safetensors only, never pickle.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from quantkit.artifact import MANIFEST_NAME, load_artifact, read_safetensors_dir
+from quantkit.artifact import MANIFEST_NAME, load_artifact, open_safetensors, read_json_object
 from quantkit.autoawq import declares_quantization, load_autoawq_checkpoint
 from quantkit.errors import QuantkitError
+from quantkit.shards import weight_map
 from quantkit.sources import check_model_dir, resolve_model
 
 
@@ -39,7 +39,7 @@ def load_weights(spec: str | Path) -> ModelWeights:
     or any model source quantkit.sources understands."""
     path = Path(spec)
     if (path / MANIFEST_NAME).is_file():
-        artifact = load_artifact(path)  # verifies every file's sha256
+        artifact = load_artifact(path)  # verifies every listed file's sha256, refuses unlisted weights
         return ModelWeights(path, artifact.config, artifact.tensors(), quantized=True)
     # Before resolve_model: its pickle-only message suggests a dense conversion, wrong for AWQ.
     if declares_quantization(path):
@@ -47,10 +47,14 @@ def load_weights(spec: str | Path) -> ModelWeights:
     model_dir = check_model_dir(resolve_model(spec))
     if declares_quantization(model_dir):  # a hub download can be an AutoAWQ export too
         return _foreign_quantized(model_dir)
-    if not any(model_dir.glob("*.safetensors")):
-        raise QuantkitError(f"{model_dir} has no *.safetensors weights; quantkit loads safetensors only (convert .bin checkpoints first).")
-    tensors = read_safetensors_dir(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_json_object(model_dir / "config.json")
+    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[str]] = {}
+    for name, file in weight_map(model_dir).items():  # the index's files only, as transformers reads them
+        by_file.setdefault(file, []).append(name)
+    for file, names in sorted(by_file.items()):
+        with open_safetensors(model_dir / file) as handle:
+            tensors.update({name: handle.get_tensor(name) for name in names})
     return ModelWeights(model_dir, config, tensors, quantized=False)
 
 

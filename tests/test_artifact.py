@@ -135,3 +135,97 @@ def test_sharded_artifacts_have_an_index_and_reload(quantized, tiny_model_dir, t
     assert set(index["weight_map"]) == set(tensors)
     loaded = load_artifact(out).tensors()
     assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+
+
+# ---------------------------------------------------------------------------- the manifest is the one list of files
+
+
+def _rehash(artifact_dir, *names):
+    """Update the manifest's hashes of `names`, as someone who edits files and re-signs the manifest would."""
+    from quantkit.artifact import file_sha256
+
+    manifest = json.loads((artifact_dir / MANIFEST_NAME).read_text())
+    manifest["files"].update({n: file_sha256(artifact_dir / n) for n in names})
+    (artifact_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+
+
+def test_an_unlisted_weight_file_is_refused_and_never_read(artifact_dir):
+    from safetensors.torch import save_file
+
+    real = load_artifact(artifact_dir).tensors()["model.embed_tokens.weight"]
+    # A stray shard holding zeroed embeddings would override the real ones if any loader globbed *.safetensors.
+    save_file({"model.embed_tokens.weight": torch.zeros_like(real)}, str(artifact_dir / "extra.safetensors"))
+    with pytest.raises(QuantkitError, match=r"extra\.safetensors: unlisted: a weight file that quantkit\.json does not list.*remove it"):
+        load_artifact(artifact_dir)
+    checks = {c.name: c for c in verify_artifact(artifact_dir)}
+    assert checks["extra.safetensors"].status == "UNLISTED" and checks["model.safetensors"].ok
+    (artifact_dir / "extra.safetensors").unlink()
+    assert torch.equal(load_artifact(artifact_dir).tensors()["model.embed_tokens.weight"], real)
+
+
+def test_the_runtime_refuses_an_artifact_with_an_unlisted_weight_file(artifact_dir):
+    from quantkit.runtime.weights import load_weights
+
+    (artifact_dir / "pytorch_model.bin").write_bytes(b"not even a pickle")
+    with pytest.raises(QuantkitError, match=r"pytorch_model\.bin: unlisted"):
+        load_weights(artifact_dir)
+
+
+def test_only_the_shards_the_manifest_lists_are_read(artifact_dir):
+    artifact = load_artifact(artifact_dir)
+    (artifact_dir / "notes.txt").write_text("not a weight file: allowed beside the artifact, never read")
+    assert [p.name for p in load_artifact(artifact_dir).weight_files] == ["model.safetensors"]
+    assert artifact.weight_map == load_artifact(artifact_dir).weight_map
+
+
+def test_a_manifest_without_files_is_refused_not_served_unverified(artifact_dir):
+    manifest = json.loads((artifact_dir / MANIFEST_NAME).read_text())
+    del manifest["files"]
+    (artifact_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(QuantkitError, match="lists no files .*refused rather than served unverified"):
+        load_artifact(artifact_dir)
+
+
+@pytest.mark.parametrize("name", ["../config.json", "/etc/passwd", "sub/model.safetensors"])
+def test_a_manifest_may_list_only_files_of_its_own_directory(artifact_dir, name):
+    manifest = json.loads((artifact_dir / MANIFEST_NAME).read_text())
+    manifest["files"][name] = "0" * 64
+    (artifact_dir / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(QuantkitError, match="which is not a file of"):
+        load_artifact(artifact_dir)
+
+
+def test_a_declared_group_size_that_the_tensors_contradict_is_refused(artifact_dir):
+    config = json.loads((artifact_dir / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 64  # the tensors are group 32
+    (artifact_dir / "config.json").write_text(json.dumps(config))
+    _rehash(artifact_dir, "config.json")  # hashes alone would not catch a consistent edit
+    with pytest.raises(QuantkitError, match="the scales' shapes imply group size 32 .* says 64"):
+        load_artifact(artifact_dir)
+
+
+def test_a_config_that_is_not_json_is_a_clear_error(artifact_dir):
+    (artifact_dir / "config.json").write_text("{not json")
+    _rehash(artifact_dir, "config.json")
+    with pytest.raises(QuantkitError, match=r"config\.json is not valid JSON"):
+        load_artifact(artifact_dir)
+
+
+def test_a_listed_file_that_is_a_device_is_not_read(artifact_dir):
+    (artifact_dir / "model.safetensors").unlink()
+    (artifact_dir / "model.safetensors").symlink_to("/dev/zero")  # hashing it would never end
+    (check,) = [c for c in verify_artifact(artifact_dir) if c.name == "model.safetensors"]
+    assert check.status == "FAILED" and "not a regular file (a link to /dev/zero)" in check.problem
+
+
+def test_files_are_readable_by_all(artifact_dir):
+    modes = {p.name: p.stat().st_mode & 0o777 for p in artifact_dir.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes
+
+
+def test_evaluations_are_recorded_without_breaking_verification(artifact_dir):
+    from quantkit.artifact import append_to_manifest
+
+    append_to_manifest(artifact_dir, "evaluations", {"results": {"piqa": 0.6}})
+    assert load_artifact(artifact_dir).manifest["evaluations"] == [{"results": {"piqa": 0.6}}]
+    assert not list(artifact_dir.glob("*.tmp"))

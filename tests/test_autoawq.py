@@ -326,6 +326,13 @@ def test_a_tensor_not_where_the_index_says_is_refused(make):
     assert "model.norm.weight" in message and "does not hold" in message
 
 
+def test_a_weight_file_the_index_does_not_list_is_refused(make):
+    path = make("stray")
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 4, dtype=torch.float16)}, str(path / "extra.safetensors"))
+    message = refusal(path)
+    assert "extra.safetensors is a weight file that model.safetensors.index.json does not list" in message and "remove it" in message
+
+
 def test_config_and_quant_config_disagreeing_are_refused(make):
     qc = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
     message = refusal(make("disagree", config_qc=qc))

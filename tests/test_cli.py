@@ -88,7 +88,7 @@ def test_inspect_reports_a_damaged_artifact_and_fails(tiny_model_dir, tmp_path):
     (out / "config.json").write_text((out / "config.json").read_text() + " ")
     code, output = run("inspect", out)
     assert code == 1
-    assert "MISMATCH config.json" in output and "verification  FAILED" in output
+    assert "FAILED        config.json: sha256 mismatch" in output and "verification  FAILED" in output
 
 
 def test_missing_model(tmp_path):
@@ -188,3 +188,81 @@ def test_quantize_resume_continues_an_interrupted_run(tiny_model_dir, tmp_path):
     code, output = run("quantize", tiny_model_dir, "-o", out, "--method", "rtn", "--group-size", "32", "--resume")
     assert code == 0, output
     assert json.loads((out / "quantkit.json").read_text())["timings"]["resumed_at_block"] == 1
+
+
+# --- damage is reported, never a traceback ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rtn_artifact(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rtn") / "art"
+    assert run("quantize", tiny_model_dir, "-o", out, "--method", "rtn", "--group-size", "32")[0] == 0
+    return out
+
+
+@pytest.fixture
+def damaged(rtn_artifact, tmp_path):
+    """A fresh copy of the artifact to damage, and the name of its first decoder block's shard."""
+    copy = tmp_path / "art"
+    shutil.copytree(rtn_artifact, copy)
+    return copy, sorted(p.name for p in copy.glob("model-*.safetensors"))[1]
+
+
+def assert_inspect_fails_naming(path, name: str, *fragments: str) -> str:
+    code, output = run("inspect", path)
+    assert code == 1, output
+    assert "Traceback" not in output
+    failed = [line for line in output.splitlines() if line.startswith("FAILED") and name in line]
+    assert len(failed) == 1, output
+    for fragment in fragments:
+        assert fragment in failed[0], output
+    assert "verification  FAILED" in output
+    return output
+
+
+def test_inspect_reports_a_truncated_shard(damaged):
+    path, shard = damaged
+    data = (path / shard).read_bytes()
+    (path / shard).write_bytes(data[: len(data) // 2])
+    assert_inspect_fails_naming(path, shard, "sha256 mismatch")
+
+
+def test_inspect_reports_a_damaged_header_even_under_a_re_signed_manifest(damaged):
+    path, shard = damaged
+    data = bytearray((path / shard).read_bytes())
+    data[8:16] = b"{garbage"  # the JSON header begins after its 8-byte length
+    (path / shard).write_bytes(bytes(data))
+    manifest = json.loads((path / "quantkit.json").read_text())
+    from quantkit.artifact import file_sha256
+
+    manifest["files"][shard] = file_sha256(path / shard)
+    (path / "quantkit.json").write_text(json.dumps(manifest))
+    assert_inspect_fails_naming(path, shard, "not a readable safetensors file")
+
+
+def test_inspect_reports_a_link_to_a_device_without_reading_it(damaged):
+    path, shard = damaged
+    (path / shard).unlink()
+    (path / shard).symlink_to("/dev/zero")
+    assert_inspect_fails_naming(path, shard, "not a regular file")
+
+
+def test_inspect_names_an_unlisted_weight_file(damaged):
+    from safetensors.torch import save_file
+
+    path, _ = damaged
+    save_file({"model.embed_tokens.weight": torch.zeros(8, 8, dtype=torch.float16)}, str(path / "extra.safetensors"))
+    output = assert_inspect_fails_naming(path, "extra.safetensors", "does not list", "remove it")
+    assert "verification  FAILED" in output
+
+
+def test_serve_on_an_invalid_config_json_is_a_clear_error(tiny_model_dir, tmp_path):
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "config.json").write_text('{"model_type": "llama",')
+    assert_clean_error(*run("serve", broken), "config.json is not valid JSON")
+
+
+def test_artifact_files_are_readable_by_all(rtn_artifact):
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in rtn_artifact.iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes

@@ -200,19 +200,18 @@ RTN = Recipe().with_overrides(method="rtn", group_size=32)
 
 
 def test_a_crashed_finalize_is_finished_by_resume_without_redoing_blocks(four_block_model, uninterrupted, tmp_path, monkeypatch):
-    import quantkit.partial
+    import quantkit.artifact
 
     out = tmp_path / "awq"
-    real_hash = quantkit.partial.hash_files
 
-    def crash(directory, exclude=()):  # every shard renamed, index written, hidden states deleted: then the crash
+    def crash(path):  # every shard renamed, index and config written, hidden states deleted: then the crash
         raise Interrupted
 
-    monkeypatch.setattr(quantkit.partial, "hash_files", crash)
+    monkeypatch.setattr(quantkit.artifact, "file_sha256", crash)
     with pytest.raises(Interrupted):
         quantize(four_block_model, out, AWQ)
     assert not list((tmp_path / ".awq.partial").glob("hidden-*"))
-    monkeypatch.setattr(quantkit.partial, "hash_files", real_hash)
+    monkeypatch.undo()
     done = []
     quantize(four_block_model, out, AWQ, resume=True, progress=lambda d, _t, _s: done.append(d))
     assert done == []
@@ -270,15 +269,15 @@ def test_resume_refuses_a_changed_config_but_not_a_renamed_recipe(four_block_mod
 def test_block_files_are_durable_before_partial_json_counts_them(tmp_path, monkeypatch):
     import os
 
-    import quantkit.partial
+    import quantkit.artifact
     from quantkit.partial import PartialArtifact
 
     partial = PartialArtifact(tmp_path / "out")
     partial.begin({"x": 1}, num_blocks=2, resume=False, force=False)
     events = []
     real_replace = os.replace
-    monkeypatch.setattr(quantkit.partial, "_fsync", lambda p: events.append(("fsync", Path(p).name)))
-    monkeypatch.setattr(quantkit.partial.os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b)))
+    monkeypatch.setattr(quantkit.artifact, "_fsync", lambda p: events.append(("fsync", Path(p).name)))
+    monkeypatch.setattr(quantkit.artifact.os, "replace", lambda a, b: (events.append(("replace", Path(b).name)), real_replace(a, b)))
     partial.add_block(0, {"w": torch.ones(2)}, torch.zeros(3), {"seconds": 0.0})
     d = partial.dir.name
     assert events == [
@@ -393,3 +392,50 @@ def test_resume_names_a_missing_block_shard(four_block_model, tmp_path):
     (tmp_path / ".rtn.partial" / "block-00001.safetensors").unlink()
     with pytest.raises(QuantkitError, match=r"block-00001.safetensors missing.*--force"):
         quantize(four_block_model, out, RTN, resume=True)
+
+
+# --- a full disk: one clear line, and the run resumes -----------------------------------------
+
+PAGE = 4096  # tmpfs counts whole pages
+
+
+def _pages(path: Path) -> int:
+    return -(-path.stat().st_size // PAGE)
+
+
+@pytest.fixture(scope="module")
+def rtn_reference(tiny_model_dir, tmp_path_factory) -> Path:
+    return quantize(tiny_model_dir, tmp_path_factory.mktemp("rtn-ref") / "out", Recipe().with_overrides(method="rtn", group_size=32))
+
+
+@pytest.mark.parametrize("where", ["block", "finalize"])
+def test_a_full_disk_is_one_clear_line_and_the_run_resumes(where, tiny_model_dir, rtn_reference, tmp_path):
+    """On a real small filesystem (a tmpfs mounted in a private mount namespace): the disk fills while
+    the second block is written, or while finalize writes the tensors outside the blocks."""
+    index = json.loads((rtn_reference / "model.safetensors.index.json").read_text())["weight_map"]
+    rest, *blocks = sorted(set(index.values()))  # the first shard holds the tensors outside the blocks
+    blocks_pages = [_pages(rtn_reference / b) for b in blocks]
+    room = 2 + (blocks_pages[0] + blocks_pages[1] // 2 if where == "block" else sum(blocks_pages) + _pages(rtn_reference / rest) // 2)
+    disk, copy = tmp_path / "disk", tmp_path / "resumed"
+    disk.mkdir()
+    cmd = f"{sys.executable} -m quantkit.cli quantize {tiny_model_dir} -o {disk}/out --method rtn --group-size 32"
+    script = textwrap.dedent(f"""\
+        mount -t tmpfs -o size={room * PAGE} tmpfs {disk} || exit 99
+        {cmd} > {tmp_path}/first.log 2>&1; echo $? > {tmp_path}/first.rc
+        ls -A {disk} > {tmp_path}/first.ls
+        mount -o remount,size=64m {disk}
+        {cmd} --resume > {tmp_path}/second.log 2>&1; echo $? > {tmp_path}/second.rc
+        cp -r {disk}/out {copy}
+    """)
+    done = subprocess.run(["unshare", "--map-root-user", "--mount", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"could not mount a small tmpfs in a private namespace: {done.stderr}"
+    first = (tmp_path / "first.log").read_text()
+    assert (tmp_path / "first.rc").read_text().strip() == "2", first
+    assert "Traceback" not in first and "SafetensorError" not in first
+    (line,) = [ln for ln in first.splitlines() if ln.startswith("error:")]
+    assert "no space left on the device writing" in line and "bytes free there" in line and "--resume" in line
+    written = "block-00001.safetensors" if where == "block" else rest
+    assert written in line, line
+    assert (tmp_path / "first.ls").read_text().split() == [".out.partial"]  # nothing half-made in place of the artifact
+    assert (tmp_path / "second.rc").read_text().strip() == "0", (tmp_path / "second.log").read_text()
+    assert_same_weights(read_safetensors_dir(copy), read_safetensors_dir(rtn_reference))

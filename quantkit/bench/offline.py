@@ -204,12 +204,9 @@ def speedups(results: dict[str, dict]) -> dict[str, float]:
 
 def artifact_baseline(artifact: Path) -> str | None:
     """The dense model an artifact was quantized from, as its manifest records it."""
-    import json
+    from quantkit.artifact import MANIFEST_NAME, read_manifest
 
-    from quantkit.artifact import MANIFEST_NAME
-
-    manifest = artifact / MANIFEST_NAME
-    if not manifest.is_file():
+    if not (artifact / MANIFEST_NAME).is_file():
         return None
-    source = json.loads(manifest.read_text()).get("source", {})
+    source = read_manifest(artifact).get("source", {})
     return source.get("spec") or source.get("path")
