@@ -37,7 +37,11 @@ from .quantizer import (
     relative_error,
 )
 
+# The values each choice of AWQSettings may take (the recipe schema and the pipeline's checks read these).
+METHODS = ("awq", "rtn")
 ROUNDINGS = ("nearest", "gptq")
+CLIP_STYLES = ("symmetric", "range")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -170,7 +174,7 @@ def quantize_blocks(
     streaming caller materializes each block in `load_block` and frees it in `on_done`.
     """
     check_group_sizes(blocks, adapter, settings.group_size)
-    if settings.method not in ("awq", "rtn"):
+    if settings.method not in METHODS:
         raise ValueError(f"unknown method {settings.method!r}")
     check_rounding(settings)
     if settings.method == "awq" and (hidden is None or block_kwargs is None):

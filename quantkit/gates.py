@@ -170,8 +170,17 @@ _PER_TASK = {  # gate -> (derived key, applies to higher-is-better tasks, what t
 
 
 def check_gates(report: Mapping[str, Any], gates: Mapping[str, Any]) -> list[Breach]:
-    """Every breach of `gates` by `report`, in gate order then task order; [] means all pass."""
+    """Every breach of `gates` by `report`, in gate order then task order; [] means all pass.
+
+    No gates at all is an error, not a pass: a CI step gating on a recipe without thresholds
+    would otherwise report success while checking nothing.
+    """
     thresholds = validate_gates(gates)
+    if not thresholds:
+        raise QuantkitError(
+            "no gates to check: the recipe's 'gates:' section is missing or empty. Add thresholds under "
+            f"'gates:' (e.g. min_mean_retention_pct: 98.0); known gates: {sorted(KNOWN_GATES)}."
+        )
     rows = derived(report)
     breaches: list[Breach] = []
     for gate, threshold in thresholds.items():

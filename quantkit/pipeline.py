@@ -15,7 +15,7 @@ import transformers
 
 from . import __version__
 from .artifact import artifact_tensors, awq_quantization_config, check_output_dir
-from .awq import BlockDone, ProgressFn, capture_block_inputs, check_group_sizes, check_rounding, quantize_blocks
+from .awq import CLIP_STYLES, COMPUTE_DTYPES, METHODS, BlockDone, ProgressFn, capture_block_inputs, check_group_sizes, check_rounding, quantize_blocks
 from .calibration import build_calibration_set, calibration_sha256, load_calibration_texts
 from .errors import QuantkitError
 from .kernels import cpu_ext
@@ -140,17 +140,17 @@ def quantize(
 
 
 def _check_settings(settings) -> None:
-    if settings.method not in ("awq", "rtn"):
-        raise QuantkitError(f"unknown method '{settings.method}'; use 'awq' or 'rtn'.")
-    if settings.compute_dtype not in ("bfloat16", "float16", "float32"):
-        raise QuantkitError(f"compute_dtype '{settings.compute_dtype}' is not supported; use bfloat16, float16 or float32.")
+    if settings.method not in METHODS:
+        raise QuantkitError(f"unknown method '{settings.method}'; use one of {', '.join(METHODS)}.")
+    if settings.compute_dtype not in COMPUTE_DTYPES:
+        raise QuantkitError(f"compute_dtype '{settings.compute_dtype}' is not supported; use one of {', '.join(COMPUTE_DTYPES)}.")
     if settings.compute_dtype != "float32" and not torch.cuda.is_available() and not cpu_ext.cpu_has_bf16_instructions():
         warnings.warn(
             f"compute_dtype {settings.compute_dtype}: this CPU has no AVX-512 BF16, so {settings.compute_dtype} matmuls are emulated "
             "(8.6x slower than fp32 at 256 rows on an AVX2 EPYC, benchmarks/dtype_paths.py); set compute_dtype: float32 in the "
             "recipe for a faster calibration pass", RuntimeWarning, stacklevel=3)
-    if settings.clip_style not in ("symmetric", "range"):
-        raise QuantkitError(f"clip_style '{settings.clip_style}' is not supported; use symmetric or range.")
+    if settings.clip_style not in CLIP_STYLES:
+        raise QuantkitError(f"clip_style '{settings.clip_style}' is not supported; use one of {', '.join(CLIP_STYLES)}.")
     if settings.bits not in SUPPORTED_BITS:
         raise QuantkitError(f"{settings.bits}-bit quantization is not supported; use bits: 4.")
     check_rounding(settings)

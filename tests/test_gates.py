@@ -8,7 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from quantkit.cli import main
 from quantkit.errors import QuantkitError
 from quantkit.gates import (
     KNOWN_GATES,
@@ -64,8 +66,10 @@ def test_the_smollm2_recipe_gates_pass_a_good_report():
     assert check_gates(good_report(), gates) == []
 
 
-def test_no_gates_means_no_breaches():
-    assert check_gates(good_report(), {}) == []
+def test_no_gates_is_an_error_not_a_pass():
+    # A CI step gating on a recipe without thresholds would otherwise succeed while checking nothing.
+    with pytest.raises(QuantkitError, match="no gates to check.*'gates:'.*min_mean_retention_pct"):
+        check_gates(good_report(), {})
 
 
 def test_a_value_exactly_at_its_threshold_passes_despite_float_noise():
@@ -400,3 +404,32 @@ def test_load_report_keeps_nan_as_a_missing_value(tmp_path):
     path.write_text(json.dumps(report(hellaswag=acc(0.431, math.nan))))
     [b] = check_gates(load_report(path), {"min_task_retention_pct": 95.0})
     assert b.value is None and "missing" in b.message
+
+
+# ---------------------------------------------------------------- `quantkit gate`
+
+
+def gate_cli(tmp_path, recipe_text: str):
+    report_path, recipe_path = tmp_path / "eval.json", tmp_path / "r.yaml"
+    report_path.write_text(json.dumps(good_report()))
+    recipe_path.write_text(recipe_text)
+    result = CliRunner().invoke(main, ["gate", str(report_path), "--recipe", str(recipe_path)])
+    return result.exit_code, result.output
+
+
+def test_gate_command_passes_a_good_report(tmp_path):
+    code, output = gate_cli(tmp_path, RECIPE.read_text())
+    assert code == 0 and "all gates passed" in output, output
+
+
+@pytest.mark.parametrize("recipe_text", ["name: no-gates\n", "gates:\n", "gates: {}\n"])
+def test_gate_command_refuses_a_recipe_without_gates(tmp_path, recipe_text):
+    code, output = gate_cli(tmp_path, recipe_text)
+    assert code == 2, output
+    assert "no gates to check" in output and "all gates passed" not in output and "Traceback" not in output
+
+
+def test_gate_command_refuses_a_boolean_threshold(tmp_path):
+    code, output = gate_cli(tmp_path, "gates:\n  min_task_retention_pct: true\n")
+    assert code == 2, output
+    assert "min_task_retention_pct" in output and "got True" in output and "all gates passed" not in output
