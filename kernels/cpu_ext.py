@@ -1,25 +1,51 @@
 """quantkit's C++ CPU kernels (kernels/csrc/), built on first use for this machine.
 
 They are compiled with the machine's C++ compiler for its own instruction set (-march=native,
-so AVX-512 where the CPU has it) through torch's extension builder, once per source version,
-torch version and CPU: later processes load the cached library in milliseconds. Every kernel
-here has a plain-torch fallback in the module that uses it; QUANTKIT_CPU_KERNELS=0 in the
-environment selects the fallbacks (tests and benchmarks set ENABLED instead, to compare the two
-in one process). A failed build warns once, naming the fix.
+so AVX-512 where the CPU has it) through torch's extension builder, once per build key: later
+processes load the cached library in milliseconds, without running the builder or ninja at all.
+Every kernel here has a plain-torch fallback in the module that uses it; QUANTKIT_CPU_KERNELS=0
+in the environment selects the fallbacks (tests and benchmarks set ENABLED instead, to compare
+the two in one process). A failed build warns once, naming the fix.
+
+The key (build_directory()) covers everything that changes the built library: the sources and
+headers, the checkout they are compiled from (TORCH_CHECK messages embed the sources' paths),
+the torch version, the Python ABI, our flags, the CPU's flags (what -march=native compiles for),
+the compiler binary that CXX (default c++) resolves to, and the environment variables g++ reads
+include and library paths from. It leaves out what does not: which ninja runs the build, the
+spelling of the compiler's name, ccache, CPU affinity (taskset), MAX_JOBS, the cwd.
+
+Those left-out things used to rebuild the kernels: torch's builder runs ninja in the build
+directory on every process's first load, and ninja rebuilds each file whose command's hash in its
+log differs. A process started from an activated virtualenv ran the pip ninja (1.13) and one
+started as .venv/bin/quantkit ran /usr/bin/ninja (1.11), which hash the same command differently,
+so each rebuilt the other's build; CXX=g++ against c++ (one binary) did the same through the build
+file's `cxx =` line. So a key directory is built once: into a private temporary directory, under a
+lock that makes other processes with the same key wait, then renamed into place with a marker
+(built.json: the library's file name and what it was built from). A later process that finds the
+marker loads that library directly (torch.ops.load_library), running neither builder nor ninja.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import json
+import logging
 import os
 import platform
 import shutil
+import sys
+import sysconfig
+import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SWITCH = "QUANTKIT_CPU_KERNELS"  # "0": plain-torch paths only
@@ -28,6 +54,10 @@ SWITCH = "QUANTKIT_CPU_KERNELS"  # "0": plain-torch paths only
 ENABLED = os.environ.get(SWITCH, "1") != "0"
 KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # they compute in fp32: no float64
 _FLAGS = ["-O3", "-march=native", "-fopenmp"]
+NAME = "quantkit_cpu_kernels"
+MARKER = "built.json"  # written into a build before it is renamed into place: its presence means complete
+# Read by g++ (and clang) from the environment: they change what compiles and links.
+COMPILER_ENV = ("CPATH", "CPLUS_INCLUDE_PATH", "C_INCLUDE_PATH", "LIBRARY_PATH", "GCC_EXEC_PREFIX", "COMPILER_PATH")
 
 
 @functools.cache
@@ -40,28 +70,58 @@ def _cpu_identity() -> str:
     return flags
 
 
-def build_directory() -> Path:
-    """One directory per source version, checkout, torch version and CPU. The checkout counts:
-    torch's builder writes the sources' absolute paths into its build file, so two checkouts of
-    the same sources sharing a directory would each see the other's build as stale and rebuild."""
-    sources = [f.read_text() for f in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h"))]
-    key = hashlib.sha256("\n".join([*sources, str(CSRC.resolve()), torch.__version__, " ".join(_FLAGS), _cpu_identity()]).encode()).hexdigest()[:16]
+def _compiler_identity() -> str:
+    """The compiler binary torch's builder will run (CXX, default c++), by its resolved path, size
+    and mtime: `c++`, `g++` and a full path to one binary share a build, and an upgraded or
+    different compiler gets its own. A stat, not `c++ --version`: this runs on every startup."""
+    cxx = os.environ.get("CXX", "c++")
+    found = shutil.which(cxx)
+    if found is None:
+        return cxx  # no such compiler: the build will fail and say so
+    real = os.path.realpath(found)
+    st = os.stat(real)
+    return f"{real} {st.st_size} {st.st_mtime_ns}"
+
+
+def build_inputs() -> dict[str, str]:
+    """What a build's library depends on; the key is their digest and the marker records them."""
+    sources = hashlib.sha256()
+    for f in sorted(CSRC.glob("*.cpp")) + sorted(CSRC.glob("*.h")):
+        sources.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return {
+        "sources": sources.hexdigest(),
+        "csrc": str(CSRC.resolve()),
+        "torch": torch.__version__,
+        "python": sysconfig.get_config_var("SOABI") or sys.version,
+        "flags": " ".join(_FLAGS),
+        "cpu": _cpu_identity(),
+        "compiler": _compiler_identity(),
+        "compiler_env": " ".join(f"{k}={os.environ[k]}" for k in COMPILER_ENV if k in os.environ),
+    }
+
+
+def _key(inputs: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def build_directory(key: str | None = None) -> Path:
+    """One directory per build key (see the module docstring). The checkout counts: its sources'
+    absolute paths are compiled into the library's error messages."""
     root = Path(os.environ.get("QUANTKIT_CACHE", Path.home() / ".cache" / "quantkit"))
-    return root / "cpu_kernels" / key
+    return root / "cpu_kernels" / (key or _key(build_inputs()))[:16]
 
 
 @functools.cache
 def _load() -> bool:
-    from torch.utils.cpp_extension import load
-
-    directory = build_directory()
-    directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale_lock(directory / "lock")
-    _put_ninja_on_path()
+    inputs = build_inputs()
+    key = _key(inputs)
+    directory = build_directory(key)
     try:
-        load(name="quantkit_cpu_kernels", sources=[str(f) for f in sorted(CSRC.glob("*.cpp"))], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
-             build_directory=str(directory), is_python_module=False, verbose=False)
-    except Exception as e:  # no compiler, no ninja, a compile error: fall back, loudly
+        if not _load_built(directory, key):
+            with _build_lock(directory):
+                if not _load_built(directory, key):  # another process may have built it while we waited
+                    _build(directory, inputs, key)
+    except Exception as e:  # no compiler, no ninja, a compile error, an unwritable cache: fall back, loudly
         warnings.warn(
             f"quantkit's C++ CPU kernels did not build ({build_failure_reason(e)}); using the slower plain-torch paths. A C++ compiler (g++) "
             f"and ninja (pip install ninja) are needed; set {SWITCH}=0 to choose the plain-torch paths without this warning.",
@@ -71,20 +131,101 @@ def _load() -> bool:
     return True
 
 
-STALE_LOCK_SECONDS = 600  # a build takes ~15-60 s; a lock this old was left by a killed build
-
-
-def _remove_stale_lock(lock: Path) -> None:
-    """torch's builder waits for as long as its lock file exists, and a build killed midway (a
-    timed-out subprocess, Ctrl-C) leaves it behind: every later process would hang. Remove one
-    that no build has touched for STALE_LOCK_SECONDS."""
+def _load_built(directory: Path, key: str) -> bool:
+    """Load the library of a finished build of this key, if there is one. No builder, no ninja:
+    running either on another process's build is what used to rebuild it."""
     try:
-        age = time.time() - lock.stat().st_mtime
+        marker = json.loads((directory / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    library = directory / str(marker.get("library", ""))
+    if marker.get("key") != key or not library.is_file():
+        return False
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as e:  # damaged: build it again (replacing the directory)
+        log.warning("rebuilding quantkit's C++ kernels: %s did not load (%s)", library, e)
+        return False
+    return True
+
+
+def _build(directory: Path, inputs: dict[str, str], key: str) -> None:
+    """Build into a private temporary directory beside `directory`, then rename it into place:
+    readers only ever see a finished build, and a killed build leaves nothing they would use."""
+    from torch.utils.cpp_extension import load
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    for pattern in (f"{directory.name}.building-*", f"{directory.name}.trash-*"):
+        for old in directory.parent.glob(pattern):
+            _remove_stale_lock(old)
+    _put_ninja_on_path()
+    tmp = Path(tempfile.mkdtemp(prefix=f"{directory.name}.building-", dir=directory.parent))
+    try:  # load() also loads the library, from tmp: its mapping outlives the rename below
+        library = Path(load(name=NAME, sources=[str(f) for f in sorted(CSRC.glob("*.cpp"))], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                            build_directory=str(tmp), is_python_module=False, verbose=False))
+        (tmp / MARKER).write_text(json.dumps({"library": library.name, "key": key, "built_from": inputs}, indent=1) + "\n")
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide a shared cache's build from other users
+        if directory.exists():  # an unfinished or damaged build: we hold the lock, so nobody uses it
+            trash = directory.with_name(f"{directory.name}.trash-{uuid.uuid4().hex}")
+            os.rename(directory, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.rename(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing left after a successful rename
+
+
+STALE_LOCK_SECONDS = 600  # a build takes ~15-60 s, a few minutes on a loaded machine
+
+
+@contextlib.contextmanager
+def _build_lock(directory: Path):
+    """One build per key at a time: a process that finds another's build under way waits for it,
+    then loads its library. An flock, which the kernel releases when its holder dies, so a killed
+    build never leaves a lock behind; a holder that hangs is waited for STALE_LOCK_SECONDS, then
+    built past (safe: each build has its own directory until its rename)."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent builds are each still published atomically
+        yield
+        return
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f"{directory.name}.lock", "a") as lock:
+        deadline = time.monotonic() + STALE_LOCK_SECONDS
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    log.info("waiting for another process's build of quantkit's C++ kernels in %s", directory)
+                    waiting = True
+                if time.monotonic() > deadline:
+                    warnings.warn(f"building quantkit's C++ kernels beside a build that has held {lock.name} for "
+                                  f"{STALE_LOCK_SECONDS / 60:.0f} minutes", RuntimeWarning, stacklevel=4)
+                    break
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove_stale_lock(path: Path) -> None:
+    """Remove what a build killed midway (a timed-out subprocess, Ctrl-C) left behind, a lock file
+    or its private build directory, once no build has touched it for STALE_LOCK_SECONDS: a fresh
+    one may belong to a build still running."""
+    try:
+        age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
         return
     if age > STALE_LOCK_SECONDS:
-        warnings.warn(f"removing {lock}, left {age / 60:.0f} minutes ago by an interrupted build of quantkit's C++ kernels", RuntimeWarning, stacklevel=3)
-        lock.unlink(missing_ok=True)
+        warnings.warn(f"removing {path}, left {age / 60:.0f} minutes ago by an interrupted build of quantkit's C++ kernels", RuntimeWarning, stacklevel=3)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def build_failure_reason(error: BaseException) -> str:
