@@ -550,15 +550,6 @@ def load_artifact(path: Path) -> Artifact:
     return Artifact(path=Path(path), config=report.config, manifest=report.manifest, weight_map=report.weight_map)
 
 
-def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every *.safetensors file in `directory` (tests and comparisons; loading goes through load_artifact)."""
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            out.update({name: handle.get_tensor(name) for name in handle.keys()})
-    return out
-
-
 def dequantized_state_dict(artifact: Artifact, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Dense weights equivalent to the artifact (nn.Linear layout), for reference computations."""
     tensors = artifact.tensors()

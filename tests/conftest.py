@@ -23,6 +23,18 @@ import torch
 TINY_VOCAB = 512
 
 
+def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in `directory`: for comparing outputs in tests
+    (quantkit itself reads only the files a manifest or index lists)."""
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            out.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return out
+
+
 def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     """`n` greedy tokens from a transformers model, recomputing the whole prefix each step (no cache)."""
     ids = list(prompt)

@@ -55,7 +55,7 @@ def test_rtn_needs_no_calibration_and_uses_the_same_packing(tiny_model_dir, tmp_
 def test_gptq_rounding_changes_only_the_codes(tiny_model_dir, tmp_path):
     """The first block sees the same inputs in both runs, so its search, scales and zero points are the
     nearest-rounding run's, bit for bit; only codes differ (later blocks see the quantized blocks' outputs)."""
-    from quantkit.artifact import read_safetensors_dir
+    from conftest import read_safetensors_dir
 
     tensors = {}
     for rounding in ("nearest", "gptq"):

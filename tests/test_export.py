@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_safetensors_dir
 from safetensors import safe_open
 
 from quantkit.artifact import (
@@ -22,7 +23,6 @@ from quantkit.artifact import (
     dequantized_state_dict,
     file_sha256,
     load_artifact,
-    read_safetensors_dir,
     write_artifact,
 )
 from quantkit.awq import AWQSettings, quantize_model

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_safetensors_dir
 from safetensors import safe_open
 
-from quantkit.artifact import artifact_tensors, read_safetensors_dir
+from quantkit.artifact import artifact_tensors
 from quantkit.awq import quantize_model
 from quantkit.bench.synthetic import checkpoint_bytes, synthetic_llama
 from quantkit.calibration import build_calibration_set, load_calibration_texts
