@@ -210,23 +210,32 @@ def _parse_bytes(text: str) -> int:
 @click.option("--int8-head/--no-int8-head", default=None,
               help="Decode reads an int8 copy of the output head (half its bf16 bytes; +29 MiB for SmolLM2-135M). "
                    "Default: only where the copy is no further from the checkpoint than the bf16 head (SmolLM2's, born Q8_0).")
+@click.option("--max-request-bytes", help="Largest request body accepted (e.g. 4MiB); larger ones get 413 unread. "
+              "Default: room for a max-context prompt, 32 bytes per context token, at least 1 MiB.")
 def serve(model, host, port, api_key, kv_cache_memory, dtype, max_num_seqs, max_num_batched_tokens, max_waiting, block_size, served_model_name,
-          int8_head) -> None:
+          int8_head, max_request_bytes) -> None:
     """Serve MODEL (an artifact, a model directory or 'smollm2-135m') with an OpenAI-compatible API."""
     import uvicorn
 
     from quantkit.runtime.engine import EngineConfig, LLMEngine
-    from quantkit.runtime.server import create_app
+    from quantkit.runtime.server import create_app, default_max_request_bytes
 
+    request_bytes = _parse_bytes(max_request_bytes) if max_request_bytes else None
+    if request_bytes is not None and request_bytes < 1:
+        raise QuantkitError(f"--max-request-bytes must be at least 1 byte, got {max_request_bytes!r}.")
     engine = LLMEngine(EngineConfig(
         model=model, dtype=dtype, block_size=block_size, kv_cache_memory=_parse_bytes(kv_cache_memory),
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting, int8_head=int8_head,
     ))
     blocks = engine.runner.num_blocks
     click.echo(f"KV cache: {blocks} blocks x {block_size} tokens = {blocks * block_size} tokens ({blocks * engine.runner.block_bytes / 1024**2:.0f} MiB)")
+    request_bytes = request_bytes or default_max_request_bytes(engine.max_model_len)
+    click.echo(f"Requests: bodies up to {request_bytes} bytes, text prompts up to {engine.max_prompt_chars} characters "
+               f"({engine.max_model_len} tokens of context)")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
-    uvicorn.run(create_app(engine, api_key=api_key, model_name=served_model_name), host=host, port=port, log_level="info")
+    app = create_app(engine, api_key=api_key, model_name=served_model_name, max_request_bytes=request_bytes)
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 # ---------------------------------------------------------------------------- bench

@@ -14,6 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from quantkit.shards import return_free_memory_to_the_os
+
 from .engine import LLMEngine, RequestOutput
 from .sampling import SamplingParams
 
@@ -33,6 +35,7 @@ class AsyncEngine:
         self._stopping = False
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending_aborts: list[int] = []  # list.append/pop are atomic under the GIL
+        self._busy = False  # ran a step since the engine last went idle
         self._thread = threading.Thread(target=self._run, name="quantkit-engine", daemon=True)
 
     def start(self) -> None:
@@ -83,9 +86,16 @@ class AsyncEngine:
             with self._lock:
                 self._abort_pending()
         if not self.engine.has_unfinished():
+            if self._busy:
+                # Steps of changing batch shapes leave freed tensors as heap fragments that glibc
+                # keeps resident: the server's RSS crept up ~20 MiB per burst of 64 streams
+                # (BENCHMARKS.md, "Abuse"). Going idle hands them back (ctypes drops the GIL).
+                self._busy = False
+                return_free_memory_to_the_os()
             self._work.wait(0.05)
             self._work.clear()
             return
+        self._busy = True
         with self._lock:
             start = time.perf_counter()
             try:

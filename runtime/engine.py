@@ -50,6 +50,9 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None  # "stop", "length" or "abort"
     logprobs: list[float] = field(default_factory=list)
+    # How much of `text` no later output changes: a stream holds back the rest (a partial UTF-8
+    # character, the start of a possible stop string). All of it once finished.
+    stable_len: int = 0
     num_cached_tokens: int = 0
     arrival_time: float = 0.0
     first_token_time: float | None = None
@@ -81,7 +84,10 @@ class LLMEngine:
             chunked_prefill=config.chunked_prefill,
         ))
         self.sequences: dict[int, Sequence] = {}
-        self._meta: dict[int, dict] = {}  # per request: arrival, first token time, text
+        self._meta: dict[int, dict] = {}  # per request: arrival, first token time
+        # No token spans more characters than the longest vocabulary entry (byte-level entries
+        # have a character per byte; added tokens are listed too): a longer text cannot fit.
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()), default=1)
         self._rng = random.Random(config.seed)
         self._next_id = 0
 
@@ -91,9 +97,24 @@ class LLMEngine:
         if smaller, the whole KV cache."""
         return min(self.max_model_len, self.scheduler.config.num_blocks * self.scheduler.config.block_size)
 
+    @property
+    def max_prompt_chars(self) -> int:
+        """The longest text prompt that can fit the context: longer ones are refused untokenized."""
+        return self.max_model_len * self.max_token_chars
+
     # ------------------------------------------------------------------ requests
+    def check_prompt_size(self, prompt: str | list, what: str = "the prompt") -> None:
+        """Refuse a prompt that cannot fit the context, before the tokenizer spends time and memory on it."""
+        if isinstance(prompt, str) and len(prompt) > self.max_prompt_chars:
+            raise ValueError(
+                f"{what} has {len(prompt)} characters: it cannot fit the model's context of {self.max_model_len} tokens "
+                f"(at most {self.max_token_chars} characters a token, so {self.max_prompt_chars} characters): shorten it")
+        if isinstance(prompt, list) and len(prompt) > self.max_model_len:
+            raise ValueError(f"{what} has {len(prompt)} token ids, more than the model's context of {self.max_model_len} tokens: shorten it")
+
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt; text gets the tokenizer's special tokens (BOS for Llama 2/3, Mistral)."""
+        self.check_prompt_size(prompt)
         token_ids = self.tokenizer.encode(prompt, add_special_tokens=True) if isinstance(prompt, str) else list(prompt)
         vocab = self.runner.config.vocab_size
         bad = next((t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
@@ -117,7 +138,7 @@ class LLMEngine:
         seq.generator = None if params.greedy else make_generator(params.seed, self._rng)
         self.scheduler.add(seq)  # may raise QueueFull or ValueError (longer than the whole cache)
         self.sequences[request_id] = seq
-        self._meta[request_id] = {"arrival": time.perf_counter(), "first_token": None, "text": ""}
+        self._meta[request_id] = {"arrival": time.perf_counter(), "first_token": None}
         return request_id
 
     def abort(self, request_id: int) -> bool:
@@ -157,7 +178,7 @@ class LLMEngine:
         for seq in self.scheduler.update(batch, sampled, logprobs):
             meta = self._meta[seq.seq_id]
             meta["first_token"] = meta["first_token"] or now
-            reason = self._finish_reason(seq, meta)
+            reason = self._finish_reason(seq)
             if reason:
                 self.scheduler.finish(seq, reason)
             outputs.append(self._output(seq))
@@ -166,16 +187,11 @@ class LLMEngine:
                 self._meta.pop(seq.seq_id, None)
         return outputs
 
-    def _finish_reason(self, seq: Sequence, meta: dict) -> str | None:
+    def _finish_reason(self, seq: Sequence) -> str | None:
         p, token = seq.params, seq.last_token
         hit_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
         text = self.tokenizer.decode(seq.output_token_ids[:-1] if hit_stop_token else seq.output_token_ids, skip_special_tokens=True)
-        cut = earliest_stop(text, p.stop)
-        if cut is not None:
-            meta["text"] = text[:cut]
-            return "stop"
-        meta["text"] = text
-        if hit_stop_token:
+        if seq.stops.update(text) or hit_stop_token:  # reads only the new text
             return "stop"
         if seq.num_generated >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
@@ -187,10 +203,11 @@ class LLMEngine:
             request_id=seq.seq_id,
             prompt_token_ids=seq.prompt_token_ids,
             token_ids=seq.output_token_ids,
-            text=meta["text"],
+            text=seq.stops.text,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             logprobs=list(seq.output_logprobs) if seq.params.logprobs else [],
+            stable_len=len(seq.stops.text) if seq.is_finished else seq.stops.stable_len,
             num_cached_tokens=seq.num_cached_tokens,
             arrival_time=meta["arrival"],
             first_token_time=meta["first_token"],
@@ -253,9 +270,3 @@ class LLM:
             raise
         return [done[i] for i in order]
 
-
-def earliest_stop(text: str, stops) -> int | None:
-    """Where the first stop string in the text begins (whichever is listed first), or None: cutting
-    there leaves no stop string in the text."""
-    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
-    return min(found) if found else None

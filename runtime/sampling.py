@@ -24,6 +24,15 @@ _SEED_SOURCE = random.Random()
 # the distribution is already a point mass on the argmax: such requests are greedy (as in vLLM).
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
+# Stop strings are matched against every step's new text: bounded so that a request cannot make
+# that cost (or the stream's held-back text) large. OpenAI allows 4 strings; vLLM sets no bound.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+
+# What torch.Generator.manual_seed accepts: any 64-bit seed, signed or unsigned (a negative seed
+# is read as its two's complement, so -1 and 2**64 - 1 give the same stream).
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
 
 @dataclass
 class SamplingParams:
@@ -45,18 +54,28 @@ class SamplingParams:
         _check_int("top_k", self.top_k, ">= -1 (0 or -1 = off)", lambda v: v >= -1)
         _check_int("max_tokens", self.max_tokens, ">= 1", lambda v: v >= 1)
         if self.seed is not None:
-            _check_int("seed", self.seed, "or None", lambda v: True)
+            low, high = SEED_RANGE
+            _check_int("seed", self.seed, f"from -2**63 to 2**64 - 1 ({low} to {high}), or None", lambda v: low <= v <= high)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            raise ValueError(f"stop must be a list of non-empty strings, got {_short(self.stop)}")
+        if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters each, "
+                             f"got {len(self.stop)} strings, the longest {max(map(len, self.stop))} characters")
         if not isinstance(self.stop_token_ids, list) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {self.stop_token_ids!r}")
+            raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {_short(self.stop_token_ids)}")
         for name in ("ignore_eos", "logprobs"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be a bool, got {_short(getattr(self, name))}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+
+def _short(v: object, limit: int = 200) -> str:
+    """repr for an error message, cut: the value may be as large as the request."""
+    text = repr(v)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _is_int(v: object) -> bool:
@@ -65,12 +84,12 @@ def _is_int(v: object) -> bool:
 
 def _check_int(name: str, v: object, allowed: str, ok) -> None:
     if not _is_int(v) or not ok(v):
-        raise ValueError(f"{name} must be an int {allowed}, got {v!r}")
+        raise ValueError(f"{name} must be an int {allowed}, got {_short(v)}")
 
 
 def _check_number(name: str, v: object, allowed: str, ok) -> None:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not ok(v):
-        raise ValueError(f"{name} must be a finite number {allowed}, got {v!r}")
+        raise ValueError(f"{name} must be a finite number {allowed}, got {_short(v)}")
 
 
 def make_generator(seed: int | None = None, rng: random.Random | None = None, device: str | torch.device = "cpu") -> torch.Generator:

@@ -43,6 +43,7 @@ class Sequence:
         self.generator = None  # torch.Generator set by the engine (sampling.make_generator)
         self.finish_reason: str | None = None
         self.output_logprobs: list[float] = []
+        self.stops = StopStrings(self.params.stop)  # the output text and where a stop string cuts it
 
     def __repr__(self) -> str:
         return (f"Sequence(id={self.seq_id}, {self.status.name}, tokens={self.num_tokens}, "
@@ -95,3 +96,100 @@ class Sequence:
         self.token_ids.append(token_id)
         if logprob is not None:
             self.output_logprobs.append(logprob)
+
+
+class StopStrings:
+    """A sequence's output text, and the first stop string in it, read a step at a time.
+
+    For each stop string it keeps how long a prefix of that string the text read so far ends with
+    (Knuth-Morris-Pratt), so a step reads only its new characters, once per stop string, however
+    long the text is. The longest such partial match is what a stream must hold back: the next
+    step may complete it.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = list(stops)
+        self._longest = max(map(len, self.stops), default=0)
+        self._borders = [_borders(s) for s in self.stops]
+        self._matched = [0] * len(self.stops)
+        self._read = ""  # the text read so far: `text` without a trailing partial character
+        self.text = ""  # the decoded output so far, cut before the stop string once one appears
+        self.stopped = False
+
+    @property
+    def stable_len(self) -> int:
+        """How much of `text` no later step can change or cut: what a stream may send now."""
+        if self.stopped:
+            return len(self.text)
+        return len(self._read) - max(self._matched, default=0)
+
+    def update(self, text: str) -> bool:
+        """Take the whole output decoded so far; True once it holds a stop string, and then `text`
+        ends right before the earliest one (by where it begins; ties: whichever is listed first)."""
+        if self.stopped:
+            return True
+        self.text = text
+        # U+FFFD at the end is a character whose bytes have not all been generated yet.
+        end = len(text)
+        while end and text[end - 1] == "\ufffd":
+            end -= 1
+        if not self.stops:
+            self._read = text[:end]
+            return False
+        start = len(self._read)
+        if not text.startswith(self._read):
+            # The decoder rewrote some of what it gave before (e.g. its clean-up of spaces before
+            # punctuation): start again where the texts part, from no partial match, a longest
+            # stop's length earlier (a partial match is shorter than that).
+            start = _common_prefix_len(self._read, text)
+            self._matched = [0] * len(self.stops)
+            self._find(text, max(0, start - self._longest + 1), start)  # no full match there: it was read before
+        self._read = text[:end]
+        at = self._find(text, start, end)
+        if at is None:
+            return False
+        self.text, self.stopped = text[:at], True
+        return True
+
+    def _find(self, text: str, start: int, end: int) -> int | None:
+        """Read text[start:end]; where the earliest stop string completed in it begins, or None."""
+        earliest = None
+        for j, stop in enumerate(self.stops):
+            k, borders, n = self._matched[j], self._borders[j], len(stop)
+            for i in range(start, end):
+                c = text[i]
+                while k and stop[k] != c:
+                    k = borders[k - 1]
+                if stop[k] == c:
+                    k += 1
+                    if k == n:  # this stop's first occurrence: later ones begin later
+                        if earliest is None or i - n + 1 < earliest:
+                            earliest = i - n + 1
+                        k = borders[k - 1]
+                        break
+            self._matched[j] = k
+        return earliest
+
+
+def _borders(s: str) -> list[int]:
+    """borders[i]: the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+    borders, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = borders[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        borders[i] = k
+    return borders
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    """Length of the longest common prefix, by bisection over C-speed comparisons."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        mid = (low + high + 1) // 2
+        if a[low:mid] == b[low:mid]:
+            low = mid
+        else:
+            high = mid - 1
+    return low

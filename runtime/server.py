@@ -1,8 +1,11 @@
 """OpenAI-compatible HTTP API over the engine (Starlette app, served by uvicorn).
 
 /v1/completions and /v1/chat/completions (both with SSE streaming), /v1/models, /health,
-/metrics (Prometheus). Bad requests get 400 with a message, a missing or wrong API key 401, a
-full waiting queue 503 with Retry-After; the server keeps serving in every case.
+/metrics (Prometheus). Bad requests get 400 with a message, a body over the byte limit 413, a
+missing or wrong API key 401, a full waiting queue 503 with Retry-After; the server keeps serving
+in every case. Every request is bounded before it costs much: its body in bytes (read no further
+than the limit), a text prompt in characters and a token prompt in ids (the context's worth,
+before tokenizing), its stop strings (sampling.MAX_STOP_STRINGS).
 """
 
 from __future__ import annotations
@@ -18,21 +21,41 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .async_engine import AsyncEngine, EngineFailure, RequestStream
 from .engine import LLMEngine, RequestOutput
-from .sampling import SamplingParams
+from .sampling import MAX_STOP_STRINGS, SamplingParams
 from .scheduler import QueueFull
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 DEFAULT_CHAT_MAX_TOKENS = 256  # chat has no default limit there; a bounded one protects the cache
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+MiB = 1024**2
+# The default body limit: room for a max-context prompt as JSON. A token is ~4 characters of
+# English, ~1 of CJK; a character takes up to 6 bytes as a \u escape (12 for a surrogate pair);
+# token-id prompts need ~7 bytes an id. 32 bytes a token covers all of these; never below 1 MiB.
+REQUEST_BYTES_PER_CONTEXT_TOKEN = 32
+MIN_DEFAULT_MAX_REQUEST_BYTES = 1 * MiB
+
+
+def default_max_request_bytes(max_model_len: int) -> int:
+    return max(MIN_DEFAULT_MAX_REQUEST_BYTES, REQUEST_BYTES_PER_CONTEXT_TOKEN * max_model_len)
+
+
+# A refused body is still read to its end, up to this many bytes, each chunk thrown away as it
+# arrives: closing on a client that is still sending resets the connection, and the reset drops
+# the 413 answer unread. A longer body is cut off (its client may see only the reset).
+DRAIN_REFUSED_BODY_BYTES = 64 * MiB
 
 
 class BadRequest(ValueError):
+    pass
+
+
+class RequestTooLarge(ValueError):
     pass
 
 
@@ -94,10 +117,26 @@ def _field(body: dict, name: str, types: tuple, default: Any = None) -> Any:
     return value
 
 
+def _text(value: str, name: str) -> str:
+    """value, if it is Unicode text: JSON's \\u escapes can carry a lone surrogate, which no
+    tokenizer (nor UTF-8) can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(f"'{name}' holds a lone surrogate ({value[e.start]!r} at character {e.start}), which is not text: "
+                         "send UTF-8, or escape characters beyond U+FFFF as a surrogate pair") from None
+    return value
+
+
 def sampling_params(body: dict, default_max_tokens: int) -> SamplingParams:
     if _field(body, "n", (int,), 1) != 1:
         raise BadRequest("'n' must be 1: one choice per request is supported")
     stop = _field(body, "stop", (str, list), [])
+    if isinstance(stop, str):
+        stop = [stop]
+    for i, s in enumerate(stop[:MAX_STOP_STRINGS + 1]):  # a longer list is refused below, unread
+        if isinstance(s, str):
+            _text(s, f"stop[{i}]")
     logprobs = body.get("logprobs")
     want_logprobs = bool(logprobs) if isinstance(logprobs, bool) else _field(body, "logprobs", (int,), 0) > 0
     max_tokens = _field(body, "max_completion_tokens", (int,), None)
@@ -110,7 +149,7 @@ def sampling_params(body: dict, default_max_tokens: int) -> SamplingParams:
             top_k=_field(body, "top_k", (int,), 0),
             seed=_field(body, "seed", (int,), None),
             max_tokens=max_tokens,
-            stop=[stop] if isinstance(stop, str) else stop,
+            stop=stop,
             stop_token_ids=_field(body, "stop_token_ids", (list,), []),
             ignore_eos=_field(body, "ignore_eos", (bool,), False),
             logprobs=want_logprobs,
@@ -119,18 +158,47 @@ def sampling_params(body: dict, default_max_tokens: int) -> SamplingParams:
         raise BadRequest(str(e)) from None
 
 
-async def read_json(request: Request) -> dict:
+async def read_json(request: Request, max_bytes: int) -> dict:
+    """The body as a JSON object, kept no further than max_bytes (RequestTooLarge): a chunked body
+    declares no length, so the bytes are counted as they arrive."""
+    too_large = RequestTooLarge(f"the request body is larger than this server's limit of {max_bytes} bytes: send a shorter "
+                                "prompt, or start the server with a larger --max-request-bytes")
+    stream = request.stream()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        if int(declared) <= DRAIN_REFUSED_BODY_BYTES:
+            await _discard(stream, DRAIN_REFUSED_BODY_BYTES)
+        raise too_large
+    data = bytearray()
+    async for chunk in stream:
+        data += chunk
+        if len(data) > max_bytes:
+            await _discard(stream, DRAIN_REFUSED_BODY_BYTES - len(data))
+            raise too_large
     try:
-        body = json.loads(await request.body())
+        body = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("the request body's JSON is nested too deeply (over ~1,000 levels): no field here needs more than 3") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     return body
 
 
+async def _discard(stream: AsyncIterator[bytes], limit: int) -> None:
+    seen = 0
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > limit:
+            return
+
+
 # ---------------------------------------------------------------------------- the app
-def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | None = None) -> Starlette:
+def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | None = None,
+               max_request_bytes: int | None = None) -> Starlette:
+    """max_request_bytes: the largest request body accepted (default: default_max_request_bytes)."""
+    max_bytes = max_request_bytes or default_max_request_bytes(engine.max_model_len)
     metrics = Metrics()
     runner = AsyncEngine(engine, on_step=lambda outs, _: metrics.on_step(engine, outs))
     served_name = model_name or engine.model_name
@@ -167,7 +235,7 @@ def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | 
             metrics.requests.labels(endpoint, "401").inc()
             return error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error")
         try:
-            body = await read_json(request)
+            body = await read_json(request, max_bytes)
             stream = _field(body, "stream", (bool,), False)
             # Tokenizing (and the chat template) off the event loop and outside the engine lock.
             prompt_ids = await asyncio.to_thread(chat_prompt if chat else completion_prompt, engine, body)
@@ -180,6 +248,13 @@ def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | 
         except BadRequest as e:
             metrics.requests.labels(endpoint, "400").inc()
             return error(400, str(e))
+        except RequestTooLarge as e:
+            metrics.requests.labels(endpoint, "413").inc()
+            # A body longer than DRAIN_REFUSED_BODY_BYTES was left unread: end its connection.
+            return error(413, str(e), headers={"Connection": "close"})
+        except ClientDisconnect:  # left while sending its body
+            metrics.requests.labels(endpoint, "499").inc()
+            return error(499, "client disconnected", "client_closed_request")
         except QueueFull as e:
             metrics.requests.labels(endpoint, "503").inc()
             return error(503, f"server busy: {e}; retry later", "server_busy", headers={"Retry-After": "1"})
@@ -187,13 +262,12 @@ def create_app(engine: LLMEngine, api_key: str | None = None, model_name: str | 
             metrics.requests.labels(endpoint, "400").inc()
             return error(400, str(e))
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        if stream:
-            metrics.requests.labels(endpoint, "200").inc()
+        if stream:  # sse() counts it once it ends: 200, 499 (the client left) or 500
             options = body.get("stream_options")
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
             pieces_of = engine.tokenizer.convert_ids_to_tokens if params.logprobs else None
-            return StreamingResponse(sse(rid, stream_out, chat, served_name, params, metrics, include_usage, pieces_of),
-                                     media_type="text/event-stream")
+            end = StreamEnd(stream_out, metrics, endpoint)
+            return EventStream(sse(rid, stream_out, chat, served_name, metrics, end, include_usage, pieces_of), end)
         last = None
         watcher = asyncio.create_task(_cancel_on_disconnect(request, stream_out))
         try:
@@ -250,8 +324,10 @@ def completion_prompt(engine: LLMEngine, body: dict) -> list[int]:
         prompt = prompt[0]  # the client libraries wrap a single prompt in a list
     if not isinstance(prompt, str) and not (isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
         raise BadRequest("'prompt' must be a string or a list of token ids (one prompt per request)")
+    if isinstance(prompt, str):
+        _text(prompt, "prompt")
     try:
-        return engine.tokenize(prompt)
+        return engine.tokenize(prompt)  # refuses a prompt too long for the context before tokenizing it
     except ValueError as e:
         raise BadRequest(str(e)) from None
 
@@ -260,8 +336,10 @@ def chat_prompt(engine: LLMEngine, body: dict) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' must be a non-empty list of {role, content} objects")
+    if len(messages) > engine.max_model_len:  # each message takes at least one token of the template
+        raise BadRequest(f"{len(messages)} messages cannot fit the model's context of {engine.max_model_len} tokens: send fewer")
     plain = []
-    for m in messages:
+    for i, m in enumerate(messages):
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):  # OpenAI content parts: keep the text ones
             if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
@@ -269,7 +347,11 @@ def chat_prompt(engine: LLMEngine, body: dict) -> list[int]:
             content = "".join(part["text"] for part in content)
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(content, str):
             raise BadRequest("each message must be an object with string 'role' and 'content'")
-        plain.append({"role": m["role"], "content": content})
+        plain.append({"role": _text(m["role"], f"messages[{i}].role"), "content": _text(content, f"messages[{i}].content")})
+    try:  # the template only adds to the messages' text
+        engine.check_prompt_size("".join(m["content"] for m in plain), "the messages' content")
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
     if not getattr(engine.tokenizer, "chat_template", None):
         raise BadRequest("this model's tokenizer has no chat template: use /v1/completions")
     try:
@@ -304,25 +386,44 @@ def completion_logprobs(pieces: list[str], logprobs: list[float]) -> dict:
     return {"tokens": pieces, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": None}
 
 
-def stable_text(text: str, stops: list[str], finished: bool) -> str:
-    """What can be sent now: hold back a partial UTF-8 character and a possible stop-string prefix."""
-    if finished:
-        return text
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    for stop in stops:
-        for k in range(min(len(stop) - 1, end), 0, -1):
-            if text[:end].endswith(stop[:k]):
-                end -= k
-                break
-    return text[:end]
+class StreamEnd:
+    """Aborts a stream's request (a no-op once finished) and counts its status, once, however the
+    stream ends: 200, 500, or 499 when the client left first."""
+
+    def __init__(self, outputs: RequestStream, metrics: Metrics, endpoint: str):
+        self.outputs, self.metrics, self.endpoint = outputs, metrics, endpoint
+        self.status = "499"
+        self.done = False
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            self.outputs.cancel()  # frees the blocks of a request whose client went away
+            self.metrics.requests.labels(self.endpoint, self.status).inc()
 
 
-async def sse(rid: str, outputs: RequestStream, chat: bool, model: str, params: SamplingParams, metrics: Metrics,
+class EventStream(StreamingResponse):
+    """Server-sent events whose request ends with the response: Starlette cancels the body's
+    generator when the client leaves, or never starts it when the client left before the first
+    event; either way StreamEnd runs here, now rather than when the generator is collected."""
+
+    def __init__(self, events: AsyncIterator[str], end: StreamEnd):
+        super().__init__(events, media_type="text/event-stream")
+        self.end = end
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self.end()
+
+
+async def sse(rid: str, outputs: RequestStream, chat: bool, model: str, metrics: Metrics, end: StreamEnd,
               include_usage: bool = False, pieces_of: Callable[[list[int]], list[str]] | None = None) -> AsyncIterator[str]:
     """The request as OpenAI's server-sent events; with logprobs asked for (pieces_of given), each
-    chunk carries the logprobs of the tokens generated since the previous chunk."""
+    chunk carries the logprobs of the tokens generated since the previous chunk. Each chunk sends
+    the text the engine marks stable (out.stable_len): nothing here rescans the text."""
     created, sent, counted, last, tokens_sent = int(time.time()), 0, False, None, 0
 
     def chunk(delta_text: str, finish: str | None, role: bool = False, out: RequestOutput | None = None) -> str:
@@ -349,16 +450,18 @@ async def sse(rid: str, outputs: RequestStream, chat: bool, model: str, params: 
             if not counted:
                 metrics.prompt_tokens.inc(len(out.prompt_token_ids))
                 counted = True
-            text = stable_text(out.text, params.stop, out.finished)
-            if len(text) > sent or out.finished:
-                yield chunk(text[sent:], out.finish_reason if out.finished else None, out=out)
-                sent, tokens_sent = max(sent, len(text)), len(out.token_ids)
+            upto = len(out.text) if out.finished else out.stable_len
+            if upto > sent or out.finished:
+                yield chunk(out.text[sent:upto], out.finish_reason if out.finished else None, out=out)
+                sent, tokens_sent = max(sent, upto), len(out.token_ids)
         if include_usage and last is not None:  # OpenAI's stream_options: a last chunk with no choices
             body = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created, "model": model,
                     "choices": [], "usage": usage(last)}
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
+        end.status = "200"  # [DONE] was sent: Starlette asked for more
     except EngineFailure as e:
+        end.status = "500"
         yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error', 'code': 500}})}\n\n"
     finally:
-        outputs.cancel()  # the client went away mid-stream: abort and free its blocks
+        end()

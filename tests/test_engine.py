@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from quantkit.kernels import cpu_ext
-from quantkit.runtime.engine import LLM, EngineConfig, LLMEngine, earliest_stop
+from quantkit.runtime.engine import LLM, EngineConfig, LLMEngine
 from quantkit.runtime.sampling import SamplingParams
+from quantkit.runtime.sequence import StopStrings
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -95,7 +96,78 @@ def test_when_one_token_completes_two_stop_strings_the_text_ends_before_the_earl
     first, second = texts[step][len(texts[step - 1])], texts[step][len(texts[step - 1]) + 1]
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[second, first]))[0]
     assert out.finish_reason == "stop" and out.text == texts[step - 1]  # cut at `first`, though listed second
-    assert earliest_stop("abcabc", ["c", "b", "z"]) == 1 and earliest_stop("abc", ["z"]) is None
+    stops = StopStrings(["c", "b", "z"])
+    assert stops.update("abcabc") and stops.text == "a"
+    assert not StopStrings(["z"]).update("abc")
+
+
+def first_stop(text: str, stops: list[str]) -> int | None:
+    """Reference: where the earliest stop string begins in the whole text."""
+    found = [at for at in (text.find(s) for s in stops) if at >= 0]
+    return min(found) if found else None
+
+
+def longest_partial_stop(text: str, stops: list[str]) -> int:
+    """Reference: the longest end of the text that begins some stop string."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def test_stop_strings_read_a_step_at_a_time_find_what_a_search_of_the_whole_text_finds():
+    rng = torch.Generator().manual_seed(0)
+
+    def pick(alphabet: str, n: int) -> str:
+        return "".join(alphabet[i] for i in torch.randint(0, len(alphabet), (n,), generator=rng).tolist())
+
+    for _ in range(500):
+        stops = [pick("ab c", int(torch.randint(1, 6, (1,), generator=rng))) for _ in range(int(torch.randint(1, 5, (1,), generator=rng)))]
+        full, matcher, end = pick("ab c", 60), StopStrings(stops), 0
+        while end < len(full):
+            end += int(torch.randint(1, 5, (1,), generator=rng))
+            text = full[:end]
+            if end % 3 == 0:  # the decoder may rewrite its last character once the next one arrives
+                text = text[:-1] + "\ufffd"
+            expected = first_stop(text, stops)
+            assert matcher.update(text) == (expected is not None), (stops, text)
+            if expected is not None:
+                assert matcher.text == text[:expected] and matcher.stable_len == expected
+                break
+            complete = text.rstrip("\ufffd")  # a partial character is held back too
+            assert matcher.stable_len == len(complete) - longest_partial_stop(complete, stops), (stops, text)
+
+
+def test_stop_strings_hold_back_a_partial_stop_and_a_partial_character():
+    stops = StopStrings(["world"])
+    stops.update("hello wor")
+    assert stops.text == "hello wor" and stops.stable_len == len("hello ")
+    stops = StopStrings([])
+    stops.update("abc\ufffd")
+    assert stops.stable_len == 3
+
+
+def test_stop_strings_follow_a_decoder_that_rewrites_earlier_text():
+    stops = StopStrings(["xyz"])
+    assert not stops.update("ab x")
+    assert not stops.update("aB xy") and stops.stable_len == len("aB ")
+    assert stops.update("aB xyz") and stops.text == "aB "
+
+
+def test_stop_strings_read_each_new_character_once_per_stop_string():
+    class CountingText(str):
+        reads = 0
+
+        def __getitem__(self, key):
+            if isinstance(key, int):
+                CountingText.reads += 1
+            return str.__getitem__(self, key)
+
+    stops = ["x" * 255 + "y", "needle", "z" * 256]
+    matcher = StopStrings(stops)
+    text = "x" * 300 + " and more text" * 100  # keeps a long partial match of the first stop alive for a while
+    for end in range(1, len(text) + 1):
+        assert not matcher.update(CountingText(text[:end]))
+    # each character once per stop string, and each step's last one for a partial character;
+    # whole-text rescans would read about len(text) ** 2 / 2 characters per stop string
+    assert CountingText.reads == len(stops) * len(text) + len(text)
 
 
 def test_eos_ends_generation_unless_ignored(tiny_model_dir):
@@ -127,6 +199,23 @@ def test_bad_requests_are_rejected_with_the_reason(tiny_model_dir):
         engine.add_request([1] * 500, SamplingParams(max_tokens=100))
     with pytest.raises(ValueError, match="cache"):
         engine.add_request([1] * 300, SamplingParams(max_tokens=10))  # 16 blocks x 16 = 256 tokens
+
+
+def test_prompts_too_long_for_the_context_are_refused_before_tokenizing(tiny_model_dir, monkeypatch):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model_dir), dtype="float32", num_blocks=16))
+    assert engine.max_token_chars == max(len(t) for t in engine.tokenizer.get_vocab())
+    assert engine.max_prompt_chars == engine.max_model_len * engine.max_token_chars
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the tokenizer ran")
+
+    monkeypatch.setattr(engine.tokenizer, "encode", no_tokenizing)
+    with pytest.raises(ValueError, match=f"characters: it cannot fit the model's context of {engine.max_model_len} tokens"):
+        engine.add_request("x" * (engine.max_prompt_chars + 1), GREEDY)
+    # token ids: the length is checked before each id is (these are outside the vocabulary too)
+    with pytest.raises(ValueError, match=f"{engine.max_model_len + 1} token ids, more than the model's context"):
+        engine.add_request([10**9] * (engine.max_model_len + 1), GREEDY)
+    assert not engine.has_unfinished()
 
 
 def test_abort_frees_the_blocks_of_a_running_request(tiny_model_dir):

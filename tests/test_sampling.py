@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantkit.runtime.sampling import SamplingParams, make_generator, sample
+from quantkit.runtime.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, SamplingParams, make_generator, sample
 
 
 @pytest.mark.parametrize(
@@ -21,6 +21,8 @@ from quantkit.runtime.sampling import SamplingParams, make_generator, sample
         ("max_tokens", 0),
         ("max_tokens", 8.0),
         ("seed", 1.5),
+        ("seed", 2**64),  # torch: "Overflow when unpacking long long"
+        ("seed", -(2**63) - 1),
         ("stop", [""]),
         ("stop", [3]),
         ("stop_token_ids", [-1]),
@@ -32,6 +34,20 @@ from quantkit.runtime.sampling import SamplingParams, make_generator, sample
 def test_bad_values_are_rejected_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_a_seed_names_its_range_and_every_seed_in_it_makes_a_generator():
+    with pytest.raises(ValueError, match=r"seed must be an int from -2\*\*63 to 2\*\*64 - 1"):
+        SamplingParams(seed=10**30)
+    for seed in (-(2**63), -1, 0, 2**63, 2**64 - 1):
+        make_generator(SamplingParams(seed=seed).seed)
+
+
+@pytest.mark.parametrize("stop", [["x"] * (MAX_STOP_STRINGS + 1), ["x" * (MAX_STOP_STRING_CHARS + 1)]])
+def test_stop_strings_are_bounded_in_number_and_length(stop):
+    with pytest.raises(ValueError, match=f"stop may hold at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters"):
+        SamplingParams(stop=stop)
+    SamplingParams(stop=["x" * MAX_STOP_STRING_CHARS] * MAX_STOP_STRINGS)  # the bound itself is allowed
 
 
 def test_good_values_are_accepted():

@@ -9,9 +9,10 @@ import httpx
 import pytest
 from conftest import serving
 
+from quantkit.runtime import async_engine
 from quantkit.runtime.engine import LLM, EngineConfig, LLMEngine
 from quantkit.runtime.sampling import SamplingParams
-from quantkit.runtime.server import create_app, stable_text
+from quantkit.runtime.server import create_app
 
 API_KEY = "test-key"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
@@ -42,6 +43,13 @@ def post(server, path: str, body, key: str | None = API_KEY, raw: bytes | None =
 
 
 PROMPT = "The quick brown fox"
+
+
+def requests_counted(url: str, endpoint: str, status: str) -> float:
+    """The server's quantkit_requests_total for one endpoint and status (0 before the first)."""
+    prefix = f'quantkit_requests_total{{endpoint="{endpoint}",status="{status}"}} '
+    lines = [line for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
 
 
 def offline_text(server, prompt, max_tokens):
@@ -153,10 +161,15 @@ def test_a_client_that_disconnects_mid_stream_has_its_sequence_aborted(server):
     assert "quantkit_kv_blocks_used 0.0" in httpx.get(server["url"] + "/metrics").text
 
 
-def test_streaming_holds_back_partial_stop_strings_and_characters():
-    assert stable_text("hello wor", ["world"], finished=False) == "hello "
-    assert stable_text("abc\ufffd", [], finished=False) == "abc"
-    assert stable_text("hello wor", ["world"], finished=True) == "hello wor"
+def test_a_streamed_completion_with_stop_strings_sends_the_text_cut_before_the_stop(server, client):
+    args = {"model": "tiny", "prompt": PROMPT, "max_tokens": 12, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    free = client.completions.create(**args).choices[0].text
+    stop = free[len(free) // 2 :][:3]  # from the middle of the free text: a partial match is held back first
+    assert stop.strip()
+    full = client.completions.create(stop=[stop, "never in this text"], **args).choices[0]
+    chunks = list(client.completions.create(stop=[stop, "never in this text"], stream=True, **args))
+    assert full.finish_reason == "stop" and free.startswith(full.text) and stop not in full.text
+    assert "".join(c.choices[0].text for c in chunks) == full.text and chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_out_of_vocabulary_token_ids_get_400_and_do_not_fail_other_requests(server, client):
@@ -227,6 +240,7 @@ def test_a_non_streaming_client_that_disconnects_has_its_sequence_aborted(server
 
     monkeypatch.setattr(engine, "step", slow_step)
     body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+    left_before = requests_counted(server["url"], "completions", "499")
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server["url"] + "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=0.5)
     deadline = time.time() + 20
@@ -234,6 +248,20 @@ def test_a_non_streaming_client_that_disconnects_has_its_sequence_aborted(server
         assert time.time() < deadline, "the disconnected request kept running"
         time.sleep(0.05)
     # and its handler returns (a waiting handler would hold a task and its queue forever)
-    while 'quantkit_requests_total{endpoint="completions",status="499"} 1.0' not in httpx.get(server["url"] + "/metrics").text:
+    while requests_counted(server["url"], "completions", "499") != left_before + 1:
         assert time.time() < deadline, "the disconnected request's handler never returned"
         time.sleep(0.05)
+
+
+def test_the_engine_hands_freed_heap_back_to_the_os_once_each_time_it_goes_idle(server, monkeypatch):
+    trims = []
+    monkeypatch.setattr(async_engine, "return_free_memory_to_the_os", lambda: trims.append(server["engine"].has_unfinished()))
+    for _ in range(2):
+        before = len(trims)
+        assert post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 3}).status_code == 200
+        deadline = time.time() + 20
+        while len(trims) == before:
+            assert time.time() < deadline, "the engine went idle without trimming the heap"
+            time.sleep(0.05)
+    time.sleep(0.3)  # several idle polls of the engine loop: none trims again
+    assert trims == [False, False]
