@@ -437,13 +437,27 @@ def _weight_map(path: Path, listed: Mapping[str, str]) -> dict[str, str]:
     return dict(mapping)
 
 
-def tensor_meta(path: Path, mapping: Mapping[str, str]) -> dict[str, TensorMeta]:
-    """Header metadata of each mapped tensor, from its shard; a tensor missing from its shard is damage."""
+def tensors_by_file(mapping: Mapping[str, str]) -> dict[str, list[str]]:
+    """Tensor name -> file, regrouped as file -> its tensors (files sorted): each shard is opened once."""
     by_file: dict[str, list[str]] = {}
     for name, file in mapping.items():
         by_file.setdefault(file, []).append(name)
+    return dict(sorted(by_file.items()))
+
+
+def read_tensors(path: Path, mapping: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """The tensors `mapping` names (name -> file in `path`), each from its file; nothing else is read."""
+    out: dict[str, torch.Tensor] = {}
+    for file, names in tensors_by_file(mapping).items():
+        with open_safetensors(Path(path) / file) as handle:
+            out.update({name: handle.get_tensor(name) for name in names})
+    return out
+
+
+def tensor_meta(path: Path, mapping: Mapping[str, str]) -> dict[str, TensorMeta]:
+    """Header metadata of each mapped tensor, from its shard; a tensor missing from its shard is damage."""
     meta: dict[str, TensorMeta] = {}
-    for file, names in sorted(by_file.items()):
+    for file, names in tensors_by_file(mapping).items():
         present = header_meta(path / file)
         absent = sorted(set(names) - set(present))
         if absent:
@@ -534,11 +548,7 @@ class Artifact:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the index (or the one listed shard) names, each read from its listed shard."""
-        out: dict[str, torch.Tensor] = {}
-        for file in self.weight_files:
-            with open_safetensors(file) as handle:
-                out.update({name: handle.get_tensor(name) for name, f in self.weight_map.items() if f == file.name})
-        return dict(sorted(out.items()))
+        return dict(sorted(read_tensors(self.path, self.weight_map).items()))
 
 
 def load_artifact(path: Path) -> Artifact:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .artifact import INDEX_NAME, MANIFEST_NAME, open_safetensors, read_json_object, tensor_meta
+from .artifact import INDEX_NAME, MANIFEST_NAME, read_json_object, read_tensors, tensor_meta
 from .errors import QuantkitError
 from .pack import TensorMeta, check_packed_tensors
 from .shards import weight_map
@@ -75,9 +75,13 @@ class AwqCheckpoint:
     path: Path
     config: dict  # config.json with the standard quantization_config
     settings: AwqSettings
-    files: dict[str, list[str]]  # weight file name -> the tensors to read from it
+    weight_map: dict[str, str]  # tensor -> the weight file to read it from
     tensors: dict[str, TensorMeta]
     quantized_modules: tuple[str, ...]
+
+    @property
+    def files(self) -> list[str]:
+        return sorted(set(self.weight_map.values()))
 
 
 # ---------------------------------------------------------------------------- detection
@@ -254,18 +258,10 @@ def check_autoawq_checkpoint(path: str | Path) -> AwqCheckpoint:
     modules = check_packed_tensors(meta, settings.group_size, settings.modules_to_not_convert, path, settings.source)
     config = read_json_object(path / "config.json")
     config["quantization_config"] = settings.quantization_config()
-    files: dict[str, list[str]] = {}
-    for name, file in sorted(mapping.items()):
-        files.setdefault(file, []).append(name)
-    return AwqCheckpoint(path, config, settings, dict(sorted(files.items())), meta, modules)
+    return AwqCheckpoint(path, config, settings, mapping, meta, modules)
 
 
 def load_autoawq_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """config (with a standard AWQ quantization_config) and tensors of a validated AutoAWQ GEMM checkpoint."""
     checkpoint = check_autoawq_checkpoint(path)
-    tensors: dict[str, torch.Tensor] = {}
-    for file, names in checkpoint.files.items():
-        with open_safetensors(checkpoint.path / file) as handle:
-            for name in names:
-                tensors[name] = handle.get_tensor(name)
-    return checkpoint.config, tensors
+    return checkpoint.config, read_tensors(checkpoint.path, checkpoint.weight_map)

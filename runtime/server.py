@@ -450,7 +450,7 @@ async def sse(rid: str, outputs: RequestStream, chat: bool, model: str, metrics:
             if not counted:
                 metrics.prompt_tokens.inc(len(out.prompt_token_ids))
                 counted = True
-            upto = len(out.text) if out.finished else out.stable_len
+            upto = out.stable_len  # all of the text once finished
             if upto > sent or out.finished:
                 yield chunk(out.text[sent:upto], out.finish_reason if out.finished else None, out=out)
                 sent, tokens_sent = max(sent, upto), len(out.token_ids)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.artifact import MANIFEST_NAME, load_artifact, open_safetensors, read_json_object
+from quantkit.artifact import MANIFEST_NAME, load_artifact, read_json_object, read_tensors
 from quantkit.autoawq import declares_quantization, load_autoawq_checkpoint
 from quantkit.errors import QuantkitError
 from quantkit.shards import weight_map
@@ -48,13 +48,7 @@ def load_weights(spec: str | Path) -> ModelWeights:
     if declares_quantization(model_dir):  # a hub download can be an AutoAWQ export too
         return _foreign_quantized(model_dir)
     config = read_json_object(model_dir / "config.json")
-    tensors: dict[str, torch.Tensor] = {}
-    by_file: dict[str, list[str]] = {}
-    for name, file in weight_map(model_dir).items():  # the index's files only, as transformers reads them
-        by_file.setdefault(file, []).append(name)
-    for file, names in sorted(by_file.items()):
-        with open_safetensors(model_dir / file) as handle:
-            tensors.update({name: handle.get_tensor(name) for name in names})
+    tensors = read_tensors(model_dir, weight_map(model_dir))  # the index's files only, as transformers reads them
     return ModelWeights(model_dir, config, tensors, quantized=False)
 
 
