@@ -105,9 +105,10 @@ class Server:
     def metrics(self) -> dict:
         text = httpx.get(self.url + "/metrics", timeout=10).text
         counts: dict[str, float] = {}
-        for endpoint, status, value in re.findall(r'quantkit_requests_total\{endpoint="(\w+)",status="(\d+)"\} (\S+)', text):
+        for labels, value in re.findall(r"^quantkit_requests_total\{(.*)\} (\S+)$", text, re.M):
+            status = re.search(r'status="(\d+)"', labels).group(1)
             counts[status] = counts.get(status, 0) + float(value)
-        gauge = {name: float(v) for name, v in re.findall(r"^(quantkit_\w+) (\S+)$", text, re.M)}
+        gauge = {name: float(v) for name, v in re.findall(r"^(quantkit_\w+)(?:\{.*\})? (\S+)$", text, re.M)}
         return {"requests": counts, "kv_free": gauge["quantkit_kv_blocks_free"], "kv_used": gauge["quantkit_kv_blocks_used"],
                 "running": gauge["quantkit_num_requests_running"], "waiting": gauge["quantkit_num_requests_waiting"]}
 
@@ -183,7 +184,7 @@ def bad_requests(context: int) -> list[tuple[str, str, str, dict, int]]:
         ("stop a number", "POST", c, js({"prompt": PROMPT, "stop": 5}), 400),
         ("messages a string", "POST", chat, js({"messages": "hi"}), 400),
         ("image content part", "POST", chat, js({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400),
-        ("n = 2", "POST", c, js({"prompt": PROMPT, "n": 2}), 400),
+        ("n = 129", "POST", c, js({"prompt": PROMPT, "n": 129}), 400),
         ("top_p 0", "POST", c, js({"prompt": PROMPT, "top_p": 0}), 400),
         ("temperature -1", "POST", c, js({"prompt": PROMPT, "temperature": -1}), 400),
         ("max_tokens 0", "POST", c, js({"prompt": PROMPT, "max_tokens": 0}), 400),

@@ -6,10 +6,11 @@ A directory holding safetensors shards in the AWQ GEMM layout, config.json with 
 
 This module is the format's one writer and one reader:
 - Writing: shards are saved durably (temp file, fsync, rename) and readable by all (0644);
-  `complete_artifact` adds the index, config, tokenizer and manifest to a directory of shards,
-  listing exactly the files it wrote; a full disk is one clear error naming the path and the
-  free space. The directory is built beside the output and renamed into place, so an
-  interrupted write leaves no half artifact.
+  `complete_artifact` adds the index, config, tokenizer, the README.md model card
+  (quantkit/model_card.py) and the manifest to a directory of shards, listing exactly the files
+  it wrote; recording an evaluation re-renders the card (`append_to_manifest`); a full disk is
+  one clear error naming the path and the free space. The directory is built beside the output
+  and renamed into place, so an interrupted write leaves no half artifact.
 - Reading: the manifest is the one list of the artifact's files. Loading re-hashes every
   listed file, refuses a weight file the manifest does not list (it would override real
   tensors), checks config.json's quantization settings against the tensors' shapes, and reads
@@ -38,10 +39,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import QuantkitError
+from .model_card import render_model_card
 from .pack import TensorMeta, check_packed_tensors, dequantize_awq, pack_awq
 from .quantizer import QuantParams
 
 MANIFEST_NAME = "quantkit.json"
+CARD_NAME = "README.md"
 INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 2 * 1024**3
 TOKENIZER_FILES = (
@@ -197,9 +200,9 @@ def complete_artifact(
     hint: str = WRITE_AGAIN,
 ) -> None:
     """Turn a directory holding the saved `shards` (file name -> its tensors) into an artifact: the index
-    (for several shards), config.json, the tokenizer files and the manifest, which lists and hashes
-    exactly these files. Everything is fsynced before it returns, so renaming the directory into
-    place afterwards commits a durable artifact."""
+    (for several shards), config.json, the tokenizer files, README.md (the model card) and the
+    manifest, which lists and hashes exactly these files. Everything is fsynced before it returns,
+    so renaming the directory into place afterwards commits a durable artifact."""
     directory = Path(directory)
     written = list(shards)
     if len(shards) > 1:
@@ -211,6 +214,8 @@ def complete_artifact(
     written.append("config.json")
     with _writing(directory, hint):
         written += copy_tokenizer_files(tokenizer_dir, directory)
+    write_text_atomically(directory / CARD_NAME, _model_card(directory, manifest, config, shards), hint)
+    written.append(CARD_NAME)
     for name in written:  # shards and texts were synced as written; the copies were not
         _fsync(directory / name)
     files = {name: file_sha256(directory / name) for name in sorted(written)}
@@ -253,12 +258,40 @@ def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
     return shards
 
 
+def _model_card(directory: Path, manifest: Mapping, config: Mapping, shards) -> str:
+    return render_model_card(manifest, config, {name: (Path(directory) / name).stat().st_size for name in shards})
+
+
 def append_to_manifest(path: Path, key: str, entry: dict) -> None:
-    """Append `entry` to the manifest's list `key` (an evaluation, say), atomically. The manifest does
-    not hash itself, so the files it lists still verify."""
+    """Append `entry` to the manifest's list `key` (an evaluation, say), and re-render the model card
+    it describes, listing the card's new sha256: afterwards every listed file still verifies.
+
+    Two files change, in this order: the new card is written and synced beside the old one, the
+    manifest (the commit point) is replaced, then the card renamed into place. A full disk or a
+    failure before the commit changes nothing; the one gap left is between the two renames. The card
+    is re-rendered only where the manifest lists one: an artifact written before cards existed may
+    hold a README.md of someone else's, which is theirs to keep.
+    """
+    path = Path(path)
     manifest = read_manifest(path)
     manifest.setdefault(key, []).append(entry)
-    write_text_atomically(Path(path) / MANIFEST_NAME, json.dumps(manifest, indent=2))
+    if CARD_NAME not in manifest["files"]:
+        write_text_atomically(path / MANIFEST_NAME, json.dumps(manifest, indent=2))
+        return
+    shards = [name for name in manifest["files"] if name.endswith(".safetensors")]
+    card = _model_card(path, manifest, read_json_object(path / "config.json"), shards)
+    tmp = path / (CARD_NAME + ".tmp")
+    try:
+        with _writing(path / CARD_NAME, WRITE_AGAIN):
+            tmp.write_text(card)
+            os.chmod(tmp, FILE_MODE)
+            _fsync(tmp)
+        manifest["files"] = {**manifest["files"], CARD_NAME: file_sha256(tmp)}
+        write_text_atomically(path / MANIFEST_NAME, json.dumps(manifest, indent=2))
+    except BaseException:  # before the commit: the old card and manifest stand
+        tmp.unlink(missing_ok=True)
+        raise
+    _durable_replace(tmp, path / CARD_NAME)
 
 
 def check_output_dir(out: Path, force: bool) -> None:

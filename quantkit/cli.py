@@ -15,6 +15,7 @@ import click  # noqa: E402
 
 from .bench.offline import MODES as _OFFLINE_MODES  # noqa: E402  (cheap: no torch, no httpx)
 from .errors import QuantkitError  # noqa: E402
+from .export_formats import COMPRESSED_TENSORS, SUPPORTED_FORMATS  # noqa: E402
 
 
 class _Group(click.Group):
@@ -55,40 +56,12 @@ def quantize(model, out, recipe, method, group_size, calib_source, samples, seql
 
     MODEL may be left out when the recipe names one.
     """
-    from tqdm import tqdm
+    from .pipeline import run_quantize
 
-    from .pipeline import quantize as run_quantize
-    from .recipe import Recipe, load_recipe
-
-    base = load_recipe(recipe) if recipe else Recipe()
-    plan = base.with_overrides(
-        method=method,
-        group_size=group_size,
-        source=calib_source,
-        samples=samples,
-        seqlen=seqlen,
-        seed=seed,
-        search_samples=search_samples,
-        duo_scaling=duo_scaling,
-        clip=clip,
-        rounding=rounding,
+    path = run_quantize(
+        model, out, recipe, force=force, resume=resume, method=method, group_size=group_size, source=calib_source, samples=samples,
+        seqlen=seqlen, seed=seed, search_samples=search_samples, duo_scaling=duo_scaling, clip=clip, rounding=rounding,
     )
-    model = model or base.model
-    if not model:
-        raise QuantkitError("no model given; pass MODEL (a directory, a hub id or 'smollm2-135m') or a recipe with 'model:'.")
-    bar: tqdm | None = None
-
-    def progress(done: int, total: int, _seconds: float) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, initial=done - 1, unit="block", desc=f"{plan.quantization.method} g{plan.quantization.group_size}")
-        bar.update(1)
-
-    try:
-        path = run_quantize(model, out, plan, force=force, progress=progress, resume=resume)
-    finally:
-        if bar is not None:
-            bar.close()
     click.echo(f"wrote {path}")
 
 
@@ -118,46 +91,21 @@ def eval_(artifact, baseline, tasks, limit, recipe, gate, output, dtype) -> None
 
     Runs lm-eval on both, reports the delta and, with --gate, exits 1 when a gate is breached.
     """
-    import json
+    from .evaluate import plan_evaluation, run_plan
+    from .gates import judge_gates
 
-    from .eval_tasks import check_task_data, resolve_tasks
-    from .evaluate import evaluate_pair, open_candidate, record_in_manifest
-    from .gates import check_gates, format_breaches, format_markdown, format_table, validate_gates
-    from .recipe import load_recipe
-
-    candidate = open_candidate(artifact)  # verifies hashes / AWQ layout before spending time on it
-    baseline = baseline or candidate.source_model
-    if not baseline:
-        why = "an AutoAWQ checkpoint has no quantkit manifest" if candidate.foreign else "its manifest names none"
-        raise QuantkitError(f"{artifact} records no source model ({why}); pass --baseline MODEL.")
-    task_names = resolve_tasks([t.strip() for t in tasks.split(",") if t.strip()])
-    check_task_data()
-    gates = load_recipe(recipe).gates if recipe else candidate.gates
-    if gate and not gates:
-        raise QuantkitError("--gate needs thresholds: pass --recipe FILE with a 'gates:' section.")
-    validate_gates(gates)  # an unknown gate name fails now, not after the evaluation
-    output = output or candidate.report_path
-    for path in (output, output.with_suffix(".md")):  # checked now, not after the evaluation
-        if path.is_dir():
-            raise QuantkitError(f"-o {output}: {path} is a directory; give a file path such as {output / 'report.json'}.")
-    report = evaluate_pair(str(artifact), baseline, task_names, limit, dtype, echo=click.echo)
-    click.echo(format_table(report))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((output, json.dumps(report, indent=2)), (output.with_suffix(".md"), format_markdown(report))):
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-    if not record_in_manifest(artifact, report, output):
-        click.echo(f"{artifact} is a foreign checkpoint: left untouched")
-    click.echo(f"wrote {output} and {output.with_suffix('.md')}")
+    plan = plan_evaluation(artifact, tasks, baseline, recipe, gate, output, default_output=True)  # every check before any evaluation
+    report = run_plan(plan, limit, dtype, echo=click.echo)
     if gate:
-        _enforce(check_gates(report, gates), format_breaches)
+        _enforce(judge_gates(report, plan.gates))
 
 
 @main.command("export")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Directory to write.")
-@click.option("--format", "fmt", default="compressed-tensors", show_default=True, help="Target layout: compressed-tensors (pack-quantized, as vLLM and llm-compressor load it).")
+@click.option("--format", "fmt", type=click.Choice(SUPPORTED_FORMATS), default=COMPRESSED_TENSORS, show_default=True,
+              help="Target layout: compressed-tensors (pack-quantized, as vLLM and llm-compressor load it) or gguf "
+              "(llama.cpp's Q4_1 blocks, for group sizes 32, 64 and 128).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 def export_(artifact, out, fmt, force) -> None:
     """Write ARTIFACT in another checkpoint layout, with the same dequantized weights."""
@@ -168,22 +116,25 @@ def export_(artifact, out, fmt, force) -> None:
 
 @main.command("gate")
 @click.argument("report", type=click.Path(path_type=Path))
-@click.option("--recipe", type=click.Path(path_type=Path), required=True, help="Recipe whose gates apply.")
+@click.option("--recipe", type=click.Path(path_type=Path), help="Recipe whose gates apply (default: the recipe recorded in the evaluated artifact's manifest).")
 def gate_(report, recipe) -> None:
     """Re-check a saved evaluation REPORT against a recipe's gates (exit 1 on a breach)."""
-    from .gates import check_gates, format_breaches, format_table, load_report
-    from .recipe import load_recipe
+    from .gates import format_table, gates_for_report, judge_gates, load_report
 
     data = load_report(report)
+    gates, origin = gates_for_report(data, report, recipe)
     click.echo(format_table(data))
-    _enforce(check_gates(data, load_recipe(recipe).gates), format_breaches)
+    click.echo(f"gates from {origin}")
+    _enforce(judge_gates(data, gates))
 
 
-def _enforce(breaches, format_breaches) -> None:
-    if breaches:
-        click.echo(format_breaches(breaches), err=True)
+def _enforce(verdict) -> None:
+    """Print the verdict (to stderr when it failed) and exit 1 on a breach; gates not judged are listed, not failed."""
+    from .gates import format_verdict
+
+    click.echo(format_verdict(verdict), err=not verdict.passed)
+    if not verdict.passed:
         sys.exit(1)
-    click.echo("all gates passed")
 
 
 def _parse_bytes(text: str) -> int:
@@ -202,39 +153,49 @@ def _parse_bytes(text: str) -> int:
 @click.option("--api-key", envvar="QUANTKIT_API_KEY", help="Require 'Authorization: Bearer KEY' (or set QUANTKIT_API_KEY).")
 @click.option("--kv-cache-memory", default="256MiB", show_default=True, help="KV cache budget; sets the number of blocks.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--max-model-len", type=click.IntRange(min=1), help="Context length served (default: the model's max_position_embeddings).")
 @click.option("--max-num-seqs", default=64, show_default=True, type=int, help="Sequences per step.")
 @click.option("--max-num-batched-tokens", default=512, show_default=True, type=int, help="Token budget per step.")
 @click.option("--max-waiting", default=256, show_default=True, type=int, help="Queue length beyond which requests get 503.")
 @click.option("--block-size", default=16, show_default=True, type=int, help="Tokens per KV block.")
-@click.option("--served-model-name", help="Model id reported by /v1/models (default: MODEL).")
+@click.option("--served-model-name", "served_model_names", multiple=True,
+              help="Model id requests name and /v1/models lists (default: MODEL). Repeat for aliases; the first is the one reported.")
 @click.option("--int8-head/--no-int8-head", default=None,
               help="Decode reads an int8 copy of the output head (half its bf16 bytes; +29 MiB for SmolLM2-135M). "
                    "Default: only where the copy is no further from the checkpoint than the bf16 head (SmolLM2's, born Q8_0).")
 @click.option("--max-request-bytes", help="Largest request body accepted (e.g. 4MiB); larger ones get 413 unread. "
               "Default: room for a max-context prompt, 32 bytes per context token, at least 1 MiB.")
-def serve(model, host, port, api_key, kv_cache_memory, dtype, max_num_seqs, max_num_batched_tokens, max_waiting, block_size, served_model_name,
-          int8_head, max_request_bytes) -> None:
+@click.option("--stats-log-interval", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between throughput lines on the log while there is work (0: none).")
+def serve(model, host, port, api_key, kv_cache_memory, dtype, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, block_size,
+          served_model_names, int8_head, max_request_bytes, stats_log_interval) -> None:
     """Serve MODEL (an artifact, a model directory or 'smollm2-135m') with an OpenAI-compatible API."""
+    import logging
+
     import uvicorn
 
     from quantkit.runtime.engine import EngineConfig, LLMEngine
-    from quantkit.runtime.server import create_app, default_max_request_bytes
+    from quantkit.runtime.server import create_app
 
     request_bytes = _parse_bytes(max_request_bytes) if max_request_bytes else None
     if request_bytes is not None and request_bytes < 1:
         raise QuantkitError(f"--max-request-bytes must be at least 1 byte, got {max_request_bytes!r}.")
     engine = LLMEngine(EngineConfig(
-        model=model, dtype=dtype, block_size=block_size, kv_cache_memory=_parse_bytes(kv_cache_memory),
+        model=model, dtype=dtype, block_size=block_size, kv_cache_memory=_parse_bytes(kv_cache_memory), max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting, int8_head=int8_head,
     ))
-    blocks = engine.runner.num_blocks
-    click.echo(f"KV cache: {blocks} blocks x {block_size} tokens = {blocks * block_size} tokens ({blocks * engine.runner.block_bytes / 1024**2:.0f} MiB)")
-    request_bytes = request_bytes or default_max_request_bytes(engine.max_model_len)
-    click.echo(f"Requests: bodies up to {request_bytes} bytes, text prompts up to {engine.max_prompt_chars} characters "
-               f"({engine.max_model_len} tokens of context)")
+    if max_model_len is not None and engine.max_model_len < max_model_len:
+        raise QuantkitError(f"--max-model-len {max_model_len} is longer than {model}'s context of {engine.max_model_len} tokens "
+                            "(max_position_embeddings); give at most that.")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
-    app = create_app(engine, api_key=api_key, model_name=served_model_name, max_request_bytes=request_bytes)
+    handler = logging.StreamHandler()  # the banner, a line per request, the throughput lines
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    serve_log = logging.getLogger("quantkit.serve")
+    serve_log.addHandler(handler)
+    serve_log.setLevel(logging.INFO)
+    app = create_app(engine, api_key=api_key, model_name=list(served_model_names) or None, max_request_bytes=request_bytes,
+                     stats_log_interval=stats_log_interval)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 

@@ -11,15 +11,24 @@ rolling windows for perplexity), so numbers are comparable with `lm_eval --model
 or a foreign AWQ GEMM checkpoint (AutoAWQ's export, quantkit/autoawq.py): the latter has no
 manifest to name its source, gates or weights, so the report pins its weights by sha256 and
 nothing is ever written into it (`open_candidate`, `record_in_manifest`).
+
+`quantkit eval` and the Python API (`quantkit.evaluate`, which is this module, callable as
+`run_evaluation`) share the steps: `plan_evaluation` checks everything that can be wrong before
+any evaluation time is spent, `run_plan` evaluates, writes the report and records it.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
+import sys
 import time
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lm_eval.models  # noqa: F401  (lm-eval loads its own models only into an empty registry: before ours)
 import torch
@@ -27,6 +36,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from quantkit.eval_tasks import QUANTKIT_TASKS
 from quantkit.runtime.engine import LLM
 from quantkit.runtime.model_runner import StepInput
 from quantkit.runtime.sampling import SamplingParams
@@ -363,7 +373,9 @@ class Candidate:
     @property
     def gates(self) -> dict:
         """The gates of the recipe it was quantized with, if recorded."""
-        return (self.manifest or {}).get("recipe", {}).get("gates", {})
+        from quantkit.gates import recorded_gates
+
+        return recorded_gates(self.manifest)
 
     @property
     def report_path(self) -> Path:
@@ -392,7 +404,9 @@ def open_candidate(path: str | Path) -> Candidate:
 
 
 def record_in_manifest(artifact_path, report: dict, report_path) -> bool:
-    """Append the evaluation's summary to the artifact's quantkit.json (temp file + rename).
+    """Append the evaluation's summary to the artifact's quantkit.json (temp file + rename); the
+    artifact's model card is re-rendered with it (quantkit/artifact.py). `report_path` is where the
+    report was written, or None when it was not.
 
     Returns False, writing nothing, for a foreign AWQ checkpoint: it has no manifest of ours.
     """
@@ -402,5 +416,135 @@ def record_in_manifest(artifact_path, report: dict, report_path) -> bool:
     if declares_quantization(artifact_path):  # no quantkit.json: someone else's export, left untouched
         return False
     summary = {k: report[k] for k in ("date", "lm_eval_version", "baseline", "limit", "task_hashes", "results")}
-    append_to_manifest(Path(artifact_path), "evaluations", {**summary, "report": str(report_path)})
+    append_to_manifest(Path(artifact_path), "evaluations", {**summary, "report": None if report_path is None else str(report_path)})
     return True
+
+
+# ---------------------------------------------------------------------------- the steps `quantkit eval` and the API share
+DEFAULT_TASKS = tuple(QUANTKIT_TASKS)  # all five offline tasks, by their short names
+
+
+@dataclass(frozen=True)
+class EvaluationPlan:
+    """An evaluation checked and ready to run: nothing in it can fail after the models have run."""
+
+    candidate: Candidate
+    baseline: str
+    tasks: list[str]  # lm-eval task names (resolved: qk_piqa for piqa)
+    gates: dict[str, float]  # the thresholds that apply ({} when none do)
+    output: Path | None  # the report's JSON (a .md is written beside it); None: not written
+
+
+def plan_evaluation(
+    artifact: str | Path,
+    tasks: str | Iterable[str] = DEFAULT_TASKS,
+    baseline: str | Path | None = None,
+    recipe: Any = None,
+    gate: bool = False,
+    output: str | Path | None = None,
+    default_output: bool = False,
+) -> EvaluationPlan:
+    """Check an evaluation before any time is spent on it: the candidate's hashes (or AutoAWQ
+    layout), that a baseline is known (default: the source the manifest names), the task names and
+    their vendored data, the gates (from `recipe`, a path or a Recipe, else the artifact's recorded
+    recipe; `gate` requires some) and that the report paths are not directories. `tasks` is a
+    comma-separated string or a list. `default_output`: with no `output`, write the report where
+    `quantkit eval` does (inside a quantkit artifact, else the working directory)."""
+    from quantkit.errors import QuantkitError
+    from quantkit.eval_tasks import check_task_data, resolve_tasks
+    from quantkit.gates import recipe_gates, validate_gates
+
+    candidate = open_candidate(artifact)  # verifies hashes / AWQ layout before spending time on it
+    baseline = baseline or candidate.source_model
+    if not baseline:
+        why = "an AutoAWQ checkpoint has no quantkit manifest" if candidate.foreign else "its manifest names none"
+        raise QuantkitError(f"{artifact} records no source model ({why}); pass --baseline MODEL (baseline= in Python).")
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    task_names = resolve_tasks([t.strip() for t in names if t.strip()])
+    check_task_data()
+    gates = recipe_gates(recipe) if recipe is not None else candidate.gates
+    if gate and not gates:
+        raise QuantkitError("--gate needs thresholds: pass --recipe FILE with a 'gates:' section (gate=FILE in Python).")
+    gates = validate_gates(gates)  # an unknown gate name fails now, not after the evaluation
+    output = Path(output) if output is not None else candidate.report_path if default_output else None
+    for path in (output, output.with_suffix(".md")) if output is not None else ():  # checked now, not after the evaluation
+        if path.is_dir():
+            raise QuantkitError(f"-o {output}: {path} is a directory; give a file path such as {output / 'report.json'}.")
+    return EvaluationPlan(candidate, str(baseline), task_names, gates, output)
+
+
+def write_report(report: dict, output: Path) -> tuple[Path, Path]:
+    """The report as JSON at `output` and as a Markdown table beside it, each replaced in one step."""
+    from quantkit.gates import format_markdown
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    markdown = output.with_suffix(".md")
+    for path, text in ((output, json.dumps(report, indent=2)), (markdown, format_markdown(report))):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return output, markdown
+
+
+def run_plan(plan: EvaluationPlan, limit: int | None = None, dtype: str = "bfloat16", echo: Callable[[str], Any] = print) -> dict:
+    """Evaluate as planned, print the table, write the report (if the plan has a path) and record it
+    in the artifact's manifest (a foreign checkpoint is left untouched); returns the report."""
+    from quantkit.gates import format_table
+
+    report = evaluate_pair(str(plan.candidate.path), plan.baseline, plan.tasks, limit, dtype, echo=echo)
+    echo(format_table(report))
+    if plan.output is not None:
+        write_report(report, plan.output)
+    if not record_in_manifest(plan.candidate.path, report, plan.output):
+        echo(f"{plan.candidate.path} is a foreign checkpoint: left untouched")
+    if plan.output is not None:
+        echo(f"wrote {plan.output} and {plan.output.with_suffix('.md')}")
+    return report
+
+
+def run_evaluation(
+    artifact: str | Path,
+    tasks: str | Iterable[str] = DEFAULT_TASKS,
+    *,
+    baseline: str | Path | None = None,
+    limit: int | None = None,
+    dtype: str = "bfloat16",
+    gate: Any = False,
+    output: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate `artifact` against its FP16 baseline and return the report; this is `quantkit.evaluate`.
+
+    As `quantkit eval`: baseline and artifact run through the same lm-eval tasks, runtime and dtype
+    (`baseline` defaults to the source model the manifest names) and the report is recorded in the
+    artifact's manifest and model card. `limit`: the first N examples of each task. `output`: also
+    write the report there as JSON and Markdown (nothing is written by default). `gate`: True checks
+    the gates of the artifact's recorded recipe, a recipe path or Recipe checks that one's; a breach
+    raises gates.GatesBreached (holding the verdict and the report, already recorded), and gates the
+    report has no task for are listed as not judged. `progress`: print the steps and the table.
+    """
+    from quantkit.gates import GatesBreached, format_verdict, judge_gates
+
+    gating = gate is not None and gate is not False
+    recipe = None if isinstance(gate, bool) or gate is None else gate
+    echo = print if progress else (lambda _text: None)
+    plan = plan_evaluation(artifact, tasks, baseline, recipe, gating, output)
+    report = run_plan(plan, limit, dtype, echo)
+    if gating:
+        verdict = judge_gates(report, plan.gates)
+        if not verdict.passed:
+            raise GatesBreached(verdict, report)
+        echo(format_verdict(verdict))
+    return report
+
+
+class _CallableModule(types.ModuleType):
+    """`quantkit.evaluate` names this module (the import system sets a package's attribute to its
+    submodule), so the module itself is the API's function: quantkit.evaluate(...) = run_evaluation(...)."""
+
+    def __call__(self, *args, **kwargs) -> dict:
+        return run_evaluation(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+__signature__ = inspect.signature(run_evaluation)  # what help() and inspect show for quantkit.evaluate

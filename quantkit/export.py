@@ -1,4 +1,4 @@
-"""Export a quantkit artifact to other checkpoint formats (today: compressed-tensors).
+"""Export a quantkit artifact to other checkpoint formats: compressed-tensors, and GGUF (export_gguf.py).
 
 The compressed-tensors "pack-quantized" layout is what llm-compressor writes and what vLLM
 (and transformers, through the compressed-tensors library) load. Per quantized linear with
@@ -19,6 +19,8 @@ packs along the input dim in natural order.
 
 The export is built in a temporary sibling directory and renamed into place, like
 write_artifact, and carries its own manifest (`quantkit_export.json`) tying it to the source.
+A GGUF export is such a directory too, holding one `model.gguf` (tokenizer and chat template
+inside it) beside the manifest, so --force and the all-or-nothing write work the same.
 """
 
 from __future__ import annotations
@@ -47,10 +49,9 @@ from .artifact import (
     save_shard,
 )
 from .errors import QuantkitError
+from .export_formats import COMPRESSED_TENSORS, GGUF, SUPPORTED_FORMATS
 from .pack import NATURAL_ORDER, PACK_FACTOR, pack_int4, unpack_awq
 
-COMPRESSED_TENSORS = "compressed-tensors"
-SUPPORTED_FORMATS: tuple[str, ...] = (COMPRESSED_TENSORS,)
 EXPORT_MANIFEST_NAME = "quantkit_export.json"
 
 
@@ -170,8 +171,9 @@ def _converted_shard(names: list[str], reader: _TensorReader) -> Iterator[tuple[
             yield f"{module}.{local}", tensor
 
 
-def _write_compressed_tensors(artifact: Artifact, tmp: Path, group_size: int) -> dict:
-    """Shards, index and config.json into `tmp`; returns the written quantization_config."""
+def _write_compressed_tensors(artifact: Artifact, tmp: Path) -> dict:
+    """Shards, index, config.json and the tokenizer files into `tmp`; returns the manifest's format entries."""
+    group_size = artifact.quantization["group_size"]  # load_artifact checked the settings against the tensors
     files = artifact.weight_files
     weight_map: dict[str, str] = {}
     total = 0
@@ -188,7 +190,25 @@ def _write_compressed_tensors(artifact: Artifact, tmp: Path, group_size: int) ->
     quantization_config = compressed_tensors_config(group_size, ignore_list(artifact.quantization))
     config = {**artifact.config, "quantization_config": quantization_config}
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    return quantization_config
+    copy_tokenizer_files(artifact.path, tmp)
+    return {"compressed_tensors_version": quantization_config["version"]}
+
+
+def _write_gguf(artifact: Artifact, tmp: Path) -> dict:
+    from .export_gguf import write_gguf  # gguf and the runtime's config parsers: loaded only for this format
+
+    return write_gguf(artifact, tmp)
+
+
+def _check_gguf(artifact: Artifact) -> None:
+    from .export_gguf import check_gguf_exportable
+
+    check_gguf_exportable(artifact)
+
+
+_WRITERS = {COMPRESSED_TENSORS: _write_compressed_tensors, GGUF: _write_gguf}
+# What a format cannot hold is refused before anything is written (compressed-tensors holds any artifact).
+_CHECKS = {GGUF: _check_gguf}
 
 
 def export_artifact(artifact_path: Path | str, out_dir: Path | str, fmt: str = COMPRESSED_TENSORS, force: bool = False) -> Path:
@@ -203,16 +223,16 @@ def export_artifact(artifact_path: Path | str, out_dir: Path | str, fmt: str = C
     _check_paths(source, out)
     check_output_dir(out, force)
     artifact = load_artifact(source)
-    group_size = artifact.quantization["group_size"]  # load_artifact checked the settings against the tensors
+    if fmt in _CHECKS:
+        _CHECKS[fmt](artifact)
 
     with building_dir(out) as tmp:
-        quantization_config = _write_compressed_tensors(artifact, tmp, group_size)
-        copy_tokenizer_files(source, tmp)
+        format_entries = _WRITERS[fmt](artifact, tmp)
         written = hash_files(tmp)
         manifest = {
             "format": fmt,
             "quantkit_version": quantkit_version,
-            "compressed_tensors_version": quantization_config["version"],
+            **format_entries,
             "source": {
                 "path": str(source.resolve()),
                 "manifest": MANIFEST_NAME,

@@ -5,9 +5,16 @@ A report (written by `quantkit eval`) maps each task to its metric, direction an
     {"results": {"wikitext": {"metric": "word_perplexity", "higher_is_better": false,
                               "baseline": 20.1, "candidate": 22.9}, ...}}
 
-Everything here is pure: the CLI loads the report, calls `check_gates` and decides the exit code.
-A gate that cannot be checked (missing value, no task it applies to, zero baseline) is a breach:
-in CI a silently skipped gate is indistinguishable from a passing one.
+Everything here is pure: the CLI loads the report, calls `judge_gates` and decides the exit code
+(`gates_for_report` finds the thresholds; it is the one function here that reads files).
+
+What a gate cannot check is never silently skipped (in CI a skipped gate reads like a passing one):
+- a task the gate applies to whose value is missing, or whose baseline is <= 0, is a breach: the
+  task ran and gave no usable number;
+- a gate none of whose tasks are in the report (a perplexity gate over a run of piqa alone) is
+  *not judged*: it is listed by name with the reason, and does not fail the verdict, so a quick run
+  on a task subset judges what it can and says what it could not;
+- a verdict that judged no gate at all is an error, not a pass.
 """
 
 from __future__ import annotations
@@ -40,6 +47,39 @@ class Breach:
     value: float | None  # the measured quantity (%, points); None when it cannot be computed
     threshold: float
     message: str  # reads after "FAIL <gate>: "
+
+
+@dataclass(frozen=True)
+class NotJudged:
+    """A gate the report has no task for: listed, never counted as a pass or a breach."""
+
+    gate: str
+    threshold: float
+    reason: str  # reads after "not judged <gate>: "
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A report against a set of gates: every gate is either judged (passing or with breaches) or not judged."""
+
+    judged: tuple[str, ...]
+    breaches: tuple[Breach, ...]
+    not_judged: tuple[NotJudged, ...]
+
+    @property
+    def passed(self) -> bool:
+        """No breach among the judged gates (the not-judged ones are listed by `format_verdict`)."""
+        return not self.breaches
+
+
+class GatesBreached(QuantkitError):
+    """Raised by `quantkit.evaluate(..., gate=...)` when a gate is breached; `verdict` holds them all,
+    `report` the evaluation (already written and recorded, as `quantkit eval --gate` leaves it)."""
+
+    def __init__(self, verdict: Verdict, report: Mapping[str, Any]):
+        super().__init__(format_verdict(verdict))
+        self.verdict = verdict
+        self.report = report
 
 
 # ---------------------------------------------------------------- validation
@@ -162,18 +202,33 @@ def _task_breach(gate: str, task: str, d: Mapping[str, Any], key: str, threshold
     return None
 
 
-_PER_TASK = {  # gate -> (derived key, applies to higher-is-better tasks, what the tasks are called)
-    "max_perplexity_increase_pct": ("increase_pct", False, "lower-is-better (perplexity)"),
-    "min_task_retention_pct": ("retention_pct", True, "higher-is-better (accuracy)"),
-    "max_task_drop_points": ("drop_points", True, "higher-is-better (accuracy)"),
+_PER_TASK = {  # gate -> (derived key, applies to higher-is-better tasks)
+    "max_perplexity_increase_pct": ("increase_pct", False),
+    "min_task_retention_pct": ("retention_pct", True),
+    "max_task_drop_points": ("drop_points", True),
+}
+# What the tasks of each direction are called, and the offline tasks of that kind (quantkit/eval_tasks.py).
+_KINDS = {
+    False: ("lower-is-better (perplexity)", "wikitext"),
+    True: ("higher-is-better (accuracy)", "hellaswag, piqa, winogrande or lambada"),
 }
 
 
-def check_gates(report: Mapping[str, Any], gates: Mapping[str, Any]) -> list[Breach]:
-    """Every breach of `gates` by `report`, in gate order then task order; [] means all pass.
+def _not_judged(gate: str, threshold: float, hib: bool, rows: Mapping[str, Any]) -> NotJudged:
+    kind, examples = _KINDS[hib]
+    has = f"it has {', '.join(rows)}" if rows else "it has no task"
+    return NotJudged(gate, threshold, f"no {kind} task in the report ({has}); evaluate {examples} to judge it")
 
-    No gates at all is an error, not a pass: a CI step gating on a recipe without thresholds
-    would otherwise report success while checking nothing.
+
+def judge_gates(report: Mapping[str, Any], gates: Mapping[str, Any]) -> Verdict:
+    """Judge `report` against `gates`: breaches in gate order then task order, and the gates the
+    report has no task for.
+
+    A gate with none of its tasks in the report is not judged: listed (`Verdict.not_judged`, shown
+    by `format_verdict`) but not a breach, so that a quick run on a task subset judges the gates it
+    can. A task the gate applies to whose value is missing or unusable is a breach: that task was
+    evaluated and failed to give a number. No gates at all, or gates none of which could be judged,
+    is an error, not a pass: a CI step would otherwise report success while checking nothing.
     """
     thresholds = validate_gates(gates)
     if not thresholds:
@@ -182,29 +237,40 @@ def check_gates(report: Mapping[str, Any], gates: Mapping[str, Any]) -> list[Bre
             f"'gates:' (e.g. min_mean_retention_pct: 98.0); known gates: {sorted(KNOWN_GATES)}."
         )
     rows = derived(report)
+    judged: list[str] = []
     breaches: list[Breach] = []
+    not_judged: list[NotJudged] = []
     for gate, threshold in thresholds.items():
-        if gate == "min_mean_retention_pct":
-            breaches += _mean_breach(rows, threshold)
-            continue
-        key, hib, kind = _PER_TASK[gate]
+        hib = True if gate == "min_mean_retention_pct" else _PER_TASK[gate][1]
         tasks = {t: d for t, d in rows.items() if d["higher_is_better"] is hib}
         if not tasks:
-            breaches.append(Breach(gate, None, None, threshold,
-                                   f"metric missing: no {kind} task in the report, so the gate cannot be checked"))
+            not_judged.append(_not_judged(gate, threshold, hib, rows))
+            continue
+        judged.append(gate)
+        if gate == "min_mean_retention_pct":
+            breaches += _mean_breach(tasks, threshold)
+            continue
         for task, d in tasks.items():
-            b = _task_breach(gate, task, d, key, threshold)
+            b = _task_breach(gate, task, d, _PER_TASK[gate][0], threshold)
             if b is not None:
                 breaches.append(b)
-    return breaches
+    if not judged:
+        raise QuantkitError(
+            "no gate could be judged: " + "; ".join(f"{n.gate}: {n.reason}" for n in not_judged)
+            + ". Evaluate at least one task a gate applies to."
+        )
+    return Verdict(tuple(judged), tuple(breaches), tuple(not_judged))
 
 
-def _mean_breach(rows: Mapping[str, Mapping[str, Any]], threshold: float) -> list[Breach]:
+def check_gates(report: Mapping[str, Any], gates: Mapping[str, Any]) -> list[Breach]:
+    """The breaches of `judge_gates(report, gates)` ([] when every judged gate passes); the gates it
+    could not judge are left out, so show them with `format_verdict(judge_gates(...))`."""
+    return list(judge_gates(report, gates).breaches)
+
+
+def _mean_breach(accuracy_rows: Mapping[str, Mapping[str, Any]], threshold: float) -> list[Breach]:
     gate = "min_mean_retention_pct"
-    rets = {t: d["retention_pct"] for t, d in rows.items() if d["higher_is_better"]}
-    if not rets:
-        msg = "metric missing: no higher-is-better (accuracy) task in the report, so the gate cannot be checked"
-        return [Breach(gate, "mean", None, threshold, msg)]
+    rets = {t: d["retention_pct"] for t, d in accuracy_rows.items()}
     lacking = [t for t, r in rets.items() if r is None]
     if lacking:
         return [Breach(gate, "mean", None, threshold,
@@ -283,6 +349,22 @@ def format_breaches(breaches: list[Breach]) -> str:
     return "\n".join(f"FAIL {b.gate}: {b.message}" for b in breaches)
 
 
+def format_verdict(verdict: Verdict) -> str:
+    """One FAIL line per breach, one "not judged" line per gate the report had no task for, then a
+    summary; "all gates passed" only when every gate was judged and passed."""
+    lines = [format_breaches(list(verdict.breaches))] if verdict.breaches else []
+    lines += [f"not judged {n.gate}: {n.reason}" for n in verdict.not_judged]
+    total = len(verdict.judged) + len(verdict.not_judged)
+    unjudged = f"; not judged: {', '.join(n.gate for n in verdict.not_judged)}" if verdict.not_judged else ""
+    if verdict.breaches:
+        lines.append(f"gates failed ({len({b.gate for b in verdict.breaches})} of {total}){unjudged}")
+    elif verdict.not_judged:
+        lines.append(f"judged gates passed ({len(verdict.judged)} of {total}){unjudged}")
+    else:
+        lines.append("all gates passed")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -300,3 +382,73 @@ def load_report(path: str | Path) -> dict[str, Any]:
     except QuantkitError as e:
         raise QuantkitError(f"evaluation report {path}: {e}") from None
     return report
+
+
+# ---------------------------------------------------------------- where the thresholds come from
+
+
+def recorded_gates(manifest: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The gates of the recipe an artifact was quantized with, as its manifest records them ({} if none)."""
+    recipe = (manifest or {}).get("recipe")
+    gates = recipe.get("gates") if isinstance(recipe, Mapping) else None
+    return dict(gates) if isinstance(gates, Mapping) else {}
+
+
+def recipe_gates(recipe: Any) -> dict[str, float]:
+    """The gates of a recipe: a Recipe, or the path of a recipe YAML (schema-checked as always)."""
+    from .recipe import Recipe, load_recipe  # recipe.py imports this module
+
+    return dict((recipe if isinstance(recipe, Recipe) else load_recipe(recipe)).gates)
+
+
+def _same_evaluation(entry: Any, report: Mapping[str, Any]) -> bool:
+    """Whether a manifest's evaluation entry records this report (compared as JSON, so NaN equals NaN)."""
+    if not isinstance(entry, Mapping):
+        return False
+    return all(json.dumps(entry.get(k), sort_keys=True) == json.dumps(report.get(k), sort_keys=True) for k in ("date", "results"))
+
+
+def report_artifact(report: Mapping[str, Any], report_path: str | Path | None = None) -> Path | None:
+    """The quantkit artifact whose manifest records `report`: the candidate the report names (a path
+    as `quantkit eval` was given it, so relative to where that ran), else the directory holding the
+    report (`quantkit eval` writes it inside the artifact by default). None if neither records it."""
+    from .artifact import MANIFEST_NAME, read_manifest
+
+    candidate = report.get("candidate")
+    places = [Path(candidate["model"])] if isinstance(candidate, Mapping) and isinstance(candidate.get("model"), str) else []
+    places += [Path(report_path).parent] if report_path is not None else []
+    for place in places:
+        if (place / MANIFEST_NAME).is_file() and any(_same_evaluation(e, report) for e in read_manifest(place).get("evaluations") or []):
+            return place
+    return None
+
+
+def gates_for_report(report: Mapping[str, Any], report_path: str | Path | None = None, recipe: Any = None) -> tuple[dict[str, float], str]:
+    """The gates `report` is checked against and where they came from: `recipe` (a path or a Recipe)
+    when given, else the recipe recorded in the manifest of the artifact the report evaluated (as
+    `quantkit eval` does without --recipe). Refuses, saying what to pass, when neither gives gates."""
+    if recipe is not None:
+        return recipe_gates(recipe), f"recipe {recipe}" if isinstance(recipe, (str, Path)) else f"recipe {recipe.name}"
+    candidate = report.get("candidate") if isinstance(report.get("candidate"), Mapping) else {}
+    if candidate.get("format") == "autoawq":
+        raise QuantkitError(f"the report's candidate {candidate.get('model')} is an AutoAWQ checkpoint, which records no recipe; "
+                            "pass --recipe FILE with a 'gates:' section.")
+    artifact = report_artifact(report, report_path)
+    if artifact is None:
+        raise QuantkitError(
+            f"no --recipe given, and no artifact's manifest records this report (looked in {candidate.get('model', 'its candidate')!s}"
+            + (f" and {Path(report_path).parent}" if report_path is not None else "")
+            + "; run from the directory `quantkit eval` ran in, or the artifact was moved or quantized again since); "
+            "pass --recipe FILE with a 'gates:' section."
+        )
+    from .artifact import MANIFEST_NAME, read_manifest
+
+    where = artifact / MANIFEST_NAME
+    gates = recorded_gates(read_manifest(artifact))
+    if not gates:
+        raise QuantkitError(f"no --recipe given, and the recipe recorded in {where} has no gates (it was quantized without a "
+                            "recipe 'gates:' section); pass --recipe FILE with one.")
+    try:
+        return validate_gates(gates), f"the recipe recorded in {where}"
+    except QuantkitError as e:
+        raise QuantkitError(f"{where}: recorded gates: {e}") from None

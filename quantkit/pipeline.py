@@ -1,28 +1,40 @@
-"""`quantkit quantize` as a function: resolve, calibrate, quantize, pack, write."""
+"""`quantkit quantize` as a function: resolve, calibrate, quantize, pack, write.
+
+`run_quantize` is the entry point the Python API (`quantkit.quantize`) and the command line share:
+recipe file or Recipe, overrides checked by the recipe schema, a progress bar over blocks.
+`quantize` is the step beneath it, for callers holding a finished Recipe.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import json
 import platform
 import resource
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 
 from . import __version__
 from .artifact import artifact_tensors, awq_quantization_config, check_output_dir
-from .awq import CLIP_STYLES, COMPUTE_DTYPES, METHODS, BlockDone, ProgressFn, capture_block_inputs, check_group_sizes, check_rounding, quantize_blocks
+from .awq import (
+    CLIP_STYLES, COMPUTE_DTYPES, METHODS, AWQSettings, BlockDone, ProgressFn, capture_block_inputs, check_group_sizes, check_rounding,
+    quantize_blocks,
+)
 from .calibration import build_calibration_set, calibration_sha256, load_calibration_texts
 from .errors import QuantkitError
 from .kernels import cpu_ext
 from .models import get_adapter
 from .quantizer import SUPPORTED_BITS
 from .partial import PartialArtifact
-from .recipe import Recipe
+from .recipe import CalibrationSettings, Recipe, load_recipe
 from .shards import ShardedCheckpoint, load_block, load_outside_blocks, outside_block_state, release_block, skeleton_model
 from .sources import load_tokenizer, resolve_model, weights_sha256
 
@@ -53,8 +65,73 @@ def read_source_config(model_dir: Path) -> dict:
     return config
 
 
+# The settings a keyword of run_quantize may override: every quantization and calibration field.
+OVERRIDABLE = tuple(f.name for cls in (AWQSettings, CalibrationSettings) for f in dataclasses.fields(cls))
+
+
+def plan_recipe(recipe: Recipe | str | Path | None = None, **overrides: Any) -> Recipe:
+    """The recipe to run: `recipe` (a Recipe, a YAML path, or None for the defaults) with `overrides`
+    applied, each checked by the recipe schema (None means 'not given'). A keyword that names no
+    setting is a TypeError listing the ones that exist."""
+    unknown = sorted(set(overrides) - set(OVERRIDABLE))
+    if unknown:
+        raise TypeError(f"unknown recipe override(s) {unknown}; the settings that can be overridden are {list(OVERRIDABLE)}.")
+    base = recipe if isinstance(recipe, Recipe) else load_recipe(recipe) if recipe is not None else Recipe()
+    return base.with_overrides(**overrides)
+
+
+@contextlib.contextmanager
+def block_progress(description: str) -> Iterator[ProgressFn]:
+    """A tqdm bar over decoder blocks, as `quantize(progress=...)` reports them: opened at the first
+    finished block (a resumed run starts part-way) and closed however the run ends."""
+    from tqdm import tqdm
+
+    bar: tqdm | None = None
+
+    def progress(done: int, total: int, _seconds: float) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, initial=done - 1, unit="block", desc=description)
+        bar.update(1)
+
+    try:
+        yield progress
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def run_quantize(
+    model: str | Path | None,
+    out: str | Path,
+    recipe: Recipe | str | Path | None = None,
+    *,
+    force: bool = False,
+    resume: bool = False,
+    progress: bool | ProgressFn = True,
+    **overrides: Any,
+) -> Path:
+    """Quantize `model` into the artifact directory `out`; returns `out`. This is `quantkit.quantize`.
+
+    `model` is a model directory, a hub id or "smollm2-135m"; None takes the recipe's `model:`.
+    `recipe` is a recipe YAML path, a Recipe or None (the defaults); keyword overrides are its
+    quantization and calibration settings (method="rtn", group_size=32, samples=64, source="x.txt",
+    ...), checked by the recipe schema. `progress`: True draws a bar over blocks, False nothing, a
+    callable gets (blocks done, blocks total, seconds of the last block). `force` replaces `out`;
+    `resume` continues an interrupted run from its last finished block.
+    """
+    plan = plan_recipe(recipe, **overrides)
+    model = model or plan.model
+    if not model:
+        raise QuantkitError("no model given; pass MODEL (a directory, a hub id or 'smollm2-135m') or a recipe with 'model:'.")
+    if progress is True:
+        with block_progress(f"{plan.quantization.method} g{plan.quantization.group_size}") as bar:
+            return quantize(model, Path(out), plan, force=force, progress=bar, resume=resume)
+    return quantize(model, Path(out), plan, force=force, progress=progress or None, resume=resume)
+
+
 def quantize(
-    model_spec: str,
+    model_spec: str | Path,
     out: Path,
     recipe: Recipe,
     force: bool = False,

@@ -2,8 +2,9 @@
 
 Every engine call happens under one lock; the loop thread holds it for one step at a time, so
 request handlers (run via asyncio.to_thread) slip in between steps and the event loop itself
-never waits for the model. Outputs travel back to each request's asyncio.Queue through
-call_soon_threadsafe. A step that raises fails only the requests in that step.
+never waits for the model. Outputs travel back to their stream's asyncio.Queue through
+call_soon_threadsafe; a stream holds one HTTP request's engine requests (its n choices of each of
+its prompts). A step that raises fails only the requests in that step.
 """
 
 from __future__ import annotations
@@ -46,14 +47,24 @@ class AsyncEngine:
         self._work.set()
         self._thread.join(timeout=10)
 
-    async def add(self, prompt: str | list[int], params: SamplingParams) -> RequestStream:
-        """Queue a request (ValueError / QueueFull propagate); iterate the stream for its outputs."""
+    async def add(self, requests: list[tuple[str | list[int], SamplingParams]]) -> RequestStream:
+        """Queue requests, all or none (ValueError / QueueFull propagate); iterate the stream for
+        their outputs, interleaved as the steps produce them."""
         stream = RequestStream(self)
 
         def add() -> None:
             with self._lock:
-                stream.request_id = self.engine.add_request(prompt, params)
-                self._streams[stream.request_id] = (stream.loop, stream.queue)
+                try:
+                    for prompt, params in requests:
+                        rid = self.engine.add_request(prompt, params)
+                        stream.request_ids.append(rid)
+                        self._streams[rid] = (stream.loop, stream.queue)
+                except BaseException:
+                    for rid in stream.request_ids:
+                        self._streams.pop(rid, None)
+                        self.engine.abort(rid)
+                    raise
+                stream.unfinished = set(stream.request_ids)
             self._work.set()
 
         await asyncio.to_thread(add)
@@ -128,13 +139,15 @@ _CANCELLED = object()  # what a cancelled stream's reader wakes up to
 
 
 class RequestStream:
-    """One request's outputs, in order; the last has finished=True. cancel() if you stop reading."""
+    """The outputs of one or more requests: each request's in order, the last with finished=True;
+    the stream ends when all have finished. cancel() if you stop reading."""
 
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.request_id = -1
+        self.request_ids: list[int] = []
+        self.unfinished: set[int] = set()
         self.finished = False
 
     def __aiter__(self) -> RequestStream:
@@ -147,14 +160,17 @@ class RequestStream:
         if item is _CANCELLED:
             raise StopAsyncIteration
         if isinstance(item, Exception):
-            self.finished = True
+            self.cancel()  # the failed request is gone; its siblings are not
             raise item
-        self.finished = item.finished
+        if item.finished:
+            self.unfinished.discard(item.request_id)
+            self.finished = not self.unfinished
         return item
 
     def cancel(self) -> None:
         """Call on the stream's event loop: a reader waiting for the next output stops too."""
         if not self.finished:
             self.finished = True
-            self.engine.abort_nowait(self.request_id)
+            for rid in self.unfinished:
+                self.engine.abort_nowait(rid)
             self.queue.put_nowait(_CANCELLED)

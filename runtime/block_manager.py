@@ -56,13 +56,18 @@ class BlockManager:
     def blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         return max(0, seq.num_blocks(self.block_size, seq.num_computed_tokens + num_new_tokens) - len(seq.block_table))
 
+    def reads_prefix_cache(self, seq: Sequence) -> bool:
+        """Whether admitting seq looks its prefix up: not while it owes prompt logprobs, whose rows
+        it must compute itself (it still names its blocks for later sequences)."""
+        return self.enable_prefix_caching and not seq.owes_prompt_logprobs
+
     def allocate_prompt(self, seq: Sequence) -> int:
         """On admission (first or after preemption): share the longest cached prefix; return its length.
 
         Only full blocks of token_ids[:-1] may hit: the last token must be computed to get logits.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0, f"allocate_prompt on a sequence that holds blocks: {seq}"
-        if self.enable_prefix_caching:
+        if self.reads_prefix_cache(seq):
             bs, parent = self.block_size, b""
             for i in range((seq.num_tokens - 1) // bs):
                 h = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])

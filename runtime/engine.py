@@ -15,7 +15,7 @@ import torch
 
 from quantkit.sources import load_tokenizer
 
-from .model_runner import ModelRunner, StepInput
+from .model_runner import ModelRunner, RowLogprobs, StepInput
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import QueueFull, ScheduledBatch, Scheduler, SchedulerConfig
 from .sequence import Sequence
@@ -49,7 +49,12 @@ class RequestOutput:
     text: str  # generated text so far (cut before a stop string)
     finished: bool
     finish_reason: str | None  # "stop", "length" or "abort"
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # per output token, with logprobs
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)  # per output token with top_logprobs > 0: most likely first
+    # With prompt_logprobs, aligned with prompt_token_ids (the first token has no prefix: None);
+    # the alternatives only with top_logprobs > 0 too.
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
     # How much of `text` no later output changes: a stream holds back the rest (a partial UTF-8
     # character, the start of a possible stop string). All of it once finished.
     stable_len: int = 0
@@ -125,6 +130,10 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None) -> int:
         """Queue a request; returns its id. Raises ValueError (bad request) or QueueFull."""
         params = params or SamplingParams()
+        vocab = self.runner.config.vocab_size
+        bad = next((t for t in params.logit_bias if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})")
         token_ids = self.tokenize(prompt)
         if not token_ids:
             raise ValueError("the prompt is empty: send at least one token")
@@ -155,27 +164,41 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        sampled, logprobs = self._run(batch)
-        return self._postprocess(batch, sampled, logprobs)
+        result = self._run(batch)
+        return self._postprocess(batch, result)
 
-    def _run(self, batch: ScheduledBatch) -> tuple[dict[int, int], dict[int, float]]:
+    def _run(self, batch: ScheduledBatch) -> StepResult:
         step = StepInput(
             token_ids=[s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n] for s, n in zip(batch.seqs, batch.num_new_tokens)],
             starts=[s.num_computed_tokens for s in batch.seqs],
             block_tables=[list(s.block_table) for s in batch.seqs],
             sample=list(batch.samples),
         )
-        logits = self.runner.run(step)
+        result = StepResult()
+        scoring, rows, targets = _prompt_logprob_rows(batch)
+        if scoring:
+            top_k = max(s.params.top_logprobs for s, _ in scoring)
+            logits, scored = self.runner.run_and_score(step, torch.tensor(rows), torch.tensor(targets), top_k)
+            result.prompt_logprobs = _split_prompt_logprobs(scoring, scored)
+        else:
+            logits = self.runner.run(step)
         seqs = batch.sampling_seqs
         if not seqs:
-            return {}, {}
-        tokens, logprobs = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        return dict(zip((s.seq_id for s in seqs), tokens.tolist())), dict(zip((s.seq_id for s in seqs), logprobs.tolist()))
+            return result
+        out = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], [(s.token_ids, s.num_prompt_tokens) for s in seqs])
+        ids = [s.seq_id for s in seqs]
+        result.tokens, result.logprobs = dict(zip(ids, out.tokens.tolist())), dict(zip(ids, out.logprobs.tolist()))
+        if out.top_ids is not None:
+            result.top_logprobs = {s.seq_id: _top_dict(top_ids, top_values, s.params.top_logprobs)
+                                   for s, top_ids, top_values in zip(seqs, out.top_ids.tolist(), out.top_logprobs.tolist()) if s.params.top_logprobs}
+        return result
 
-    def _postprocess(self, batch: ScheduledBatch, sampled: dict[int, int], logprobs: dict[int, float]) -> list[RequestOutput]:
+    def _postprocess(self, batch: ScheduledBatch, result: StepResult) -> list[RequestOutput]:
         now = time.perf_counter()
+        for seq, (logprobs, top_logprobs) in result.prompt_logprobs.items():
+            seq.add_prompt_logprobs(logprobs, top_logprobs)
         outputs = []
-        for seq in self.scheduler.update(batch, sampled, logprobs):
+        for seq in self.scheduler.update(batch, result.tokens, result.logprobs, result.top_logprobs):
             meta = self._meta[seq.seq_id]
             meta["first_token"] = meta["first_token"] or now
             reason = self._finish_reason(seq)
@@ -207,6 +230,11 @@ class LLMEngine:
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             logprobs=list(seq.output_logprobs) if seq.params.logprobs else [],
+            top_logprobs=list(seq.output_top_logprobs),
+            # complete before the first output and never changed after (a preemption does not redo
+            # them): shared, not copied every step
+            prompt_logprobs=seq.prompt_logprobs,
+            prompt_top_logprobs=seq.prompt_top_logprobs,
             stable_len=len(seq.stops.text) if seq.is_finished else seq.stops.stable_len,
             num_cached_tokens=seq.num_cached_tokens,
             arrival_time=meta["arrival"],
@@ -215,14 +243,67 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, float]:
+        """Gauges now, then cumulative counters (prefix cache in tokens, as vLLM counts it)."""
         s = self.scheduler
         return {
             "running": s.num_running,
             "waiting": s.num_waiting,
             "kv_blocks_used": s.num_used_blocks,
             "kv_blocks_free": s.num_free_blocks,
+            "kv_blocks_total": s.config.num_blocks,
             "preemptions": s.num_preemptions,
+            "prefix_cache_queries": s.num_prefix_cache_queries,
+            "prefix_cache_hits": s.num_prefix_cache_hits,
+            "prompt_tokens_computed": s.num_prompt_tokens_computed,
+            "generation_tokens": s.num_generation_tokens,
         }
+
+
+@dataclass
+class StepResult:
+    """What a step computed, by sequence id: sampled tokens, their logprobs and alternatives; by
+    sequence, the prompt logprobs (and alternatives, or None) of the prompt tokens its rows scored."""
+
+    tokens: dict[int, int] = field(default_factory=dict)
+    logprobs: dict[int, float] = field(default_factory=dict)
+    top_logprobs: dict[int, dict[int, float]] = field(default_factory=dict)
+    prompt_logprobs: dict[Sequence, tuple[list[float], list[dict[int, float]] | None]] = field(default_factory=dict)
+
+
+def _prompt_logprob_rows(batch: ScheduledBatch) -> tuple[list[tuple[Sequence, int]], list[int], list[int]]:
+    """The step's rows that score owed prompt tokens: the row of position p scores token p + 1.
+
+    Returns (sequence, how many rows) in batch order, the flattened rows and their target tokens.
+    Positions already scored before a preemption are recomputed but not scored again.
+    """
+    scoring, rows, targets, offset = [], [], [], 0
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        if seq.owes_prompt_logprobs:
+            start = seq.num_computed_tokens
+            first, end = max(start, len(seq.prompt_logprobs) - 1), min(start + n, seq.num_prompt_tokens - 1)
+            if first < end:
+                scoring.append((seq, end - first))
+                rows.extend(range(offset + first - start, offset + end - start))
+                targets.extend(seq.token_ids[first + 1 : end + 1])
+        offset += n
+    return scoring, rows, targets
+
+
+def _split_prompt_logprobs(scoring: list[tuple[Sequence, int]], scored: RowLogprobs) -> dict[Sequence, tuple[list[float], list[dict[int, float]] | None]]:
+    logprobs = scored.logprobs.tolist()
+    top_ids, top_values = (scored.top_ids.tolist(), scored.top_logprobs.tolist()) if scored.top_ids is not None else (None, None)
+    out, at = {}, 0
+    for seq, n in scoring:
+        k = seq.params.top_logprobs
+        tops = [_top_dict(top_ids[i], top_values[i], k) for i in range(at, at + n)] if k else None
+        out[seq] = (logprobs[at : at + n], tops)
+        at += n
+    return out
+
+
+def _top_dict(ids: list[int], logprobs: list[float], k: int) -> dict[int, float]:
+    """The first k alternatives as token id -> logprob, most likely first."""
+    return dict(zip(ids[:k], logprobs[:k]))
 
 
 def _eos_token_ids(model_dir, config: dict, tokenizer) -> set[int]:

@@ -1,4 +1,5 @@
-"""Turns a scheduled batch into model inputs, runs the network, returns logits of the sampling rows.
+"""Turns a scheduled batch into model inputs, runs the network, returns logits of the sampling rows
+(and, when asked, the logprobs of given tokens at other rows: prompt logprobs, scoring).
 
 Owns the network and the paged KV cache tensors. The cache size comes from a memory budget:
 one block holds K and V of `block_size` tokens for every layer.
@@ -30,6 +31,17 @@ class StepInput:
     starts: list[int]  # position of each sequence's first computed token
     block_tables: list[list[int]]
     sample: list[bool]  # whether the sequence's last computed token produces a next token
+
+
+@dataclass(frozen=True)
+class RowLogprobs:
+    """Scores of chosen rows: log p(target) and whether the target is the argmax, per row; with
+    top_k, also the top_k most likely tokens and their logprobs [rows, top_k], most likely first."""
+
+    logprobs: torch.Tensor
+    greedy: torch.Tensor
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
 def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -105,9 +117,14 @@ class ModelRunner:
     def run(self, step: StepInput) -> torch.Tensor:
         """fp32 logits [number of sampling sequences, vocab], in the order of the batch."""
         hidden, meta = self._forward(step)
-        last_rows = (meta.cu_seqlens_q[1:].long() - 1)[torch.tensor(step.sample, dtype=torch.bool)]
-        with cpu_threads(self.max_threads):  # the lm_head is one big matmul: all threads
-            return self.model.compute_logits(hidden[last_rows])
+        return self._sampling_logits(step, hidden, meta)
+
+    @torch.inference_mode()
+    def run_and_score(self, step: StepInput, rows: torch.Tensor, targets: torch.Tensor, top_k: int = 0) -> tuple[torch.Tensor, RowLogprobs]:
+        """run()'s logits and, from the same forward, token_logprobs' scores of targets at rows
+        with the top_k most likely tokens there (prompt logprobs)."""
+        hidden, meta = self._forward(step)
+        return self._sampling_logits(step, hidden, meta), self._score_rows(hidden, rows, targets, top_k)
 
     @torch.inference_mode()
     def fill_cache(self, step: StepInput) -> None:
@@ -116,20 +133,36 @@ class ModelRunner:
 
     @torch.inference_mode()
     def token_logprobs(self, step: StepInput, rows: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """log p(targets[i] | prefix) at flattened token rows[i], and whether it is the argmax.
-
-        The vocabulary-sized logits exist only for `chunk` rows at a time (2048 rows x 49k
-        vocab in fp32 would be 400 MB).
-        """
+        """log p(targets[i] | prefix) at flattened token rows[i], and whether it is the argmax."""
         hidden, _ = self._forward(step)
-        logprobs, greedy = [], []
+        scored = self._score_rows(hidden, rows, targets, chunk=chunk)
+        return scored.logprobs, scored.greedy
+
+    def _sampling_logits(self, step: StepInput, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        last_rows = (meta.cu_seqlens_q[1:].long() - 1)[torch.tensor(step.sample, dtype=torch.bool)]
+        with cpu_threads(self.max_threads):  # the lm_head is one big matmul: all threads
+            return self.model.compute_logits(hidden[last_rows])
+
+    def _score_rows(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, top_k: int = 0, chunk: int = 256) -> RowLogprobs:
+        """The vocabulary-sized logits exist only for `chunk` rows at a time (2048 rows x 49k
+        vocab in fp32 would be 400 MB)."""
+        logprobs, greedy, top_ids, top_logprobs = [], [], [], []
         with cpu_threads(self.max_threads):
             for i in range(0, rows.numel(), chunk):
                 logits = self.model.compute_logits(hidden[rows[i : i + chunk]], upcast=False)
-                chosen, is_greedy = target_logprobs(logits, targets[i : i + chunk])
+                target = targets[i : i + chunk]
+                if top_k:  # the alternatives need the whole log_softmax: the target's logprob comes from it too, so they agree
+                    row_logprobs = logits.float().log_softmax(-1)
+                    values, ids = row_logprobs.topk(min(top_k, logits.shape[-1]), dim=-1)
+                    top_logprobs.append(values)
+                    top_ids.append(ids)
+                    chosen, is_greedy = row_logprobs.gather(-1, target[:, None]).squeeze(-1), row_logprobs.argmax(-1) == target
+                else:
+                    chosen, is_greedy = target_logprobs(logits, target)
                 logprobs.append(chosen)
                 greedy.append(is_greedy)
-        return torch.cat(logprobs), torch.cat(greedy)
+        tops = (torch.cat(top_ids), torch.cat(top_logprobs)) if top_k else (None, None)
+        return RowLogprobs(torch.cat(logprobs), torch.cat(greedy), *tops)
 
     @torch.inference_mode()
     def score(self, step: StepInput) -> torch.Tensor:

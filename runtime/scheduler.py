@@ -78,9 +78,13 @@ class Scheduler:
         self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        # Cumulative, for metrics. Prefix cache, in tokens as vLLM counts: those looked up at
+        # admissions (hit rate = hits / queries) and, of those, found cached.
         self.num_preemptions = 0
-        self.num_prompt_tokens_admitted = 0  # prefix-cache hit rate = cached / admitted
-        self.num_cached_tokens_admitted = 0
+        self.num_prefix_cache_queries = 0
+        self.num_prefix_cache_hits = 0
+        self.num_prompt_tokens_computed = 0  # prefill work done: cache hits excluded, recomputation after preemption included
+        self.num_generation_tokens = 0  # tokens sampled
 
     def add(self, seq: Sequence) -> None:
         cfg = self.config
@@ -131,8 +135,9 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self.num_prompt_tokens_admitted += seq.num_tokens
-            self.num_cached_tokens_admitted += cached
+            if bm.reads_prefix_cache(seq):
+                self.num_prefix_cache_queries += seq.num_tokens
+                self.num_prefix_cache_hits += cached
             batch.add(seq, n)
             budget -= n
         return batch
@@ -147,18 +152,23 @@ class Scheduler:
         self.waiting.appendleft(seq)  # first back in: no starvation
         self.num_preemptions += 1
 
-    def update(self, batch: ScheduledBatch, sampled: dict[int, int], logprobs: dict[int, float] | None = None) -> list[Sequence]:
-        """Record a step's computation; append sampled tokens; return the sequences that got one."""
+    def update(self, batch: ScheduledBatch, sampled: dict[int, int], logprobs: dict[int, float] | None = None,
+               top_logprobs: dict[int, dict[int, float]] | None = None) -> list[Sequence]:
+        """Record a step's computation; append sampled tokens (with their logprobs and top
+        alternatives, where given); return the sequences that got one."""
         out = []
         for seq, n, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted between schedule() and update()
+            prompt = seq.num_prompt_tokens
+            self.num_prompt_tokens_computed += min(seq.num_computed_tokens + n, prompt) - min(seq.num_computed_tokens, prompt)
             seq.num_computed_tokens += n
             self.block_manager.mark_computed(seq)
             if samples:
                 if seq.seq_id not in sampled:
                     raise ValueError(f"sequence {seq.seq_id} completed its computation but no token was sampled for it")
-                seq.append_token(sampled[seq.seq_id], None if logprobs is None else logprobs.get(seq.seq_id))
+                seq.append_token(sampled[seq.seq_id], (logprobs or {}).get(seq.seq_id), (top_logprobs or {}).get(seq.seq_id))
+                self.num_generation_tokens += 1
                 out.append(seq)
         return out
 

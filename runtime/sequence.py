@@ -43,6 +43,12 @@ class Sequence:
         self.generator = None  # torch.Generator set by the engine (sampling.make_generator)
         self.finish_reason: str | None = None
         self.output_logprobs: list[float] = []
+        self.output_top_logprobs: list[dict[int, float]] = []  # per output token with top_logprobs > 0
+        # Per prompt token, when asked: its logprob given its prefix (the first has no prefix: None),
+        # and its top_logprobs alternatives. Filled in as the prefill computes the rows before them.
+        p = self.params
+        self.prompt_logprobs: list[float | None] | None = [None] if p.prompt_logprobs else None
+        self.prompt_top_logprobs: list[dict[int, float] | None] | None = [None] if p.prompt_logprobs and p.top_logprobs else None
         self.stops = StopStrings(self.params.stop)  # the output text and where a stop string cuts it
 
     def __repr__(self) -> str:
@@ -84,6 +90,12 @@ class Sequence:
         return self.num_prompt_tokens + self.params.max_tokens
 
     @property
+    def owes_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed: the rows before them must run, so
+        admission takes no prefix-cache hits."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
@@ -92,10 +104,18 @@ class Sequence:
         n = self.num_tokens if num_tokens is None else num_tokens
         return (n + block_size - 1) // block_size
 
-    def append_token(self, token_id: int, logprob: float | None = None) -> None:
+    def append_token(self, token_id: int, logprob: float | None = None, top_logprobs: dict[int, float] | None = None) -> None:
         self.token_ids.append(token_id)
         if logprob is not None:
             self.output_logprobs.append(logprob)
+        if top_logprobs is not None:
+            self.output_top_logprobs.append(top_logprobs)
+
+    def add_prompt_logprobs(self, logprobs: list[float], top_logprobs: list[dict[int, float]] | None = None) -> None:
+        """The logprobs of the next len(logprobs) prompt tokens (and their alternatives, if asked)."""
+        self.prompt_logprobs.extend(logprobs)
+        if self.prompt_top_logprobs is not None:
+            self.prompt_top_logprobs.extend(top_logprobs)
 
 
 class StopStrings:

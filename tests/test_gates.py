@@ -14,12 +14,15 @@ from quantkit.cli import main
 from quantkit.errors import QuantkitError
 from quantkit.gates import (
     KNOWN_GATES,
-    Breach,
+    NotJudged,
     check_gates,
     derived,
     format_breaches,
     format_markdown,
     format_table,
+    format_verdict,
+    gates_for_report,
+    judge_gates,
     load_report,
     mean_retention,
     validate_gates,
@@ -195,36 +198,6 @@ def test_an_absent_value_key_is_missing():
     assert b.value is None and "missing (no candidate value)" in b.message
 
 
-def test_a_perplexity_gate_with_no_perplexity_task_fails():
-    r = report(hellaswag=acc(0.431, 0.425), piqa=acc(0.68, 0.67))
-    assert check_gates(r, {"max_perplexity_increase_pct": 15.0}) == [
-        Breach(
-            "max_perplexity_increase_pct",
-            None,
-            None,
-            15.0,
-            "metric missing: no lower-is-better (perplexity) task in the report, so the gate cannot be checked",
-        )
-    ]
-
-
-def test_accuracy_gates_with_no_accuracy_task_fail():
-    r = report(wikitext=ppl(20.1, 22.9))
-    gates = {"min_task_retention_pct": 95.0, "min_mean_retention_pct": 98.0, "max_task_drop_points": 2.0}
-    breaches = check_gates(r, gates)
-    assert [(b.gate, b.task, b.value) for b in breaches] == [
-        ("min_task_retention_pct", None, None),
-        ("min_mean_retention_pct", "mean", None),
-        ("max_task_drop_points", None, None),
-    ]
-    assert all("metric missing" in b.message for b in breaches)
-
-
-def test_an_empty_report_fails_every_gate():
-    gates = load_recipe(RECIPE).gates
-    assert len(check_gates(report(), gates)) == len(gates)
-
-
 def test_a_zero_baseline_cannot_give_a_retention():
     r = report(hellaswag=acc(0.0, 0.25), piqa=acc(0.68, 0.67))
     breaches = check_gates(r, {"min_task_retention_pct": 95.0, "min_mean_retention_pct": 98.0})
@@ -240,6 +213,65 @@ def test_a_zero_baseline_cannot_give_a_retention():
 def test_a_zero_baseline_perplexity_cannot_give_an_increase():
     [b] = check_gates(report(wikitext=ppl(0.0, 22.9)), {"max_perplexity_increase_pct": 15.0})
     assert b.value is None and b.message == "wikitext: cannot compute increase: baseline word_perplexity is 0"
+
+
+# ---------------------------------------------------------------- gates the report has no task for
+
+
+def test_a_quick_run_on_a_task_subset_judges_what_it_can_and_lists_what_it_could_not():
+    # piqa alone: the accuracy gates are judged over it, the perplexity gate has nothing to judge.
+    verdict = judge_gates(report(piqa=acc(0.68, 0.67)), load_recipe(RECIPE).gates)
+    assert verdict.passed and verdict.breaches == ()
+    assert verdict.judged == ("min_task_retention_pct", "min_mean_retention_pct")
+    assert verdict.not_judged == (NotJudged(
+        "max_perplexity_increase_pct", 15.0,
+        "no lower-is-better (perplexity) task in the report (it has piqa); evaluate wikitext to judge it"),)
+    assert format_verdict(verdict) == (
+        "not judged max_perplexity_increase_pct: no lower-is-better (perplexity) task in the report (it has piqa); "
+        "evaluate wikitext to judge it\n"
+        "judged gates passed (2 of 3); not judged: max_perplexity_increase_pct"
+    )
+    assert "all gates passed" not in format_verdict(verdict)
+
+
+def test_a_breach_fails_the_verdict_and_the_gates_not_judged_are_still_listed():
+    r, gates = report(wikitext=ppl(20.0, 30.0)), {"max_perplexity_increase_pct": 15.0, "max_task_drop_points": 2.0}
+    verdict = judge_gates(r, gates)
+    assert not verdict.passed
+    assert [b.gate for b in verdict.breaches] == ["max_perplexity_increase_pct"]
+    assert [n.gate for n in verdict.not_judged] == ["max_task_drop_points"]
+    assert format_verdict(verdict).splitlines() == [
+        "FAIL max_perplexity_increase_pct: wikitext word_perplexity rises 50.0% > 15.0% (20 -> 30)",
+        "not judged max_task_drop_points: no higher-is-better (accuracy) task in the report (it has wikitext); "
+        "evaluate hellaswag, piqa, winogrande or lambada to judge it",
+        "gates failed (1 of 2); not judged: max_task_drop_points",
+    ]
+    assert check_gates(r, gates) == list(verdict.breaches)
+
+
+def test_a_verdict_with_every_gate_judged_and_passing_says_all_gates_passed():
+    verdict = judge_gates(good_report(), load_recipe(RECIPE).gates)
+    assert verdict.not_judged == () and format_verdict(verdict) == "all gates passed"
+
+
+def test_a_perplexity_gate_alone_over_a_report_without_perplexity_is_an_error_not_a_pass():
+    r = report(hellaswag=acc(0.431, 0.425), piqa=acc(0.68, 0.67))
+    with pytest.raises(QuantkitError, match=(
+            r"no gate could be judged: max_perplexity_increase_pct: no lower-is-better \(perplexity\) task in the report "
+            r"\(it has hellaswag, piqa\); evaluate wikitext to judge it\. Evaluate at least one task a gate applies to\.")):
+        check_gates(r, {"max_perplexity_increase_pct": 15.0})
+
+
+def test_accuracy_gates_over_a_report_without_accuracy_tasks_are_an_error_naming_each():
+    gates = {"min_task_retention_pct": 95.0, "min_mean_retention_pct": 98.0, "max_task_drop_points": 2.0}
+    with pytest.raises(QuantkitError, match="no gate could be judged") as err:
+        judge_gates(report(wikitext=ppl(20.1, 22.9)), gates)
+    assert all(f"{gate}: no higher-is-better (accuracy) task in the report (it has wikitext)" in str(err.value) for gate in gates)
+
+
+def test_an_empty_report_judges_nothing_and_is_an_error():
+    with pytest.raises(QuantkitError, match=r"no gate could be judged: .*\(it has no task\)"):
+        judge_gates(report(), load_recipe(RECIPE).gates)
 
 
 # ---------------------------------------------------------------- gate validation
@@ -404,6 +436,69 @@ def test_load_report_keeps_nan_as_a_missing_value(tmp_path):
     path.write_text(json.dumps(report(hellaswag=acc(0.431, math.nan))))
     [b] = check_gates(load_report(path), {"min_task_retention_pct": 95.0})
     assert b.value is None and "missing" in b.message
+
+
+# ---------------------------------------------------------------- where the gates come from
+
+
+def fake_artifact(directory: Path, gates: dict, evaluations: list) -> Path:
+    """A directory with the manifest `quantkit quantize` and `quantkit eval` leave (gates are read from
+    the manifest alone, so no weights are needed)."""
+    directory.mkdir(parents=True)
+    manifest = {"files": {"config.json": "0" * 64}, "recipe": {"name": "r", "gates": gates}, "evaluations": evaluations}
+    (directory / "quantkit.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def evaluated(candidate: Path) -> dict:
+    return {**good_report(), "candidate": {"model": str(candidate), "dtype": "bfloat16"}}
+
+
+def test_gates_come_from_the_recipe_when_one_is_given(tmp_path):
+    r = evaluated(fake_artifact(tmp_path / "art", {"max_task_drop_points": 1.0}, [good_report()]))
+    gates, origin = gates_for_report(r, None, RECIPE)
+    assert gates == load_recipe(RECIPE).gates and origin == f"recipe {RECIPE}"
+
+
+def test_without_a_recipe_the_gates_come_from_the_manifest_of_the_evaluated_artifact(tmp_path):
+    art = fake_artifact(tmp_path / "art", {"max_task_drop_points": 1}, [good_report()])
+    gates, origin = gates_for_report(evaluated(art), tmp_path / "elsewhere" / "eval.json")
+    assert gates == {"max_task_drop_points": 1.0} and origin == f"the recipe recorded in {art}/quantkit.json"
+
+
+def test_a_report_inside_its_artifact_finds_it_when_the_recorded_path_no_longer_resolves(tmp_path):
+    # `quantkit eval` writes the report into the artifact by default; the candidate path it
+    # records is relative to wherever eval ran.
+    art = fake_artifact(tmp_path / "art", {"min_task_retention_pct": 95.0}, [good_report()])
+    r = {**good_report(), "candidate": {"model": "out/moved-away", "dtype": "bfloat16"}}
+    assert gates_for_report(r, art / "eval-report.json")[0] == {"min_task_retention_pct": 95.0}
+
+
+def test_an_artifact_whose_manifest_does_not_record_the_report_gives_no_gates(tmp_path):
+    # Quantized again since (another recipe, perhaps): its gates are not the ones this report was for.
+    art = fake_artifact(tmp_path / "art", {"min_task_retention_pct": 95.0}, [{**good_report(), "date": "2026-01-01"}])
+    with pytest.raises(QuantkitError, match=f"no artifact's manifest records this report .*{art}.*pass --recipe FILE"):
+        gates_for_report(evaluated(art), art / "eval-report.json")
+
+
+def test_a_recorded_recipe_without_gates_is_refused_saying_what_to_pass(tmp_path):
+    art = fake_artifact(tmp_path / "art", {}, [good_report()])
+    with pytest.raises(QuantkitError, match=r"recorded in .*quantkit.json has no gates .*pass --recipe FILE"):
+        gates_for_report(evaluated(art))
+
+
+def test_a_report_on_an_autoawq_checkpoint_needs_a_recipe(tmp_path):
+    r = {**good_report(), "candidate": {"model": "TheBloke/x-AWQ", "dtype": "bfloat16", "format": "autoawq"}}
+    with pytest.raises(QuantkitError, match="AutoAWQ checkpoint, which records no recipe; pass --recipe FILE"):
+        gates_for_report(r, tmp_path / "eval.json")
+
+
+def test_the_match_to_a_recorded_evaluation_survives_a_nan_value(tmp_path):
+    nan_report = report(hellaswag=acc(0.431, math.nan))
+    art = fake_artifact(tmp_path / "art", {"min_task_retention_pct": 95.0}, [nan_report])
+    path = art / "eval-report.json"
+    path.write_text(json.dumps({**nan_report, "candidate": {"model": str(art)}}))
+    assert gates_for_report(load_report(path), path)[0] == {"min_task_retention_pct": 95.0}
 
 
 # ---------------------------------------------------------------- `quantkit gate`

@@ -193,9 +193,27 @@ def test_prefix_cache_hits_skip_the_shared_blocks():
     batch = step(sched, model)
     assert b.num_cached_tokens == 8 and batch.num_new_tokens[batch.seqs.index(b)] == 1
     assert b.block_table[:2] == a.block_table[:2]
-    assert sched.num_cached_tokens_admitted == 8 and sched.num_prompt_tokens_admitted == 10 + 9
+    assert sched.num_prefix_cache_hits == 8 and sched.num_prefix_cache_queries == 10 + 9
     run_all(sched, model)
     assert b.output_token_ids == reference_output(b)
+
+
+def test_a_sequence_owing_prompt_logprobs_computes_its_whole_prompt_yet_names_its_blocks():
+    sched, model = make()
+    system = [3] * 8  # two full blocks
+    scored = Sequence(system + [5, 6], SamplingParams(max_tokens=4, prompt_logprobs=True))
+    sched.add(scored)
+    step(sched, model)
+    plain = seq(system + [7], max_tokens=4)
+    again = Sequence(system + [8], SamplingParams(max_tokens=4, prompt_logprobs=True))
+    sched.add(plain), sched.add(again)
+    batch = step(sched, model)  # FakeModel checks that `again` writes no shared block
+    assert plain.num_cached_tokens == 8 and plain.block_table[:2] == scored.block_table[:2]
+    assert again.num_cached_tokens == 0 and batch.num_new_tokens[batch.seqs.index(again)] == 9
+    assert sched.num_prefix_cache_queries == 9 and sched.num_prefix_cache_hits == 8  # only `plain` looked
+    run_all(sched, model)
+    assert sched.num_prompt_tokens_computed == 10 + 9 + 9 - 8
+    assert sched.num_generation_tokens == 3 * 4
 
 
 def test_abort_frees_blocks_of_running_and_waiting_sequences():
@@ -283,7 +301,7 @@ def test_random_traffic_with_aborts_ends_with_every_block_free(prefix_caching, c
         assert all(s in batch.seqs or s.status is SequenceStatus.WAITING for s in before)
     assert sched.num_free_blocks == 14 and sched.num_used_blocks == 0
     assert len(aborted) > 0 and sched.num_preemptions > 0
-    assert (sched.num_cached_tokens_admitted > 0) == prefix_caching
+    assert (sched.num_prefix_cache_hits > 0) == prefix_caching
     for s in everyone:
         assert s.status is SequenceStatus.FINISHED
         if s.seq_id not in aborted:

@@ -45,11 +45,20 @@ def post(server, path: str, body, key: str | None = API_KEY, raw: bytes | None =
 PROMPT = "The quick brown fox"
 
 
+def metric(url: str, name: str, **labels: str) -> float:
+    """The value of one sample on the server's /metrics whose labels include `labels` (0 if none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
+    return 0.0
+
+
 def requests_counted(url: str, endpoint: str, status: str) -> float:
     """The server's quantkit_requests_total for one endpoint and status (0 before the first)."""
-    prefix = f'quantkit_requests_total{{endpoint="{endpoint}",status="{status}"}} '
-    lines = [line for line in httpx.get(url + "/metrics").text.splitlines() if line.startswith(prefix)]
-    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+    return metric(url, "quantkit_requests_total", endpoint=endpoint, status=status)
 
 
 def offline_text(server, prompt, max_tokens):
@@ -97,7 +106,8 @@ def test_models_health_and_metrics(server, client):
     text = httpx.get(server["url"] + "/metrics").text
     for name in ("quantkit_requests_total", "quantkit_generation_tokens_total", "quantkit_time_to_first_token_seconds_bucket",
                  "quantkit_inter_token_latency_seconds_bucket", "quantkit_e2e_request_latency_seconds_count",
-                 "quantkit_kv_blocks_free", "quantkit_num_requests_running", "quantkit_preemptions"):
+                 "quantkit_kv_blocks_free", "quantkit_num_requests_running", "quantkit_num_preemptions_total",
+                 "quantkit_kv_cache_usage_perc", "quantkit_prefix_cache_queries_total", "quantkit_prefix_cache_hits_total"):
         assert name in text
 
 
@@ -135,16 +145,23 @@ def test_missing_or_wrong_api_key_gets_401(server):
     assert httpx.get(server["url"] + "/v1/models").status_code == 401
 
 
-def test_full_waiting_queue_gets_503_with_retry_after(server):
+def test_full_waiting_queue_gets_503_with_retry_after(server, monkeypatch):
+    from quantkit.runtime.scheduler import QueueFull
+
     scheduler = server["engine"].scheduler
-    saved = scheduler.config.max_waiting
-    scheduler.config.max_waiting = 0  # every new request finds the queue full
-    try:
-        res = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
-    finally:
-        scheduler.config.max_waiting = saved
+    add = scheduler.add
+
+    def full(seq):
+        raise QueueFull(f"{scheduler.config.max_waiting} requests already waiting")
+
+    monkeypatch.setattr(scheduler, "add", full)  # every new request finds the queue full
+    res = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2})
     assert res.status_code == 503 and res.headers["retry-after"] == "1"
+    monkeypatch.setattr(scheduler, "add", add)
     assert post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+    # more choices than the queue ever holds: no retry helps, so 400 rather than 503
+    res = post(server, "/v1/completions", {"prompt": [PROMPT, PROMPT], "n": 5, "max_tokens": 2})
+    assert res.status_code == 400 and "max_waiting=8" in res.json()["error"]["message"]
 
 
 def test_a_client_that_disconnects_mid_stream_has_its_sequence_aborted(server):
@@ -158,7 +175,7 @@ def test_a_client_that_disconnects_mid_stream_has_its_sequence_aborted(server):
     while engine.has_unfinished() or engine.scheduler.num_used_blocks:
         assert time.time() < deadline, "the disconnected request kept running"
         time.sleep(0.05)
-    assert "quantkit_kv_blocks_used 0.0" in httpx.get(server["url"] + "/metrics").text
+    assert metric(server["url"], "quantkit_kv_blocks_used") == 0
 
 
 def test_a_streamed_completion_with_stop_strings_sends_the_text_cut_before_the_stop(server, client):
