@@ -1,7 +1,8 @@
-"""Attention over the paged KV cache: one surface, Triton on CUDA, quantkit's C++ kernels (or SDPA) on CPU.
+"""Attention over the paged KV cache: one surface, Triton or quantkit's C++ kernels (or SDPA) as the backend says.
 
 Layout and conventions: see kernels/reference.py. The model runner builds one
-AttentionMetadata per step (shared by every layer), then each layer calls
+AttentionMetadata per step (shared by every layer; it carries the KernelBackend the functions
+here read, kernels/backend.py), then each layer calls
 `rotate_and_store_kv` (RoPE on q and k, this step's K/V into their slots; `store_kv` alone
 without RoPE) and `paged_attention`.
 
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu_ext
+from .backend import CPU, KernelBackend
 
 
 @dataclass
@@ -46,6 +48,7 @@ class AttentionMetadata:
     query_lens: list[int]
     context_lens_list: list[int]
     block_size: int
+    backend: KernelBackend = CPU  # which kernels answer this step (and so which plan build() makes)
     # CPU only, filled by build(): token-slot indices to gather, per decode batch / prefill seq.
     decode_rows: torch.Tensor | None = None  # int64 [n_decode]: rows of `query` that decode
     decode_seqs: torch.Tensor | None = None  # int64 [n_decode]: their sequences (C++ kernel only)
@@ -72,7 +75,7 @@ class AttentionMetadata:
         return max(self.context_lens_list)
 
     @classmethod
-    def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int], block_size: int, device: torch.device | str = "cpu") -> AttentionMetadata:
+    def build(cls, block_tables: list[list[int]], context_lens: list[int], query_lens: list[int], block_size: int, backend: KernelBackend = CPU) -> AttentionMetadata:
         """From plain lists (the scheduler's view). This step's tokens are the last q_len of each context."""
         width = max((len(t) for t in block_tables), default=0)
         tables = torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int64)
@@ -82,6 +85,7 @@ class AttentionMetadata:
         torch.cumsum(q_lens, 0, out=cu[1:])
         seq_of_row = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens)
         positions = torch.arange(int(cu[-1])) - cu[seq_of_row] + (ctx - q_lens)[seq_of_row]
+        device = backend.device
         meta = cls(
             slot_mapping=_slots(tables[seq_of_row], positions.unsqueeze(1), block_size).squeeze(1).to(device),
             block_tables=tables.to(torch.int32).to(device),
@@ -90,9 +94,10 @@ class AttentionMetadata:
             query_lens=list(query_lens),
             context_lens_list=list(context_lens),
             block_size=block_size,
+            backend=backend,
         )
         meta.skips_slots = bool((meta.slot_mapping < 0).any()) if meta.slot_mapping.numel() else False
-        if torch.device(device).type == "cpu":
+        if not backend.triton_attention:
             meta.tables, meta.cu = tables, cu.tolist()
             meta._plan_cpu(tables, meta.cu)
         return meta
@@ -222,17 +227,17 @@ def _slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> to
 
 
 def allocate_kv_cache(
-    num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+    num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype, backend: KernelBackend = CPU
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zeroed (K, V) caches, one pair per layer, in the layout this device's kernels read.
+    """Zeroed (K, V) caches, one pair per layer, on the backend's device in the layout its kernels read.
 
-    CUDA: [num_blocks, block_size, Hkv, D] (kernels/reference.py). CPU: head-major
+    Triton: [num_blocks, block_size, Hkv, D] (kernels/reference.py). CPU kernels: head-major
     [Hkv, num_blocks * block_size, D], so a gather of any sequence's slots is already the
     [Hkv, ctx, D] operand of the attention matmuls; with the token-major layout the transposing
     copy cost more than the gather itself.
     """
-    shape = (num_blocks, block_size, kv_heads, head_dim) if torch.device(device).type == "cuda" else (kv_heads, num_blocks * block_size, head_dim)
-    cache = torch.zeros(num_layers, 2, *shape, dtype=dtype, device=device)
+    shape = (num_blocks, block_size, kv_heads, head_dim) if backend.kv_layout == "block" else (kv_heads, num_blocks * block_size, head_dim)
+    cache = torch.zeros(num_layers, 2, *shape, dtype=dtype, device=backend.device)
     return [(cache[i, 0], cache[i, 1]) for i in range(num_layers)]
 
 
@@ -243,7 +248,7 @@ def cpu_layout(cache: torch.Tensor) -> torch.Tensor:
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
     """Write this step's key/value [total_q, Hkv, D] into the cache slots (slot -1: skip)."""
-    if key.is_cuda:
+    if meta.backend.triton_attention:
         from .triton_attention import store_kv as triton_store_kv
 
         triton_store_kv(key, value, k_cache, v_cache, meta.slot_mapping)
@@ -268,7 +273,7 @@ def rotate_and_store_kv(qk: torch.Tensor, value: torch.Tensor, cos: torch.Tensor
     Returns the rotated qk (on CPU with quantkit's kernels: qk itself, rotated in place in one pass
     per token together with the cache write).
     """
-    if (cpu_ext.handles(qk, value, cos, signed_sin, k_cache, v_cache)
+    if (not meta.backend.triton_attention and cpu_ext.handles(qk, value, cos, signed_sin, k_cache, v_cache)
             and qk.stride(-1) == 1 and qk.stride(-2) == qk.shape[-1] and value.stride(-1) == 1 and value.stride(-2) == value.shape[-1]):
         cpu_ext.op("rope_store")(qk, value, cos, signed_sin, k_cache, v_cache, meta.slot_mapping, num_heads)
         return qk
@@ -292,7 +297,7 @@ def paged_attention(
     """
     if window is not None and window >= meta.max_context_len:
         window = None  # no sequence is longer than the window: plain causal attention
-    if query.is_cuda:
+    if meta.backend.triton_attention:
         from . import triton_attention
 
         if all(q == 1 for q in meta.query_lens):

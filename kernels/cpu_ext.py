@@ -255,12 +255,12 @@ def available() -> bool:
 def handles(*tensors: torch.Tensor) -> bool:
     """True when the kernels are available and take these tensors: all on the CPU, in one kernel dtype."""
     dtype = tensors[0].dtype
-    if dtype not in KERNEL_DTYPES or not available():
+    if dtype not in KERNEL_DTYPES:
         return False
     for t in tensors:  # a plain loop: ~100 calls per decode step, a generator costs twice as much
         if t.dtype != dtype or not t.is_cpu:
             return False
-    return True
+    return available()  # last: CUDA tensors must never build the CPU kernels
 
 
 def ops():

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import cpu_ext, cpu_int4, linear
 from .attention import AttentionMetadata
+from .backend import KernelBackend
 from .linear import DenseLinear, QuantLinear
 
 _UNUSED = torch.empty(0)  # an absent operand: a dense linear's scales/zeros, a missing bias or q/k norm
@@ -72,12 +73,13 @@ class FusedDecoder:
 
     @classmethod
     def build(cls, layers: list[LayerWeights], final_norm: torch.Tensor, num_heads: int, head_dim: int, scale: float,
-              eps: float) -> FusedDecoder | None:
-        """The fused path for these layers, or None where it cannot run them (no C++ bf16 kernels
-        on this machine, weights not in bf16 on the CPU, a linear it does not compute the same)."""
+              eps: float, backend: KernelBackend) -> FusedDecoder | None:
+        """The fused path for these layers, or None where it cannot run them (a backend without the
+        C++ CPU kernels and their cache layout, no C++ bf16 kernels on this machine, weights not in
+        bf16 on the CPU, a linear it does not compute the same)."""
         norms = [final_norm] + [w for layer in layers for w in (layer.input_norm, layer.post_attention_norm)]
         norms += [layer.qk_norm for layer in layers if layer.qk_norm is not None]
-        if not layers or not cpu_ext.bf16_available() or any(w.dtype != torch.bfloat16 or not w.is_cpu for w in norms):
+        if not layers or not backend.fused_decoder or not cpu_ext.bf16_available() or any(w.dtype != torch.bfloat16 or not w.is_cpu for w in norms):
             return None
         operands = [linear_operands(module) for layer in layers for module in layer.linears]
         if any(o is None for o in operands):

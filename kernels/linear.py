@@ -1,9 +1,10 @@
-"""Linear layers for the runtime: one surface, the implementation chosen by device, dtype and M.
+"""Linear layers for the runtime: one surface, the implementation chosen by the backend, dtype and M.
 
 The runtime builds every projection with `build_linear` and never asks whether it is packed:
-- AWQ-packed weights -> QuantLinear: Triton W4A16 GEMM on CUDA; on CPU quantkit's C++ int4 kernel
-  (or PyTorch's fused int4 op where it cannot build) for bf16 batches of fewer than 256 rows, and
-  dequantize + dense matmul for more rows or other dtypes (kernels/cpu_int4.py);
+- AWQ-packed weights -> QuantLinear: Triton W4A16 GEMM where the backend says (kernels/backend.py);
+  on CPU quantkit's C++ int4 kernel (or PyTorch's fused int4 op where it cannot build) for bf16
+  batches of fewer than 256 rows, and dequantize + dense matmul for more rows or other dtypes
+  (kernels/cpu_int4.py);
 - dense weights -> DenseLinear: a matmul in the runtime's dtype (for fp16/bf16/fp32 comparisons
   through the same model code);
 - the output head -> OutputHead: `dense_linear`, or for decode an int8 copy of the head
@@ -22,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantkit.pack import dequantize_awq
+
 from . import cpu_ext, cpu_int4
+from .backend import CPU, KernelBackend
 
 # bf16 calls with at most this many rows use quantkit's C++ GEMV on CPU: it streams the weight
 # at 28-32 GB/s where oneDNN's matmul reaches 10-20 GB/s for 1-4 rows (2,048 rows of weights
@@ -65,7 +69,8 @@ def _fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 class QuantLinear(nn.Module):
     """y = x @ W.T (+ bias) with W stored as AWQ int4 (qweight / qzeros / scales)."""
 
-    def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                 triton: bool = False):
         super().__init__()
         self.in_features = qweight.shape[0]
         self.out_features = scales.shape[1]
@@ -73,7 +78,7 @@ class QuantLinear(nn.Module):
         self.bias = bias
         self.cpu_weight: cpu_int4.CpuInt4Weight | cpu_int4.NativeInt4Weight | None = None
         self.awq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        if qweight.is_cuda:
+        if triton:
             self.awq = (qweight, qzeros, scales)  # the Triton kernel reads the AWQ layout directly
         else:
             self.cpu_weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
@@ -117,19 +122,23 @@ class DenseLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.weight.dtype}"
 
 
-def build_linear(tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype) -> nn.Module:
+def build_linear(tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, backend: KernelBackend = CPU) -> nn.Module:
     """The linear named `prefix` from a checkpoint's tensors: packed if it has a qweight, else dense."""
     bias = tensors.get(f"{prefix}.bias")
     if bias is not None:
         bias = bias.to(dtype)
     if f"{prefix}.qweight" in tensors:
-        return QuantLinear(tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"], bias)
+        packed = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"]
+        path = backend.int4_linear(dtype)
+        if path == "torch":  # no int4 kernel computes in this dtype here: the weight dequantized once
+            return DenseLinear(dequantize_awq(*packed, dtype), bias)
+        return QuantLinear(*packed, bias, triton=path == "triton")
     if f"{prefix}.weight" not in tensors:
         raise KeyError(f"checkpoint has neither {prefix}.qweight nor {prefix}.weight")
     return DenseLinear(tensors[f"{prefix}.weight"].to(dtype), bias)
 
 
-def build_fused_linear(tensors: Mapping[str, torch.Tensor], prefixes: list[str], dtype: torch.dtype) -> nn.Module:
+def build_fused_linear(tensors: Mapping[str, torch.Tensor], prefixes: list[str], dtype: torch.dtype, backend: KernelBackend = CPU) -> nn.Module:
     """One linear computing several projections of the same input, outputs concatenated in order.
 
     Fusing q/k/v (and gate/up) turns three (two) small matmuls into one, which matters at decode
@@ -137,7 +146,7 @@ def build_fused_linear(tensors: Mapping[str, torch.Tensor], prefixes: list[str],
     columns per int32 word and every projection's width is a multiple of 8.
     """
     if len(prefixes) == 1:
-        return build_linear(tensors, prefixes[0], dtype)
+        return build_linear(tensors, prefixes[0], dtype, backend)
     packed = [f"{p}.qweight" in tensors for p in prefixes]
     if any(packed) and not all(packed):
         raise ValueError(f"cannot fuse {prefixes}: some are packed int4 and some dense")
@@ -149,8 +158,9 @@ def build_fused_linear(tensors: Mapping[str, torch.Tensor], prefixes: list[str],
     biases = [tensors.get(f"{p}.bias") for p in prefixes]
     if any(b is not None for b in biases):
         outs = [tensors[f"{p}.scales"].shape[1] if all(packed) else tensors[f"{p}.weight"].shape[0] for p in prefixes]
-        fused["fused.bias"] = torch.cat([b if b is not None else torch.zeros(n) for b, n in zip(biases, outs)])
-    return build_linear(fused, "fused", dtype)
+        device = next(b for b in biases if b is not None).device
+        fused["fused.bias"] = torch.cat([b if b is not None else torch.zeros(n, device=device) for b, n in zip(biases, outs)])
+    return build_linear(fused, "fused", dtype, backend)
 
 
 # ---------------------------------------------------------------------------- int8 output head
@@ -265,7 +275,7 @@ class OutputHead(nn.Module):
     many bytes as all its int4 layers), so bf16 calls of up to INT8_HEAD_MAX_ROWS rows read the
     int8 copy, half the bytes; larger calls, compute-bound, use the dense head. (With more than
     that many sequences per step, a request's logits come from one head or the other depending on
-    the batch around it, as its bf16 linears already do: see README, scheduler.) The copy needs
+    the batch around it, as its bf16 linears already do: see docs/architecture.md.) The copy needs
     quantkit's int8 kernel (AVX-512 BF16 and VNNI): `cpu_ext.int8_available()` says whether to
     build one.
     """

@@ -153,6 +153,9 @@ def _parse_bytes(text: str) -> int:
 @click.option("--api-key", envvar="QUANTKIT_API_KEY", help="Require 'Authorization: Bearer KEY' (or set QUANTKIT_API_KEY).")
 @click.option("--kv-cache-memory", default="256MiB", show_default=True, help="KV cache budget; sets the number of blocks.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+# The choices are kernels/backend.py's DEVICES, spelled out: importing it here would load torch for every command.
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the model runs: cuda (Triton kernels), cpu (quantkit's C++ kernels), auto: cuda where a GPU is visible.")
 @click.option("--max-model-len", type=click.IntRange(min=1), help="Context length served (default: the model's max_position_embeddings).")
 @click.option("--max-num-seqs", default=64, show_default=True, type=int, help="Sequences per step.")
 @click.option("--max-num-batched-tokens", default=512, show_default=True, type=int, help="Token budget per step.")
@@ -167,22 +170,25 @@ def _parse_bytes(text: str) -> int:
               "Default: room for a max-context prompt, 32 bytes per context token, at least 1 MiB.")
 @click.option("--stats-log-interval", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between throughput lines on the log while there is work (0: none).")
-def serve(model, host, port, api_key, kv_cache_memory, dtype, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, block_size,
+def serve(model, host, port, api_key, kv_cache_memory, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, block_size,
           served_model_names, int8_head, max_request_bytes, stats_log_interval) -> None:
     """Serve MODEL (an artifact, a model directory or 'smollm2-135m') with an OpenAI-compatible API."""
     import logging
 
     import uvicorn
 
+    from quantkit.kernels.backend import resolve_device
     from quantkit.runtime.engine import EngineConfig, LLMEngine
     from quantkit.runtime.server import create_app
 
+    device = resolve_device(device)  # --device cuda without a GPU: refused before the weights load
     request_bytes = _parse_bytes(max_request_bytes) if max_request_bytes else None
     if request_bytes is not None and request_bytes < 1:
         raise QuantkitError(f"--max-request-bytes must be at least 1 byte, got {max_request_bytes!r}.")
     engine = LLMEngine(EngineConfig(
         model=model, dtype=dtype, block_size=block_size, kv_cache_memory=_parse_bytes(kv_cache_memory), max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting, int8_head=int8_head,
+        device=device,
     ))
     if max_model_len is not None and engine.max_model_len < max_model_len:
         raise QuantkitError(f"--max-model-len {max_model_len} is longer than {model}'s context of {engine.max_model_len} tokens "

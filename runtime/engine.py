@@ -38,6 +38,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     chunked_prefill: bool = True
     seed: int = 0  # seeds the generators of requests that bring no seed
+    device: str = "auto"  # "cpu", "cuda", or "auto": cuda where torch sees a GPU (kernels/backend.py picks the kernels)
     int8_head: bool | None = None  # decode reads an int8 copy of the output head (half the bytes of bf16); None: where lossless
 
 
@@ -74,7 +75,7 @@ class LLMEngine:
         weights = load_weights(config.model)
         self.tokenizer = load_tokenizer(weights.path)
         self.runner = ModelRunner(weights, _DTYPES[config.dtype], config.block_size, config.kv_cache_memory, config.num_blocks,
-                                  int8_head=config.int8_head)
+                                  int8_head=config.int8_head, device=config.device)
         self.quantized = weights.quantized
         self.model_name = str(config.model)
         self.max_model_len = min(config.max_model_len or self.runner.max_model_len, self.runner.max_model_len)
@@ -144,7 +145,7 @@ class LLMEngine:
             )
         request_id, self._next_id = self._next_id, self._next_id + 1
         seq = Sequence(token_ids, params, seq_id=request_id)
-        seq.generator = None if params.greedy else make_generator(params.seed, self._rng)
+        seq.generator = None if params.greedy else make_generator(params.seed, self._rng, self.runner.backend.device)
         self.scheduler.add(seq)  # may raise QueueFull or ValueError (longer than the whole cache)
         self.sequences[request_id] = seq
         self._meta[request_id] = {"arrival": time.perf_counter(), "first_token": None}

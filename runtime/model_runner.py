@@ -2,7 +2,9 @@
 (and, when asked, the logprobs of given tokens at other rows: prompt logprobs, scoring).
 
 Owns the network and the paged KV cache tensors. The cache size comes from a memory budget:
-one block holds K and V of `block_size` tokens for every layer.
+one block holds K and V of `block_size` tokens for every layer. The KernelBackend it selects once
+(kernels/backend.py) puts weights, cache, step inputs and RoPE tables on its device and decides
+every kernel; the layers and the attention metadata carry it.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.kernels import cpu_ext
 from quantkit.kernels.attention import AttentionMetadata, allocate_kv_cache
+from quantkit.kernels.backend import KernelBackend, select_backend
 from quantkit.kernels.linear import QuantLinear
 from quantkit.kernels.logprobs import target_logprobs
 from quantkit.kernels.threads import cpu_threads, threads_for_tokens
@@ -49,15 +51,15 @@ def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
-def _int8_head_usable(dtype: torch.dtype, asked: bool) -> bool:
+def _int8_head_usable(dtype: torch.dtype, asked: bool, backend: KernelBackend) -> bool:
     """The int8 output head runs on quantkit's int8 kernel with bf16 activations; where it cannot,
     a request for it (asked, not the automatic choice) is told why it is off."""
     if not asked:
-        return dtype == torch.bfloat16 and cpu_ext.int8_available()
+        return dtype == torch.bfloat16 and backend.int8_head
     if dtype != torch.bfloat16:
         warnings.warn(f"the int8 output head needs dtype bfloat16 (got {dtype}); using the dense head", RuntimeWarning, stacklevel=3)
         return False
-    if not cpu_ext.int8_available():
+    if not backend.int8_head:
         warnings.warn("the int8 output head needs quantkit's C++ kernels (built, not switched off) on a CPU with AVX-512 BF16 and "
                       "VNNI; using the dense head", RuntimeWarning, stacklevel=3)
         return False
@@ -66,7 +68,7 @@ def _int8_head_usable(dtype: torch.dtype, asked: bool) -> bool:
 
 class ModelRunner:
     def __init__(self, weights: ModelWeights, dtype: torch.dtype, block_size: int, kv_cache_memory: int | None = None, num_blocks: int | None = None,
-                 int8_head: bool | None = None):
+                 int8_head: bool | None = None, device: str = "auto"):
         if weights.architecture not in MODEL_CLASSES:
             raise QuantkitError(
                 f"architecture {weights.architecture} is not supported by the runtime (supported: {', '.join(sorted(MODEL_CLASSES))})."
@@ -78,11 +80,14 @@ class ModelRunner:
             raise QuantkitError(f"{weights.path}/config.json: {e}") from None
         self.dtype, self.block_size = dtype, block_size
         self.max_threads = torch.get_num_threads()
-        cpu_ext.available()  # build or load the C++ CPU kernels now, not inside the first request
+        self.backend = select_backend(device)  # on CPU: builds or loads the C++ kernels now, not inside the first request
+        tensors = weights.tensors
+        if self.backend.device != "cpu":
+            tensors = {name: t.to(self.backend.device) for name, t in tensors.items()}
         with torch.inference_mode():
             # int8_head None: the model's head decides (output_head keeps an int8 copy no less faithful than the dense one)
-            usable = int8_head is not False and _int8_head_usable(dtype, asked=int8_head is True)
-            self.model = network(self.config, weights.tensors, dtype, int8_head=int8_head if usable else False)
+            usable = int8_head is not False and _int8_head_usable(dtype, int8_head is True, self.backend)
+            self.model = network(self.config, tensors, dtype, int8_head=int8_head if usable else False, backend=self.backend)
         self.int8_head = self.model.lm_head.int8 is not None
         # dense bf16 linears take every thread even for small steps (kernels/threads.py)
         self.dense_bf16 = dtype == torch.bfloat16 and not any(isinstance(m, QuantLinear) for m in self.model.modules())
@@ -98,18 +103,19 @@ class ModelRunner:
                 f"{block_size} tokens); raise --kv-cache-memory."
             )
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_cache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype)
+        self.kv_caches = allocate_kv_cache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype, self.backend)
 
     @property
     def max_model_len(self) -> int:
         return self.config.max_position_embeddings
 
     def _forward(self, step: StepInput) -> tuple[torch.Tensor, AttentionMetadata]:
-        input_ids = torch.tensor([t for ids in step.token_ids for t in ids], dtype=torch.long)
-        positions = torch.cat([torch.arange(s, s + len(ids)) for s, ids in zip(step.starts, step.token_ids)])
+        device = self.backend.device
+        input_ids = torch.tensor([t for ids in step.token_ids for t in ids], dtype=torch.long, device=device)
+        positions = torch.cat([torch.arange(s, s + len(ids)) for s, ids in zip(step.starts, step.token_ids)]).to(device)
         query_lens = [len(ids) for ids in step.token_ids]
         context_lens = [s + q for s, q in zip(step.starts, query_lens)]
-        meta = AttentionMetadata.build(step.block_tables, context_lens, query_lens, self.block_size)
+        meta = AttentionMetadata.build(step.block_tables, context_lens, query_lens, self.block_size, self.backend)
         with cpu_threads(threads_for_tokens(len(input_ids), self.max_threads, self.dense_bf16)):
             return self.model(input_ids, positions, self.kv_caches, meta), meta
 
@@ -139,13 +145,14 @@ class ModelRunner:
         return scored.logprobs, scored.greedy
 
     def _sampling_logits(self, step: StepInput, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        last_rows = (meta.cu_seqlens_q[1:].long() - 1)[torch.tensor(step.sample, dtype=torch.bool)]
+        last_rows = (meta.cu_seqlens_q[1:].long() - 1)[torch.tensor(step.sample, dtype=torch.bool, device=self.backend.device)]
         with cpu_threads(self.max_threads):  # the lm_head is one big matmul: all threads
             return self.model.compute_logits(hidden[last_rows])
 
     def _score_rows(self, hidden: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor, top_k: int = 0, chunk: int = 256) -> RowLogprobs:
         """The vocabulary-sized logits exist only for `chunk` rows at a time (2048 rows x 49k
         vocab in fp32 would be 400 MB)."""
+        rows, targets = rows.to(self.backend.device), targets.to(self.backend.device)  # the engine's are CPU tensors
         logprobs, greedy, top_ids, top_logprobs = [], [], [], []
         with cpu_threads(self.max_threads):
             for i in range(0, rows.numel(), chunk):

@@ -159,6 +159,11 @@ def test_serve_reports_a_missing_model_as_an_error(tmp_path):
     assert_clean_error(*run("serve", tmp_path / "nope"), "not found")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_serve_on_cuda_without_a_gpu_is_a_clear_error_before_loading_anything(tmp_path):
+    assert_clean_error(*run("serve", tmp_path / "nope", "--device", "cuda"), "no CUDA device is visible")
+
+
 def test_export_writes_compressed_tensors_beside_the_artifact(tiny_model_dir, tmp_path):
     out = tmp_path / "rtn"
     assert run("quantize", tiny_model_dir, "-o", out, "--method", "rtn", "--group-size", "32")[0] == 0

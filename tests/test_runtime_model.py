@@ -103,9 +103,9 @@ def test_int8_head_is_refused_with_a_warning_outside_bf16(tiny_model_dir):
 
 
 def test_int8_head_is_refused_with_a_warning_without_its_kernel(tiny_model_dir, monkeypatch):
-    import quantkit.runtime.model_runner as model_runner
+    from quantkit.kernels import cpu_ext  # the backend reads the kernel's availability from it
 
-    monkeypatch.setattr(model_runner.cpu_ext, "int8_available", lambda: False)
+    monkeypatch.setattr(cpu_ext, "int8_available", lambda: False)
     with pytest.warns(RuntimeWarning, match="AVX-512 BF16 and VNNI"):
         runner = ModelRunner(load_weights(tiny_model_dir), torch.bfloat16, 16, num_blocks=4, int8_head=True)
     assert not runner.int8_head and runner.model.lm_head.int8 is None

@@ -21,6 +21,8 @@ from torch import nn
 
 from quantkit.kernels.attention import AttentionMetadata
 
+from quantkit.kernels.backend import CPU, KernelBackend
+
 from .llama import MLP, Attention, RotaryEmbedding, output_head, parse_rope, qk_norm_weight, windows_from_layer_types
 
 
@@ -92,7 +94,8 @@ class GemmaRMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: Gemma3Config, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, index: int):
+    def __init__(self, config: Gemma3Config, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, index: int,
+                 backend: KernelBackend):
         super().__init__()
         self.local = config.local_layers[index]
         window = config.layer_windows[index]
@@ -103,10 +106,10 @@ class DecoderLayer(nn.Module):
         qk_norm = GemmaRMSNorm(qk_norm_weight(config, tensors, f"{prefix}.self_attn"), config.rms_norm_eps)
         self.input_layernorm = norm("input_layernorm")
         self.self_attn = Attention(config, tensors, f"{prefix}.self_attn", dtype, window=window,
-                                   scale=config.query_pre_attn_scalar**-0.5, qk_norm=qk_norm)
+                                   scale=config.query_pre_attn_scalar**-0.5, qk_norm=qk_norm, backend=backend)
         self.post_attention_layernorm = norm("post_attention_layernorm")
         self.pre_feedforward_layernorm = norm("pre_feedforward_layernorm")
-        self.mlp = MLP(tensors, f"{prefix}.mlp", dtype, act=partial(F.gelu, approximate="tanh"))
+        self.mlp = MLP(tensors, f"{prefix}.mlp", dtype, act=partial(F.gelu, approximate="tanh"), backend=backend)
         self.post_feedforward_layernorm = norm("post_feedforward_layernorm")
 
     def forward(self, x, rope, kv_cache, meta):
@@ -115,18 +118,19 @@ class DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
-    def __init__(self, config: Gemma3Config, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, int8_head: bool | None = False):
+    def __init__(self, config: Gemma3Config, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, int8_head: bool | None = False,
+                 backend: KernelBackend = CPU):
         super().__init__()
         self.config, self.dtype = config, dtype
         self.embed_tokens = tensors["model.embed_tokens.weight"].to(dtype)
-        self.embed_scale = torch.tensor(config.hidden_size**0.5, dtype=dtype)  # rounded to the dtype, as transformers does
+        self.embed_scale = torch.tensor(config.hidden_size**0.5, dtype=dtype, device=self.embed_tokens.device)  # rounded to the dtype, as transformers does
         self.layers = nn.ModuleList(
-            DecoderLayer(config, tensors, f"model.layers.{i}", dtype, i) for i in range(config.num_layers)
+            DecoderLayer(config, tensors, f"model.layers.{i}", dtype, i, backend) for i in range(config.num_layers)
         )
         self.norm = GemmaRMSNorm(tensors["model.norm.weight"], config.rms_norm_eps)
         self.lm_head = output_head(tensors, self.embed_tokens, False, dtype, int8_head)  # tied checkpoints omit lm_head.weight
-        self.global_rotary = RotaryEmbedding(config.head_dim, *config.global_rope)
-        self.local_rotary = RotaryEmbedding(config.head_dim, *config.local_rope)
+        self.global_rotary = RotaryEmbedding(config.head_dim, *config.global_rope, device=self.embed_tokens.device)
+        self.local_rotary = RotaryEmbedding(config.head_dim, *config.local_rope, device=self.embed_tokens.device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""

@@ -24,6 +24,7 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.kernels.attention import AttentionMetadata, paged_attention, rotate_and_store_kv
+from quantkit.kernels.backend import CPU, KernelBackend
 from quantkit.kernels.decoder import FusedDecoder, LayerWeights
 from quantkit.kernels.linear import OutputHead, build_fused_linear, int8_error_ratio, pack_int8, quantize_int8
 from quantkit.kernels.norm import add_rms_norm, rms_norm, silu_and_mul
@@ -157,9 +158,9 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) 
 class RotaryEmbedding(nn.Module):
     """cos/sin per position, computed in fp32 as transformers does, applied in the compute dtype."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None, device: torch.device | str = "cpu"):
         super().__init__()
-        self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling)
+        self.inv_freq = rope_inverse_frequencies(head_dim, theta, scaling).to(device)  # the step's positions' device
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin [T, 1, D] for the step's positions: computed once, used by every layer."""
@@ -229,11 +230,11 @@ class Attention(nn.Module):
     """Fused q/k/v projection, optional q/k norm, RoPE, paged (optionally sliding-window) attention."""
 
     def __init__(self, config, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype,
-                 window: int | None = None, scale: float | None = None, qk_norm: nn.Module | None = None):
+                 window: int | None = None, scale: float | None = None, qk_norm: nn.Module | None = None, backend: KernelBackend = CPU):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.qkv_proj = build_fused_linear(tensors, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"], dtype)
-        self.o_proj = build_fused_linear(tensors, [f"{prefix}.o_proj"], dtype)
+        self.qkv_proj = build_fused_linear(tensors, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"], dtype, backend)
+        self.o_proj = build_fused_linear(tensors, [f"{prefix}.o_proj"], dtype, backend)
         self.scale = self.head_dim**-0.5 if scale is None else scale
         self.window = window
         self.qk_norm = qk_norm
@@ -253,10 +254,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x)), gate and up fused into one projection."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, act: Callable = F.silu):
+    def __init__(self, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, act: Callable = F.silu, backend: KernelBackend = CPU):
         super().__init__()
-        self.gate_up_proj = build_fused_linear(tensors, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], dtype)
-        self.down_proj = build_fused_linear(tensors, [f"{prefix}.down_proj"], dtype)
+        self.gate_up_proj = build_fused_linear(tensors, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], dtype, backend)
+        self.down_proj = build_fused_linear(tensors, [f"{prefix}.down_proj"], dtype, backend)
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -271,14 +272,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, window: int | None):
+    def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, window: int | None,
+                 backend: KernelBackend):
         super().__init__()
         eps = config.rms_norm_eps
         qk_norm = HeadRMSNorm(qk_norm_weight(config, tensors, f"{prefix}.self_attn").to(dtype), eps) if config.qk_norm else None
         self.input_layernorm = RMSNorm(tensors[f"{prefix}.input_layernorm.weight"].to(dtype), eps)
-        self.self_attn = Attention(config, tensors, f"{prefix}.self_attn", dtype, window=window, qk_norm=qk_norm)
+        self.self_attn = Attention(config, tensors, f"{prefix}.self_attn", dtype, window=window, qk_norm=qk_norm, backend=backend)
         self.post_attention_layernorm = RMSNorm(tensors[f"{prefix}.post_attention_layernorm.weight"].to(dtype), eps)
-        self.mlp = MLP(tensors, f"{prefix}.mlp", dtype)
+        self.mlp = MLP(tensors, f"{prefix}.mlp", dtype, backend=backend)
 
     def forward(self, x, residual, rope, kv_cache, meta):
         """x: the previous block's output, residual: the running sum before it (None at block 0)."""
@@ -288,15 +290,16 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, int8_head: bool | None = False):
+    def __init__(self, config: LlamaConfig, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, int8_head: bool | None = False,
+                 backend: KernelBackend = CPU):
         super().__init__()
         self.config, self.dtype = config, dtype
         windows = config.layer_windows or (None,) * config.num_layers
         self.embed_tokens = tensors["model.embed_tokens.weight"].to(dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, tensors, f"model.layers.{i}", dtype, windows[i]) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, tensors, f"model.layers.{i}", dtype, windows[i], backend) for i in range(config.num_layers))
         self.norm = RMSNorm(tensors["model.norm.weight"].to(dtype), config.rms_norm_eps)
         self.lm_head = output_head(tensors, self.embed_tokens, config.tie_word_embeddings, dtype, int8_head)
-        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, device=self.embed_tokens.device)
         # Decode steps run these same layers in one C++ call where it can (kernels/decoder.py);
         # None: always the modules.
         self.fused_decoder = FusedDecoder.build(
@@ -304,7 +307,7 @@ class LlamaForCausalLM(nn.Module):
                           (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj), layer.self_attn.window,
                           None if layer.self_attn.qk_norm is None else layer.self_attn.qk_norm.weight)
              for layer in self.layers],
-            self.norm.weight, config.num_heads, config.head_dim, self.layers[0].self_attn.scale, config.rms_norm_eps)
+            self.norm.weight, config.num_heads, config.head_dim, self.layers[0].self_attn.scale, config.rms_norm_eps, backend)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] after the final norm."""

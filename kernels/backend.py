@@ -1,0 +1,80 @@
+"""Which kernels run: decided once, from the device and the machine, by `select_backend`.
+
+The model runner builds one KernelBackend and hands it down: the linears (at construction), the
+attention metadata (each step; the attention functions read `meta.backend`), the KV cache's
+layout and the fused decoder read it, and nothing else in the runtime asks what the machine can
+do. The CPU instruction probes themselves live in cpu_ext (the C++ build is keyed on them); this
+module is their only reader outside kernels' hot paths.
+
+`select_backend("cpu", triton=True)` runs the Triton kernels on CPU tensors: only meaningful
+under TRITON_INTERPRET=1 (tests/test_triton_engine.py, the wiring proof without a GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.errors import QuantkitError
+
+from . import cpu_ext
+
+DEVICES = ("auto", "cpu", "cuda")
+TRITON_GEMM_DTYPES = (torch.float16, torch.bfloat16)  # what kernels/triton_gemm.py computes in (its _check_inputs)
+
+
+@dataclass(frozen=True)
+class KernelBackend:
+    device: str  # "cpu" | "cuda": where weights, KV cache and step inputs live
+    linear: str  # int4 linears: "cpu" (cpu_int4: C++ kernel, PyTorch's int4 op, dequantize+matmul) | "triton" (W4A16 GEMM)
+    attention: str  # "cpu" (C++ kernels or SDPA over the head-major cache) | "triton" (paged kernels, block-major cache)
+    cpu_kernels: bool  # build/load quantkit's C++ CPU kernels (norms, RoPE, int4, attention, int8 head, fused decode)
+    int8_head: bool  # the int8 output head's kernel exists here (C++, AVX-512 BF16 + VNNI)
+
+    def int4_linear(self, dtype: torch.dtype) -> str:
+        """How an int4 linear computes in `dtype`: "cpu" (cpu_int4), "triton" (the W4A16 GEMM), or
+        "torch" (a Triton backend in a dtype the GEMM lacks, fp32: dequantized once, dense matmuls)."""
+        if self.linear == "cpu":
+            return "cpu"
+        return "triton" if dtype in TRITON_GEMM_DTYPES else "torch"
+
+    @property
+    def triton_attention(self) -> bool:
+        return self.attention == "triton"
+
+    @property
+    def kv_layout(self) -> str:
+        """"block": [num_blocks, block_size, Hkv, D] (the Triton kernels, kernels/reference.py);
+        "head": [Hkv, num_blocks * block_size, D] (the CPU kernels: a gather is already a matmul operand)."""
+        return "block" if self.triton_attention else "head"
+
+    @property
+    def fused_decoder(self) -> bool:
+        """Decode steps in one C++ call (kernels/decoder.py): CPU kernels and their cache layout only."""
+        return self.cpu_kernels and self.attention == "cpu" and self.linear == "cpu"
+
+
+def resolve_device(device: str) -> str:
+    """"auto" is cuda where torch sees a GPU, else cpu; "cuda" without one is refused."""
+    if device not in DEVICES:
+        raise QuantkitError(f"--device {device}: choose one of {', '.join(DEVICES)}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QuantkitError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use --device cpu")
+    return device
+
+
+def select_backend(device: str = "auto", triton: bool = False) -> KernelBackend:
+    """The kernels for `device` on this machine. triton=True: the Triton kernels even on CPU tensors (tests, under TRITON_INTERPRET=1)."""
+    device = resolve_device(device)
+    if device == "cuda" or triton:
+        return KernelBackend(device, linear="triton", attention="triton", cpu_kernels=False, int8_head=False)
+    cpu_kernels = cpu_ext.available()  # builds or loads them now, not inside the first request
+    return KernelBackend(device, linear="cpu", attention="cpu", cpu_kernels=cpu_kernels, int8_head=cpu_kernels and cpu_ext.int8_available())
+
+
+CPU = KernelBackend("cpu", linear="cpu", attention="cpu", cpu_kernels=cpu_ext.ENABLED, int8_head=False)
+"""The default of code that builds layers or metadata without a runner (tests, tools): today's CPU choice.
+cpu_kernels follows the switch without building the kernels at import; the hot paths check availability themselves."""
