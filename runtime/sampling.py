@@ -4,7 +4,7 @@ Every random row draws its noise from its own `torch.Generator`, so a request's 
 only on its logits, its parameters and its generator, never on which other requests share the
 batch: with the same logits, a seeded request gives the same text alone or under load, and
 across preemptions. The logits themselves are batch-invariant in float32 only (in bfloat16 the
-kernels are chosen by the batch's row count; README, "How the runtime works").
+kernels are chosen by the batch's row count; docs/architecture.md, "How the runtime works").
 """
 
 from __future__ import annotations
