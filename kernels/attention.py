@@ -182,6 +182,20 @@ SHORT_PREFILL_BATCH = 64
 PREFILL_KERNEL_HEAD_DIMS = (64, 128)  # what quantkit's bf16 prefill kernel is compiled for
 
 
+def cpu_prefill_kernel_applies(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether CPU prefill runs quantkit's bf16 flash kernel (else PyTorch's SDPA)."""
+    return dtype == torch.bfloat16 and head_dim in PREFILL_KERNEL_HEAD_DIMS and cpu_ext.bf16_available()
+
+
+def attention_kernels(backend: KernelBackend, dtype: torch.dtype, head_dim: int) -> str:
+    """What computes attention for this backend, dtype and head size, in words (the server's banner)."""
+    if backend.triton_attention:
+        return "decode Triton paged decode, prefill Triton paged prefill"
+    decode = "quantkit C++ paged decode" if cpu_ext.available() else "PyTorch grouped matmuls"
+    prefill = "quantkit C++ flash prefill" if cpu_prefill_kernel_applies(dtype, head_dim) else "PyTorch SDPA"
+    return f"decode {decode}, prefill {prefill}"
+
+
 @dataclass
 class PaddedPrefill:
     """Several short prefill chunks as one padded batch [n, heads, max_q, D] over [n, Hkv, max_ctx, D]."""
@@ -322,8 +336,7 @@ def _cpu_paged_attention(
         out[meta.decode_rows] = _cpu_decode(query[meta.decode_rows], k_cache, v_cache, meta.decode_slots, meta.decode_mask, scale)
     if meta.prefill_seqs is None:
         return out
-    if (query.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16 and query.shape[-1] in PREFILL_KERNEL_HEAD_DIMS
-            and cpu_ext.bf16_available()):
+    if k_cache.dtype == torch.bfloat16 and cpu_prefill_kernel_applies(query.dtype, query.shape[-1]):
         cpu_ext.op("paged_prefill")(query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.prefill_starts, meta.prefill_lens,
                                     meta.prefill_seqs, meta.block_size, scale, window or 0, out)
         return out

@@ -122,6 +122,20 @@ class DenseLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.weight.dtype}"
 
 
+def int4_kernels(model: nn.Module, backend: KernelBackend, dtype: torch.dtype) -> str:
+    """What computes `model`'s int4 linears (as build_linear chose them), in words (the server's banner)."""
+    path = backend.int4_linear(dtype)
+    if path == "triton":
+        return "Triton W4A16 GEMM"
+    if path == "torch":
+        return f"dequantized once at load, {str(dtype).removeprefix('torch.')} matmuls"
+    if dtype != torch.bfloat16:
+        return f"dequantize + {str(dtype).removeprefix('torch.')} matmul"
+    if any(isinstance(m, QuantLinear) and isinstance(m.cpu_weight, cpu_int4.NativeInt4Weight) for m in model.modules()):
+        return f"quantkit C++ int4 kernel (dequantize + matmul from {cpu_int4.NATIVE_DENSE_FROM_ROWS} rows)"
+    return "PyTorch fused int4 op"
+
+
 def build_linear(tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.dtype, backend: KernelBackend = CPU) -> nn.Module:
     """The linear named `prefix` from a checkpoint's tensors: packed if it has a qweight, else dense."""
     bias = tensors.get(f"{prefix}.bias")

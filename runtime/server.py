@@ -39,9 +39,8 @@ from starlette.routing import Route
 
 from quantkit import __version__
 from quantkit.artifact import MANIFEST_NAME, read_manifest
-from quantkit.kernels import cpu_ext, cpu_int4
-from quantkit.kernels.attention import PREFILL_KERNEL_HEAD_DIMS
-from quantkit.kernels.linear import QuantLinear
+from quantkit.kernels.attention import attention_kernels
+from quantkit.kernels.linear import int4_kernels
 
 from .async_engine import AsyncEngine, EngineFailure, RequestStream
 from .engine import LLMEngine, RequestOutput
@@ -191,21 +190,11 @@ class ThroughputLog:
 
 # ---------------------------------------------------------------------------- startup banner
 def kernel_paths(engine: LLMEngine) -> dict[str, str]:
-    """What computes this model on this machine, as kernels/ decides it (see those modules)."""
-    runner, dtype = engine.runner, engine.runner.dtype
-    if not engine.quantized:
-        int4 = "none (dense weights)"
-    elif dtype != torch.bfloat16:
-        int4 = f"dequantize + {str(dtype).removeprefix('torch.')} matmul"
-    elif any(isinstance(m, QuantLinear) and isinstance(m.cpu_weight, cpu_int4.NativeInt4Weight) for m in runner.model.modules()):
-        int4 = f"quantkit C++ int4 kernel (dequantize + matmul from {cpu_int4.NATIVE_DENSE_FROM_ROWS} rows)"
-    else:
-        int4 = "PyTorch fused int4 op"
-    decode = "quantkit C++ paged decode" if cpu_ext.available() else "PyTorch grouped matmuls"
-    prefill_kernel = dtype == torch.bfloat16 and runner.config.head_dim in PREFILL_KERNEL_HEAD_DIMS and cpu_ext.bf16_available()
-    prefill = "quantkit C++ flash prefill" if prefill_kernel else "PyTorch SDPA"
+    """What computes this model on this machine, as kernels/ decided it (its backend)."""
+    runner = engine.runner
+    int4 = int4_kernels(runner.model, runner.backend, runner.dtype) if engine.quantized else "none (dense weights)"
     head = "int8 copy for decode, dense for larger calls" if runner.int8_head else "dense"
-    return {"int4": int4, "attention": f"decode {decode}, prefill {prefill}", "output head": head}
+    return {"int4": int4, "attention": attention_kernels(runner.backend, runner.dtype, runner.config.head_dim), "output head": head}
 
 
 def weights_identity(engine: LLMEngine) -> str:
@@ -225,7 +214,7 @@ def startup_banner(engine: LLMEngine, served_names: Sequence[str], max_request_b
     cfg = engine.config
     return [
         f"quantkit {__version__} serving {engine.model_name} as {', '.join(served_names)}: {weights_identity(engine)}",
-        f"dtype {cfg.dtype}, device cpu ({torch.get_num_threads()} threads); kernels: int4 {kernels['int4']}; "
+        f"dtype {cfg.dtype}, device {runner.backend.device} ({torch.get_num_threads()} threads); kernels: int4 {kernels['int4']}; "
         f"attention {kernels['attention']}; output head {kernels['output head']}",
         f"KV cache: {blocks} blocks x {block_size} tokens = {blocks * block_size} tokens ({blocks * runner.block_bytes / MiB:.0f} MiB); "
         f"max model len {engine.max_model_len}; max_num_seqs {cfg.max_num_seqs}, max_num_batched_tokens {cfg.max_num_batched_tokens}, "
