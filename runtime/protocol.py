@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from .sampling import MAX_TOP_LOGPROBS, SEED_RANGE, SamplingParams
+from .sampling import MAX_TOP_LOGPROBS, SEED_RANGE, SamplingParams, short_repr
 
 MAX_N = 128  # OpenAI's bound on n; each choice is one engine request (max_waiting bounds them too)
 MAX_LISTED_ERRORS = 3
@@ -260,9 +260,8 @@ def _depth(error: dict) -> int:
     return sum(not _is_union_member(part) for part in error["loc"])
 
 
-def _short(value: object, limit: int = 100) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+def _short(value: object) -> str:
+    return short_repr(value, limit=100)
 
 
 def _message(error: dict) -> str:

@@ -76,15 +76,15 @@ class SamplingParams:
             low, high = SEED_RANGE
             _check_int("seed", self.seed, f"from -2**63 to 2**64 - 1 ({low} to {high}), or None", lambda v: low <= v <= high)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {_short(self.stop)}")
+            raise ValueError(f"stop must be a list of non-empty strings, got {short_repr(self.stop)}")
         if len(self.stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
             raise ValueError(f"stop may hold at most {MAX_STOP_STRINGS} strings of at most {MAX_STOP_STRING_CHARS} characters each, "
                              f"got {len(self.stop)} strings, the longest {max(map(len, self.stop))} characters")
         if not isinstance(self.stop_token_ids, list) or not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {_short(self.stop_token_ids)}")
+            raise ValueError(f"stop_token_ids must be a list of ints >= 0, got {short_repr(self.stop_token_ids)}")
         for name in ("ignore_eos", "logprobs", "prompt_logprobs"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {_short(getattr(self, name))}")
+                raise ValueError(f"{name} must be a bool, got {short_repr(getattr(self, name))}")
         _check_int("top_logprobs", self.top_logprobs, f"from 0 to {MAX_TOP_LOGPROBS}", lambda v: 0 <= v <= MAX_TOP_LOGPROBS)
         if self.top_logprobs and not self.logprobs:
             raise ValueError(f"top_logprobs ({self.top_logprobs}) needs logprobs=True")
@@ -97,12 +97,12 @@ class SamplingParams:
     def _check_logit_bias(self) -> None:
         bias = self.logit_bias
         if not isinstance(bias, dict):
-            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {_short(bias)}")
+            raise ValueError(f"logit_bias must be a dict of token id -> bias, got {short_repr(bias)}")
         if len(bias) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(f"logit_bias may hold at most {MAX_LOGIT_BIAS_TOKENS} tokens, got {len(bias)}")
         for token, value in bias.items():
             if not _is_int(token) or token < 0:
-                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {_short(token)}")
+                raise ValueError(f"logit_bias keys must be token ids (ints >= 0), got {short_repr(token)}")
             _check_number(f"logit_bias[{token}]", value, f"in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", lambda v: abs(v) <= MAX_LOGIT_BIAS)
 
     @property
@@ -115,7 +115,7 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1 or self.logit_bias)
 
 
-def _short(v: object, limit: int = 200) -> str:
+def short_repr(v: object, limit: int = 200) -> str:
     """repr for an error message, cut: the value may be as large as the request."""
     text = repr(v)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
@@ -127,12 +127,12 @@ def _is_int(v: object) -> bool:
 
 def _check_int(name: str, v: object, allowed: str, ok) -> None:
     if not _is_int(v) or not ok(v):
-        raise ValueError(f"{name} must be an int {allowed}, got {_short(v)}")
+        raise ValueError(f"{name} must be an int {allowed}, got {short_repr(v)}")
 
 
 def _check_number(name: str, v: object, allowed: str, ok) -> None:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not ok(v):
-        raise ValueError(f"{name} must be a finite number {allowed}, got {_short(v)}")
+        raise ValueError(f"{name} must be a finite number {allowed}, got {short_repr(v)}")
 
 
 def make_generator(seed: int | None = None, rng: random.Random | None = None, device: str | torch.device = "cpu") -> torch.Generator:
