@@ -22,6 +22,10 @@ from . import cpu_ext
 
 DEVICES = ("auto", "cpu", "cuda")
 TRITON_GEMM_DTYPES = (torch.float16, torch.bfloat16)  # what kernels/triton_gemm.py computes in (its _check_inputs)
+# From this many rows on, the Triton backend's int4 linears dequantize (a Triton kernel) and call
+# cuBLAS, which reuses each weight tile across many rows better than the W4A16 GEMM. vLLM's AWQ
+# path switches at 256 tokens; benchmarks/gpu_check.py measures the crossover on the GPU at hand.
+TRITON_DENSE_FROM_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class KernelBackend:
     attention: str  # "cpu" (C++ kernels or SDPA over the head-major cache) | "triton" (paged kernels, block-major cache)
     cpu_kernels: bool  # build/load quantkit's C++ CPU kernels (norms, RoPE, int4, attention, int8 head, fused decode)
     int8_head: bool  # the int8 output head's kernel exists here (C++, AVX-512 BF16 + VNNI)
+    int4_dense_from_rows: int | None = None  # Triton int4 linears: dequantize + dense matmul from this many rows (None: never)
 
     def int4_linear(self, dtype: torch.dtype) -> str:
         """How an int4 linear computes in `dtype`: "cpu" (cpu_int4), "triton" (the W4A16 GEMM), or
@@ -70,7 +75,8 @@ def select_backend(device: str = "auto", triton: bool = False) -> KernelBackend:
     """The kernels for `device` on this machine. triton=True: the Triton kernels even on CPU tensors (tests, under TRITON_INTERPRET=1)."""
     device = resolve_device(device)
     if device == "cuda" or triton:
-        return KernelBackend(device, linear="triton", attention="triton", cpu_kernels=False, int8_head=False)
+        return KernelBackend(device, linear="triton", attention="triton", cpu_kernels=False, int8_head=False,
+                             int4_dense_from_rows=TRITON_DENSE_FROM_ROWS)
     cpu_kernels = cpu_ext.available()  # builds or loads them now, not inside the first request
     return KernelBackend(device, linear="cpu", attention="cpu", cpu_kernels=cpu_kernels, int8_head=cpu_kernels and cpu_ext.int8_available())
 

@@ -42,8 +42,10 @@ EMULATED_BF16_FP32_FROM_ROWS = 64
 EMULATED_UPCAST_ROWS = 8192  # output rows of a weight upcast at once: 18 MB in fp32 at hidden 576
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] @ weight[out, in].T (+ bias) in x's dtype."""
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, cpu_kernels: bool = True) -> torch.Tensor:
+    """x [..., in] @ weight[out, in].T (+ bias) in x's dtype; cpu_kernels False (the Triton backend): plain torch only."""
+    if not cpu_kernels:
+        return F.linear(x, weight, bias)
     if (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
             and 1 <= x.shape[0] <= GEMV_MAX_ROWS and x.shape[1] % 32 == 0 and weight.is_contiguous() and cpu_ext.bf16_available()):
         out = torch.empty(x.shape[0], weight.shape[0], dtype=torch.bfloat16)
@@ -70,7 +72,7 @@ class QuantLinear(nn.Module):
     """y = x @ W.T (+ bias) with W stored as AWQ int4 (qweight / qzeros / scales)."""
 
     def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-                 triton: bool = False):
+                 triton: bool = False, dense_from_rows: int | None = None):
         super().__init__()
         self.in_features = qweight.shape[0]
         self.out_features = scales.shape[1]
@@ -78,8 +80,9 @@ class QuantLinear(nn.Module):
         self.bias = bias
         self.cpu_weight: cpu_int4.CpuInt4Weight | cpu_int4.NativeInt4Weight | None = None
         self.awq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.dense_from_rows = dense_from_rows  # Triton: rows from which a call dequantizes and runs a dense matmul
         if triton:
-            self.awq = (qweight, qzeros, scales)  # the Triton kernel reads the AWQ layout directly
+            self.awq = (qweight, qzeros, scales)  # the Triton kernels read the AWQ layout directly
         else:
             self.cpu_weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
 
@@ -88,9 +91,12 @@ class QuantLinear(nn.Module):
             return self.forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         if self.awq is None:
             return cpu_int4.int4_matmul(x, self.cpu_weight, self.bias)
-        from .triton_gemm import w4a16_gemm
+        from .triton_gemm import awq_dequantize, w4a16_gemm
 
-        y = w4a16_gemm(x, *self.awq)
+        if self.dense_from_rows is not None and x.shape[0] >= self.dense_from_rows:
+            y = torch.matmul(x, awq_dequantize(*self.awq, x.dtype))
+        else:
+            y = w4a16_gemm(x, *self.awq)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def weight_bytes(self) -> int:
@@ -104,16 +110,17 @@ class QuantLinear(nn.Module):
 class DenseLinear(nn.Module):
     """y = x @ W.T (+ bias) with a dense weight in the compute dtype."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, cpu_kernels: bool = True):
         super().__init__()
         self.weight = weight
         self.bias = bias
+        self.cpu_kernels = cpu_kernels
         self.out_features, self.in_features = weight.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
             return self.forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
-        return dense_linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return dense_linear(x.to(self.weight.dtype), self.weight, self.bias, self.cpu_kernels)
 
     def weight_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
@@ -126,7 +133,8 @@ def int4_kernels(model: nn.Module, backend: KernelBackend, dtype: torch.dtype) -
     """What computes `model`'s int4 linears (as build_linear chose them), in words (the server's banner)."""
     path = backend.int4_linear(dtype)
     if path == "triton":
-        return "Triton W4A16 GEMM"
+        dense = f" (Triton dequantize + {str(dtype).removeprefix('torch.')} matmul from {backend.int4_dense_from_rows} rows)"
+        return "Triton W4A16 GEMM" + (dense if backend.int4_dense_from_rows is not None else "")
     if path == "torch":
         return f"dequantized once at load, {str(dtype).removeprefix('torch.')} matmuls"
     if dtype != torch.bfloat16:
@@ -145,11 +153,11 @@ def build_linear(tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.
         packed = tensors[f"{prefix}.qweight"], tensors[f"{prefix}.qzeros"], tensors[f"{prefix}.scales"]
         path = backend.int4_linear(dtype)
         if path == "torch":  # no int4 kernel computes in this dtype here: the weight dequantized once
-            return DenseLinear(dequantize_awq(*packed, dtype), bias)
-        return QuantLinear(*packed, bias, triton=path == "triton")
+            return DenseLinear(dequantize_awq(*packed, dtype), bias, backend.cpu_kernels)
+        return QuantLinear(*packed, bias, triton=path == "triton", dense_from_rows=backend.int4_dense_from_rows)
     if f"{prefix}.weight" not in tensors:
         raise KeyError(f"checkpoint has neither {prefix}.qweight nor {prefix}.weight")
-    return DenseLinear(tensors[f"{prefix}.weight"].to(dtype), bias)
+    return DenseLinear(tensors[f"{prefix}.weight"].to(dtype), bias, backend.cpu_kernels)
 
 
 def build_fused_linear(tensors: Mapping[str, torch.Tensor], prefixes: list[str], dtype: torch.dtype, backend: KernelBackend = CPU) -> nn.Module:
@@ -294,15 +302,15 @@ class OutputHead(nn.Module):
     build one.
     """
 
-    def __init__(self, weight: torch.Tensor, int8: PackedInt8 | None = None):
+    def __init__(self, weight: torch.Tensor, int8: PackedInt8 | None = None, cpu_kernels: bool = True):
         super().__init__()
-        self.weight, self.int8 = weight, int8
+        self.weight, self.int8, self.cpu_kernels = weight, int8, cpu_kernels
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if (self.int8 is not None and hidden.dtype == torch.bfloat16 and hidden.device.type == "cpu" and hidden.dim() == 2
                 and 1 <= hidden.shape[0] <= INT8_HEAD_MAX_ROWS):
             return int8_linear(hidden, self.int8)
-        return dense_linear(hidden, self.weight)
+        return dense_linear(hidden, self.weight, cpu_kernels=self.cpu_kernels)
 
     def extra_repr(self) -> str:
         return f"vocab={self.weight.shape[0]}, hidden={self.weight.shape[1]}, {self.weight.dtype}" + (", int8 copy" if self.int8 else "")

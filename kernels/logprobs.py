@@ -13,12 +13,13 @@ import torch
 from . import cpu_ext
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, cpu_kernels: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(log softmax(logits[i])[targets[i]] in fp32, whether targets[i] is the first argmax of row i).
 
-    logits [N, V] in any float dtype (computed in fp32), targets int64 [N].
+    logits [N, V] in any float dtype (computed in fp32), targets int64 [N]. cpu_kernels: the
+    backend's choice (False: never the C++ kernel).
     """
-    if cpu_ext.handles(logits) and logits.dim() == 2 and logits.stride(-1) == 1:
+    if cpu_kernels and cpu_ext.handles(logits) and logits.dim() == 2 and logits.stride(-1) == 1:
         targets = targets.to(torch.int64).contiguous()
         logprobs = torch.empty(targets.shape, dtype=torch.float32)
         greedy = torch.empty(targets.shape, dtype=torch.bool)

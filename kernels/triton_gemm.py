@@ -144,6 +144,36 @@ def _awq_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+@triton.jit
+def _awq_dequantize_kernel(
+    qw_ptr, qz_ptr, s_ptr, w_ptr, N, K,
+    stride_qwk, stride_qwn, stride_qzg, stride_qzn, stride_sg, stride_sn, stride_wk, stride_wn,
+    GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):
+    """W.T [K, N] = (q - z) * s, the values the GEMM's tiles compute (same casts, same rounding)."""
+    pid_k = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    WORDS_N: tl.constexpr = BLOCK_N // 8
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = pid_n * WORDS_N + tl.arange(0, WORDS_N)
+    mask_k, mask_n, mask_w = offs_k < K, offs_n < N, offs_w < N // 8
+    col = tl.arange(0, 8)
+    shifts = ((col % 2) * 4 + col // 2) * 4
+    packed = tl.load(qw_ptr + offs_k[:, None] * stride_qwk + offs_w[None, :] * stride_qwn, mask=mask_k[:, None] & mask_w[None, :], other=0)
+    q = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
+    group = offs_k // GROUP_SIZE  # per row: a tile may span groups
+    zwords = tl.load(qz_ptr + group[:, None] * stride_qzg + offs_w[None, :] * stride_qzn, mask=mask_k[:, None] & mask_w[None, :], other=0)
+    z = tl.reshape((zwords[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
+    s = tl.load(s_ptr + group[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    dtype = w_ptr.dtype.element_ty
+    if EMULATE_BF16:  # interpreter: fp32 on bf16-exact values, rounded where the GPU rounds (see the GEMM)
+        w = _round_to_bf16((q - z).to(tl.float32) * _round_to_bf16(s.to(tl.float32)))
+    else:
+        w = (q - z).to(dtype) * s.to(dtype)
+    tl.store(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn, w.to(dtype), mask=mask_k[:, None] & mask_n[None, :])
+
+
 # Built by the interpreter (TRITON_INTERPRET=1 before triton was imported)? Then bf16 needs
 # the emulated path; a compiled GPU kernel never takes it.
 _INTERPRETED = type(_awq_gemm_kernel).__name__ == "InterpretedFunction"
@@ -240,3 +270,22 @@ def w4a16_gemm(
     if split_k > 1:
         out.copy_(target.sum(dim=0))  # fixed order: deterministic
     return out
+
+
+DEQUANTIZE_BLOCK_K, DEQUANTIZE_BLOCK_N = 32, 128
+
+
+def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The AWQ-packed weight as W.T [K, N] in dtype (fp16/bf16): what x @ W.T multiplies, for the
+    dequantize + dense matmul path of large batches (cuBLAS reuses the weight across many rows)."""
+    x = torch.empty(0, qweight.shape[0], dtype=dtype, device=qweight.device)  # only to share the GEMM's checks
+    group_size = _check_inputs(x, qweight, qzeros, scales)
+    k, n = qweight.shape[0], scales.shape[1]
+    w = torch.empty(k, n, dtype=dtype, device=qweight.device)
+    grid = (triton.cdiv(k, DEQUANTIZE_BLOCK_K), triton.cdiv(n, DEQUANTIZE_BLOCK_N))
+    _awq_dequantize_kernel[grid](
+        qweight, qzeros, scales, w, n, k, *qweight.stride(), *qzeros.stride(), *scales.stride(), *w.stride(),
+        GROUP_SIZE=group_size, BLOCK_K=DEQUANTIZE_BLOCK_K, BLOCK_N=DEQUANTIZE_BLOCK_N,
+        EMULATE_BF16=_INTERPRETED and dtype == torch.bfloat16,
+    )
+    return w

@@ -3,9 +3,9 @@
 The Python API, loaded on first use so that `import quantkit` (and the command line) stays
 cheap, without torch:
 
-    quantkit.quantize(model, out, recipe=None, *, force=False, resume=False, progress=True, **overrides) -> Path
-    quantkit.evaluate(artifact, tasks=..., *, baseline=None, limit=None, dtype="bfloat16", gate=False, output=None) -> dict
-    quantkit.LLM(path).generate(prompts, quantkit.SamplingParams(...))
+    quantkit.quantize(model, out, recipe=None, *, force=False, resume=False, progress=True, device="auto", **overrides) -> Path
+    quantkit.evaluate(artifact, tasks=..., *, baseline=None, limit=None, dtype="bfloat16", gate=False, output=None, device="auto") -> dict
+    quantkit.LLM(path, device="auto").generate(prompts, quantkit.SamplingParams(...))
 """
 
 import importlib as _importlib

@@ -11,11 +11,19 @@ block's inputs, so later blocks calibrate against the errors of earlier ones.
 Forward passes run in `compute_dtype` (bf16 by default: its matmuls are 2.2x faster than fp32
 at 256 rows on this CPU, BENCHMARKS.md, and its rounding is two orders of magnitude below int4 error), while scales, clipping and
 codes are computed from fp32 master weights that the search itself never mutates.
+
+All of it runs on one `device` (cpu or cuda): the model stays on the CPU, and each block is
+moved to the device for its turn (`block_on`) with its calibration inputs, which stay there from
+block to block; what a finished block hands on (`BlockDone`) is back on the CPU, so the artifact
+is written from CPU tensors of the same dtypes whichever device computed them. Dtypes are the
+same on every device: only the order of floating-point sums differs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import inspect
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +33,7 @@ import torch
 from torch import nn
 
 from .errors import QuantkitError
+from .kernels.backend import resolve_device
 from .models import ArchAdapter, ScalingGroup
 from .quantizer import (
     QuantParams,
@@ -114,7 +123,10 @@ BlockFn = Callable[[int, nn.Module], None]
 
 @dataclass
 class BlockDone:
-    """What one finished block hands to whoever stores it (memory or a partial artifact on disk)."""
+    """What one finished block hands to whoever stores it (memory or a partial artifact on disk).
+
+    Every tensor in it is on the CPU, whatever device quantized the block.
+    """
 
     index: int
     prefix: str
@@ -132,12 +144,15 @@ def quantize_model(
     settings: AWQSettings,
     calib_ids: torch.Tensor | None = None,
     progress: ProgressFn | None = None,
+    device: str = "cpu",
 ) -> QuantizeResult:
     """Quantize every linear of every block in place (model keeps the dequantized weights).
 
     Returns the codes and params to pack. With method 'awq' the model's norms and linears
-    also carry the folded scales, which the artifact must store with the codes.
+    also carry the folded scales, which the artifact must store with the codes. The model
+    stays on the CPU; `device` ("cpu", "cuda" or "auto") is where each block is quantized.
     """
+    run_on = torch.device(resolve_device(device))
     result = QuantizeResult()
 
     def keep(done: BlockDone) -> None:
@@ -153,7 +168,7 @@ def quantize_model(
         if calib_ids is None:
             raise ValueError("AWQ needs calibration token ids")
         hidden, block_kwargs = capture_block_inputs(model, adapter.blocks(model), calib_ids)
-    quantize_blocks(adapter.blocks(model), adapter, settings, hidden, block_kwargs, on_done=keep)
+    quantize_blocks(adapter.blocks(model), adapter, settings, hidden, block_kwargs, on_done=keep, device=run_on)
     return result
 
 
@@ -167,35 +182,68 @@ def quantize_blocks(
     on_done: Callable[[BlockDone], None],
     start: int = 0,
     load_block: BlockFn | None = None,
+    device: torch.device | str = "cpu",
 ) -> None:
     """The generic loop: blocks `start`.. in order, each loaded (if `load_block`), quantized, handed on.
 
-    `hidden` holds the inputs of block `start` (fp32, updated in place block after block); a
-    streaming caller materializes each block in `load_block` and frees it in `on_done`.
+    `hidden` holds the inputs of block `start` (fp32); it is moved to `device` once (a no-op on
+    the CPU: then the caller's tensor itself is updated) and updated there block after block. A
+    streaming caller materializes each block (on the CPU) in `load_block` and frees it in
+    `on_done`; in between the block is on `device`, and back on the CPU when `on_done` sees it.
+    The same moves run on every device, so a CPU run exercises the streaming path too.
+    `device` is already resolved ("cpu" or "cuda", kernels/backend.py's resolve_device), not "auto".
     """
+    device = torch.device(device)
     check_group_sizes(blocks, adapter, settings.group_size)
     if settings.method not in METHODS:
         raise ValueError(f"unknown method {settings.method!r}")
     check_rounding(settings)
     if settings.method == "awq" and (hidden is None or block_kwargs is None):
         raise ValueError("AWQ needs the first block's calibration inputs and every block's kwargs")
+    if hidden is not None:
+        hidden = hidden.to(device)
     for i in range(start, len(blocks)):
         block = blocks[i]
         if load_block:
             load_block(i, block)
-        begin = time.perf_counter()
-        if settings.method == "rtn":
-            linears = {name: _finalize_linear(block.get_submodule(name), settings, block.get_submodule(name).weight.data.clone())
-                       for name in adapter.quantized_linears(block)}
-            searches: list[GroupSearch] = []
-        else:
-            kwargs = _cast_floats(block_kwargs[i], settings.dtype)
-            storage = next(block.parameters()).dtype
-            block.float()  # fp32 masters for this block only: the rest of the model stays as stored
-            linears, searches = quantize_block(block, adapter, hidden, kwargs, settings)
-            block.to(storage)  # what the artifact stores (its norms are fp16) is what the next block sees
-            _propagate(block, adapter, hidden, kwargs, settings)
-        on_done(BlockDone(i, adapter.block_prefix(i), block, linears, searches, hidden, time.perf_counter() - begin))
+        begin = time.perf_counter()  # the moves count: on a GPU they are part of a block's cost
+        with block_on(block, device):
+            if settings.method == "rtn":
+                linears = {name: _finalize_linear(block.get_submodule(name), settings, block.get_submodule(name).weight.data.clone())
+                           for name in adapter.quantized_linears(block)}
+                searches: list[GroupSearch] = []
+            else:
+                kwargs = _cast_floats(block_kwargs[i], settings.dtype, device)
+                storage = next(block.parameters()).dtype
+                block.float()  # fp32 masters for this block only: the rest of the model stays as stored
+                linears, searches = quantize_block(block, adapter, hidden, kwargs, settings)
+                block.to(storage)  # what the artifact stores (its norms are fp16) is what the next block sees
+                _propagate(block, adapter, hidden, kwargs, settings)
+            linears = {name: _linear_to_cpu(ql) for name, ql in linears.items()}
+            searches = [dataclasses.replace(search, scales=search.scales.cpu()) for search in searches]
+            leaving = None if hidden is None else hidden.cpu()  # the copy back waits for the device's work: the time is honest
+        on_done(BlockDone(i, adapter.block_prefix(i), block, linears, searches, leaving, time.perf_counter() - begin))
+
+
+@contextlib.contextmanager
+def block_on(block: nn.Module, device: torch.device | str) -> Iterator[nn.Module]:
+    """`block` moved to `device` while it is quantized, then back on the CPU (also after an error).
+
+    The rest of the model never leaves the CPU, so device memory holds one block (plus its
+    working copies) and the calibration activations, whatever the depth. On the CPU both moves
+    are no-ops: the tensors are not copied.
+    """
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to("cpu")
+
+
+def _linear_to_cpu(ql: QuantizedLinear) -> QuantizedLinear:
+    """The codes, group params and bias on the CPU, in their dtypes: what the packer reads."""
+    params = dataclasses.replace(ql.params, scales=ql.params.scales.cpu(), zeros=ql.params.zeros.cpu())
+    return dataclasses.replace(ql, q=ql.q.cpu(), params=params, bias=None if ql.bias is None else ql.bias.cpu())
 
 
 def check_rounding(settings: AWQSettings) -> None:
@@ -306,13 +354,16 @@ def capture_block_inputs(model: nn.Module, blocks: nn.ModuleList, calib_ids: tor
     return torch.cat(chunks), kwargs_per_block
 
 
-def _cast_floats(obj, dtype: torch.dtype):
+def _cast_floats(obj, dtype: torch.dtype, device: torch.device | str | None = None):
+    """`obj` (a block's kwargs: tensors in tuples, lists and dicts) with float tensors in `dtype`,
+    and every tensor on `device` if one is given (masks and positions too)."""
     if isinstance(obj, torch.Tensor):
+        obj = obj.to(device) if device is not None else obj
         return obj.to(dtype) if obj.is_floating_point() else obj
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_cast_floats(o, dtype) for o in obj)
+        return type(obj)(_cast_floats(o, dtype, device) for o in obj)
     if isinstance(obj, dict):
-        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+        return {k: _cast_floats(v, dtype, device) for k, v in obj.items()}
     return obj
 
 
@@ -339,9 +390,10 @@ class BlockFeatures:
 
 
 def collect_features(working: nn.Module, adapter: ArchAdapter, names: list[str], hidden: torch.Tensor, block_kwargs: dict, settings: AWQSettings) -> BlockFeatures:
-    sums = {name: torch.zeros(working.get_submodule(name).in_features) for name in names}
+    device = hidden.device  # the block and its inputs are on one device; the statistics accumulate there
+    sums = {name: torch.zeros(working.get_submodule(name).in_features, device=device) for name in names}
     with_hessians = settings.rounding == "gptq"
-    hessians = {name: torch.zeros(len(sums[name]), len(sums[name])) for name in names} if with_hessians else {}
+    hessians = {name: torch.zeros(len(sums[name]), len(sums[name]), device=device) for name in names} if with_hessians else {}
     search: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     counted: dict[str, int] = {name: 0 for name in names}
     state = {"in_search": False}
@@ -471,8 +523,8 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, settings: AWQSettings, rows_pe
     out_features, in_features = w.shape
     n_groups = in_features // gs
     xg = x.float().reshape(-1, n_groups, gs).permute(1, 2, 0)  # [G, gs, T]
-    best_low = torch.empty(n_groups, out_features)
-    best_high = torch.empty(n_groups, out_features)
+    best_low = torch.empty(n_groups, out_features, device=w.device)
+    best_high = torch.empty(n_groups, out_features, device=w.device)
     steps = int(settings.max_shrink * settings.n_grid)
     for start in range(0, out_features, rows_per_batch):
         rows = slice(start, start + rows_per_batch)
@@ -484,7 +536,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, settings: AWQSettings, rows_pe
             high0 = wg.abs().amax(dim=-1, keepdim=True)
             low0 = -high0
         low, high = low0.clone(), high0.clone()
-        min_err = torch.full(high0.shape, float("inf"))
+        min_err = torch.full(high0.shape, float("inf"), device=w.device)
         for i in range(steps):
             shrink = 1 - i / settings.n_grid
             clipped = torch.maximum(torch.minimum(wg, high0 * shrink), low0 * shrink)

@@ -35,6 +35,16 @@ def main() -> None:
     """quantkit: AWQ int4 quantization, packaging, evaluation and serving."""
 
 
+# --device on every command that runs a model. The choices are kernels/backend.py's DEVICES,
+# spelled out: importing it here would load torch for every command (even --help).
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def _device_option(what: str):
+    return click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+                        help=f"{what}: cuda, cpu, or auto (cuda where a GPU is visible).")
+
+
 @main.command()
 @click.argument("model", required=False)
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
@@ -51,7 +61,10 @@ def main() -> None:
 @click.option("--rounding", type=click.Choice(["nearest", "gptq"]), help="Round codes to nearest (AWQ's) or GPTQ's error-compensating order (same grid and format).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory (or an interrupted run's blocks).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished block.")
-def quantize(model, out, recipe, method, group_size, calib_source, samples, seqlen, seed, search_samples, duo_scaling, clip, rounding, force, resume) -> None:
+@_device_option("Where calibration, the scale/clip searches and rounding run, one decoder block at a time "
+                "(the model stays in CPU memory; the artifact's format is the same either way)")
+def quantize(model, out, recipe, method, group_size, calib_source, samples, seqlen, seed, search_samples, duo_scaling, clip, rounding, force, resume,
+             device) -> None:
     """Quantize MODEL (a directory, a hub id or 'smollm2-135m') to an int4 AWQ artifact.
 
     MODEL may be left out when the recipe names one.
@@ -61,6 +74,7 @@ def quantize(model, out, recipe, method, group_size, calib_source, samples, seql
     path = run_quantize(
         model, out, recipe, force=force, resume=resume, method=method, group_size=group_size, source=calib_source, samples=samples,
         seqlen=seqlen, seed=seed, search_samples=search_samples, duo_scaling=duo_scaling, clip=clip, rounding=rounding,
+        device=device,
     )
     click.echo(f"wrote {path}")
 
@@ -86,16 +100,20 @@ def inspect(artifact, layers) -> None:
 @click.option("--gate", is_flag=True, help="Exit 1 when a gate of the recipe is breached.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Report path (.json; a .md is written beside it).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
-def eval_(artifact, baseline, tasks, limit, recipe, gate, output, dtype) -> None:
+@_device_option("Where both models are scored (through the runtime's engine)")
+def eval_(artifact, baseline, tasks, limit, recipe, gate, output, dtype, device) -> None:
     """Evaluate ARTIFACT (a quantkit artifact or an AutoAWQ GEMM checkpoint) against its FP16 baseline.
 
     Runs lm-eval on both, reports the delta and, with --gate, exits 1 when a gate is breached.
     """
+    from quantkit.kernels.backend import resolve_device
+
     from .evaluate import plan_evaluation, run_plan
     from .gates import judge_gates
 
+    device = resolve_device(device)  # --device cuda without a GPU: refused before any evaluation time is spent
     plan = plan_evaluation(artifact, tasks, baseline, recipe, gate, output, default_output=True)  # every check before any evaluation
-    report = run_plan(plan, limit, dtype, echo=click.echo)
+    report = run_plan(plan, limit, dtype, echo=click.echo, device=device)
     if gate:
         _enforce(judge_gates(report, plan.gates))
 
@@ -151,11 +169,13 @@ def _parse_bytes(text: str) -> int:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (0.0.0.0 exposes it to the network).")
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--api-key", envvar="QUANTKIT_API_KEY", help="Require 'Authorization: Bearer KEY' (or set QUANTKIT_API_KEY).")
-@click.option("--kv-cache-memory", default="256MiB", show_default=True, help="KV cache budget; sets the number of blocks.")
+@click.option("--kv-cache-memory", help="KV cache budget (e.g. 256MiB, 20GiB); sets the number of blocks. Default: 256 MiB on CPU; "
+              "on CUDA what --gpu-memory-utilization leaves after the weights and the largest step.")
+@click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="CUDA: the share of the GPU's memory the server may hold, KV cache included (without --kv-cache-memory).")
+@click.option("--enforce-eager", is_flag=True, help="CUDA: run decode steps eagerly instead of replaying CUDA graphs.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
-# The choices are kernels/backend.py's DEVICES, spelled out: importing it here would load torch for every command.
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the model runs: cuda (Triton kernels), cpu (quantkit's C++ kernels), auto: cuda where a GPU is visible.")
+@_device_option("Where the model runs (cuda: Triton kernels, cpu: quantkit's C++ kernels)")
 @click.option("--max-model-len", type=click.IntRange(min=1), help="Context length served (default: the model's max_position_embeddings).")
 @click.option("--max-num-seqs", default=64, show_default=True, type=int, help="Sequences per step.")
 @click.option("--max-num-batched-tokens", default=512, show_default=True, type=int, help="Token budget per step.")
@@ -170,7 +190,7 @@ def _parse_bytes(text: str) -> int:
               "Default: room for a max-context prompt, 32 bytes per context token, at least 1 MiB.")
 @click.option("--stats-log-interval", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between throughput lines on the log while there is work (0: none).")
-def serve(model, host, port, api_key, kv_cache_memory, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, block_size,
+def serve(model, host, port, api_key, kv_cache_memory, gpu_memory_utilization, enforce_eager, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, block_size,
           served_model_names, int8_head, max_request_bytes, stats_log_interval) -> None:
     """Serve MODEL (an artifact, a model directory or 'smollm2-135m') with an OpenAI-compatible API."""
     import logging
@@ -186,7 +206,8 @@ def serve(model, host, port, api_key, kv_cache_memory, dtype, device, max_model_
     if request_bytes is not None and request_bytes < 1:
         raise QuantkitError(f"--max-request-bytes must be at least 1 byte, got {max_request_bytes!r}.")
     engine = LLMEngine(EngineConfig(
-        model=model, dtype=dtype, block_size=block_size, kv_cache_memory=_parse_bytes(kv_cache_memory), max_model_len=max_model_len,
+        model=model, dtype=dtype, block_size=block_size, kv_cache_memory=_parse_bytes(kv_cache_memory) if kv_cache_memory else None,
+        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting, int8_head=int8_head,
         device=device,
     ))
@@ -239,9 +260,10 @@ def _workload_options(f):
 @click.option("--context-tokens", default=4096, show_default=True, type=int, help="Context per sequence in the GPU tier estimate.")
 @click.option("--int8-head/--no-int8-head", default=None, help="The engine's modes read an int8 copy of the output head, or not "
               "(default: as serve decides, where lossless).")
+@_device_option("Where every mode runs (the engine's and Hugging Face's)")
 @_workload_options
 def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cache_memory, memory_budget, concurrency, context_tokens,
-                  int8_head, workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
+                  int8_head, device, workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
     """One workload, all queued at t=0: HF one-at-a-time and static batching vs quantkit's engine, bf16 vs int4.
 
     ARTIFACT is a quantkit artifact or an AutoAWQ GEMM checkpoint (which needs --baseline).
@@ -249,6 +271,7 @@ def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cach
     from quantkit.bench import run as qb
     from quantkit.bench.report import console, ratios_table, runs_table
     from quantkit.bench.workload import parse_range
+    from quantkit.kernels.backend import resolve_device
 
     from .evaluate import open_candidate
 
@@ -261,7 +284,7 @@ def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cach
     workload = qb.make_workload(str(artifact), workload_file, requests, seed, parse_range(prompt_tokens), parse_range(output_tokens))
     data = qb.run_offline(artifact, baseline, workload, chosen, out_dir,
                           {"static_batch": static_batch, "max_num_seqs": max_num_seqs, "kv_cache_memory": _parse_bytes(kv_cache_memory),
-                           "int8_head": int8_head},
+                           "int8_head": int8_head, "device": resolve_device(device)},
                           price_per_hour, _parse_bytes(memory_budget), concurrency, context_tokens, progress=click.echo)
     console.print(runs_table(f"offline: {len(workload)} requests queued at t=0", data["results"]))
     console.print(ratios_table(data["ratios"]))
@@ -288,9 +311,10 @@ def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cach
 @click.option("--slo-metric", type=click.Choice(["e2e", "ttft"]), default="e2e", show_default=True)
 @click.option("--slo", "slo_s", type=float, required=True, help="p95 latency objective in seconds.")
 @click.option("--max-seconds-per-rate", default=600.0, show_default=True, type=float, help="Stop sending after this long at one rate.")
+@_device_option("Where spawned servers (--serve) run")
 @_workload_options
 def bench_online(urls, serve_artifact, serve_max_num_seqs, kv_cache_memory, model, api_key, tokenizer_model, rates, arrival, slo_metric,
-                 slo_s, max_seconds_per_rate, workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
+                 slo_s, max_seconds_per_rate, device, workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
     """Sweep request rates against servers; report the best throughput whose p95 latency meets --slo."""
     from quantkit.bench import run as qb
     from quantkit.bench.online import Target, check_url
@@ -307,6 +331,10 @@ def bench_online(urls, serve_artifact, serve_max_num_seqs, kv_cache_memory, mode
             if not seqs.strip().isdigit() or int(seqs) < 1:
                 raise QuantkitError(f"--serve-max-num-seqs {serve_max_num_seqs!r}: give positive integers, e.g. 1,64.")
             targets[f"quantkit-max-seqs-{int(seqs)}"] = (serve_artifact, int(seqs), kv_cache_memory)
+    if serve_artifact is not None:
+        from quantkit.kernels.backend import resolve_device
+
+        device = resolve_device(device)  # before any server starts: --device cuda without a GPU is refused here
     if not targets:
         raise QuantkitError("nothing to measure: give --url URL (any OpenAI-compatible server) and/or --serve ARTIFACT.")
     try:
@@ -318,7 +346,7 @@ def bench_online(urls, serve_artifact, serve_max_num_seqs, kv_cache_memory, mode
     tokenizer_model = tokenizer_model or (str(serve_artifact) if serve_artifact else "smollm2-135m")
     workload = qb.make_workload(tokenizer_model, workload_file, requests, seed, parse_range(prompt_tokens), parse_range(output_tokens))
     data = qb.run_online(targets, workload, rate_list, arrival, seed, f"{slo_metric}_s", slo_s, max_seconds_per_rate, price_per_hour,
-                         out_dir, progress=click.echo)
+                         out_dir, progress=click.echo, device=device)
     for name, points in data["sweeps"].items():
         console.print(runs_table(f"{name}: {arrival} arrivals", {f"{p['rate']:g} req/s": p for p in points}, label="rate"))
     for name, best in data["best_under_slo"].items():

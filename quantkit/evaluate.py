@@ -1,10 +1,11 @@
 """lm-eval over quantkit's runtime: the same code path for the int4 artifact and the dense baseline.
 
 `QuantkitLM` is an lm-eval model (registered as "quantkit"): log-likelihoods are computed by the
-runtime's model runner in batches of whole sequences (many requests per forward pass), generation
-goes through the engine. Tokenization mirrors lm-eval's Hugging Face backend (no special tokens,
-trailing context spaces moved to the continuation, BOS/EOS as the context of an empty context,
-rolling windows for perplexity), so numbers are comparable with `lm_eval --model hf`.
+engine's `score` (runtime/scoring.py: batches of whole sequences, a shared context computed once),
+generation by `LLM.generate`: public engine calls only, so the engine's block manager owns every
+KV block. Tokenization mirrors lm-eval's Hugging Face backend (no special tokens, trailing
+context spaces moved to the continuation, BOS/EOS as the context of an empty context, rolling
+windows for perplexity), so numbers are comparable with `lm_eval --model hf`.
 
 `evaluate_pair` runs baseline and candidate through the same tasks and builds the report that
 `quantkit eval` prints, writes and gates (quantkit/gates.py). The candidate is a quantkit artifact
@@ -25,7 +26,7 @@ import math
 import sys
 import time
 import types
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,22 +38,29 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from quantkit.eval_tasks import QUANTKIT_TASKS
+from quantkit.runtime import scoring
 from quantkit.runtime.engine import LLM
-from quantkit.runtime.model_runner import StepInput
 from quantkit.runtime.sampling import SamplingParams
 
 MiB = 1024**2
 
 
-@dataclass(frozen=True)
-class ScoreRequest:
-    index: int
-    context: list[int]
-    continuation: list[int]
+def runtime_device(device: str | None) -> str:
+    """The runtime's device for QuantkitLM's `device`: quantkit's names ("auto", "cpu", "cuda") as
+    they are; lm-eval's "cuda:N" (its command line passes --device, "cuda:0" when none is given) as
+    its HF backend reads it: that GPU where there is one, else "auto", so the default runs anywhere."""
+    if device is None:
+        return "auto"
+    index = device.removeprefix("cuda:")
+    if index == device or not index.isdigit():
+        return device  # anything else the runtime checks, naming the choices
+    if int(index) >= torch.cuda.device_count():
+        return "auto"
+    if int(index) != 0:
+        from quantkit.errors import QuantkitError
 
-    @property
-    def inputs(self) -> list[int]:
-        return (self.context + self.continuation)[:-1]
+        raise QuantkitError(f"device {device}: quantkit runs on the first visible GPU; set CUDA_VISIBLE_DEVICES={index} and pass device cuda")
+    return "cuda"
 
 
 @register_model("quantkit")
@@ -60,19 +68,17 @@ class QuantkitLM(TemplateLM):
     """lm_eval --model quantkit --model_args pretrained=out/smollm2-awq,dtype=bfloat16"""
 
     def __init__(self, pretrained: str, dtype: str = "bfloat16", max_length: int = 2048, batch_tokens: int = 4096,
-                 kv_cache_memory: int = 512 * MiB, batch_size: int | str | None = None, **_ignored):
+                 kv_cache_memory: int = 512 * MiB, batch_size: int | str | None = None, device: str = "auto", **_ignored):
         super().__init__()
         # The dense output head, always: the measured difference is then only the artifact's own
         # quantization, and a score never depends on how many rows its batch had (the int8 head
-        # serves calls of up to 64 rows only).
+        # serves calls of up to 64 rows only). batch_tokens bounds a scoring batch (engine.score)
+        # as it bounds a step.
         self.llm = LLM(str(pretrained), dtype=dtype, kv_cache_memory=kv_cache_memory, enable_prefix_caching=False,
-                       max_num_batched_tokens=batch_tokens, int8_head=False)
+                       max_num_batched_tokens=batch_tokens, int8_head=False, device=runtime_device(device))
         self.engine = self.llm.engine
-        self.runner = self.engine.runner
         self.tokenizer = self.engine.tokenizer
         self._max_length = min(max_length, self.engine.max_model_len)
-        # A scoring batch never needs more cache than the runner has: whole sequences, one pass.
-        self.batch_tokens = min(batch_tokens, (self.runner.num_blocks - 1) * self.runner.block_size)
 
     # ---- lm-eval's tokenization hooks
     @property
@@ -102,97 +108,8 @@ class QuantkitLM(TemplateLM):
             # (unless it alone is longer than the window).
             continuation = continuation[-self.max_length :]
             whole = (context + continuation)[-(self.max_length + 1):]
-            scored.append(ScoreRequest(i, whole[: len(whole) - len(continuation)], continuation))
-        results: list[tuple[float, bool] | None] = [None] * len(scored)
-        for batch in self._batches(self._context_groups(scored)):
-            for req, logprob, greedy in self._score_batch(batch):
-                results[req.index] = (logprob, greedy)
-        return results  # type: ignore[return-value]
-
-    # Multiple-choice tasks score several continuations of one context (HellaSwag: 4, PIQA: 2).
-    # A group of such requests computes the context's KV once, in shared cache blocks, and each
-    # request then computes only its own tail: the prefix caching of the runtime, used for scoring.
-    def _context_groups(self, requests: list[ScoreRequest]) -> Iterator[list[ScoreRequest]]:
-        """Requests with the same context, split where a group would not fit one batch."""
-        by_context: dict[tuple[int, ...], list[ScoreRequest]] = {}
-        for req in requests:
-            by_context.setdefault(tuple(req.context), []).append(req)
-        for group in by_context.values():
-            part: list[ScoreRequest] = []
-            for req in group:
-                if part and self._blocks_needed(part + [req]) * self.runner.block_size > self.batch_tokens:
-                    yield part
-                    part = []
-                part.append(req)
-            yield part
-
-    def _shared_len(self, group: list[ScoreRequest]) -> int:
-        """Context tokens computed once for the group: whole blocks, leaving at least the context's
-        last token to each request (its output predicts the first continuation token)."""
-        if len(group) < 2:
-            return 0
-        return (len(group[0].context) - 1) // self.runner.block_size * self.runner.block_size
-
-    def _blocks_needed(self, group: list[ScoreRequest]) -> int:
-        block, shared = self.runner.block_size, self._shared_len(group)
-        return shared // block + sum(-(-(len(r.inputs) - shared) // block) for r in group)
-
-    def _batches(self, groups: Iterator[list[ScoreRequest]]) -> Iterator[list[list[ScoreRequest]]]:
-        """Largest first (so a too-big batch shows up at once), packed up to the token budget."""
-        batch: list[list[ScoreRequest]] = []
-        used = 0
-        sized = sorted(((self._blocks_needed(g) * self.runner.block_size, g) for g in groups), key=lambda item: -item[0])
-        for need, group in sized:
-            if batch and used + need > self.batch_tokens:
-                yield batch
-                batch, used = [], 0
-            batch.append(group)
-            used += need
-        if batch:
-            yield batch
-
-    def _score_batch(self, batch: list[list[ScoreRequest]]) -> list[tuple[ScoreRequest, float, bool]]:
-        """Two passes: the groups' shared context blocks, then every request's own tokens on top."""
-        block = self.runner.block_size
-        next_block = 0
-
-        def take(n_tokens: int) -> list[int]:
-            nonlocal next_block
-            n = -(-n_tokens // block)
-            next_block += n
-            return list(range(next_block - n, next_block))
-
-        shared_pass = StepInput([], [], [], [])
-        own_pass = StepInput([], [], [], [])
-        requests, rows, targets, offset = [], [], [], 0
-        for group in batch:  # every batch gets fresh blocks; nothing else runs meanwhile
-            shared = self._shared_len(group)
-            shared_blocks = take(shared)
-            if shared:
-                shared_pass.token_ids.append(group[0].context[:shared])
-                shared_pass.starts.append(0)
-                shared_pass.block_tables.append(shared_blocks)
-                shared_pass.sample.append(False)
-            for req in group:
-                own = req.inputs[shared:]
-                own_pass.token_ids.append(own)
-                own_pass.starts.append(shared)
-                own_pass.block_tables.append(shared_blocks + take(len(own)))
-                own_pass.sample.append(False)
-                n_cont = len(req.continuation)
-                rows.extend(range(offset + len(own) - n_cont, offset + len(own)))  # positions predicting the continuation
-                targets.extend(req.continuation)
-                offset += len(own)
-                requests.append(req)
-        if shared_pass.token_ids:
-            self.runner.fill_cache(shared_pass)
-        logprobs, greedy = self.runner.token_logprobs(own_pass, torch.tensor(rows), torch.tensor(targets))
-        out, start = [], 0
-        for req in requests:
-            end = start + len(req.continuation)
-            out.append((req, float(logprobs[start:end].sum()), bool(greedy[start:end].all())))
-            start = end
-        return out
+            scored.append(scoring.ScoreRequest(whole[: len(whole) - len(continuation)], continuation))
+        return [(s.logprob, s.greedy) for s in self.engine.score(scored)]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []
@@ -223,9 +140,10 @@ class QuantkitLM(TemplateLM):
 
 # ---------------------------------------------------------------------------- baseline vs candidate
 def run_tasks(
-    model: str, tasks: list[str], limit: int | None, dtype: str, per_example: dict[str, dict[int, float]] | None = None
+    model: str, tasks: list[str], limit: int | None, dtype: str, per_example: dict[str, dict[int, float]] | None = None,
+    device: str = "auto",
 ) -> tuple[dict, float]:
-    """lm-eval's per-task metrics for one model, and the wall time.
+    """lm-eval's per-task metrics for one model on `device` ("cpu", "cuda", "auto"), and the wall time.
 
     With `per_example` (a dict to fill), each accuracy task's primary metric is also recorded per
     document ({task: {doc_id: 0.0 | 1.0}}), so that two models can be compared example by example.
@@ -235,7 +153,7 @@ def run_tasks(
     from quantkit.eval_tasks import task_manager_for
 
     start = time.perf_counter()
-    lm = QuantkitLM(model, dtype=dtype)
+    lm = QuantkitLM(model, dtype=dtype, device=device)
     out = simple_evaluate(
         model=lm, tasks=tasks, limit=limit, task_manager=task_manager_for(tasks), log_samples=per_example is not None, bootstrap_iters=0
     )
@@ -329,26 +247,29 @@ def build_report(baseline: dict, candidate: dict, results: dict[str, dict[str, d
     }
 
 
-def evaluate_pair(candidate: str, baseline: str, tasks: list[str], limit: int | None, dtype: str, echo=print) -> dict:
-    """Run baseline then candidate through the same tasks, the same runtime and dtype."""
+def evaluate_pair(candidate: str, baseline: str, tasks: list[str], limit: int | None, dtype: str, echo=print,
+                  device: str = "auto") -> dict:
+    """Run baseline then candidate through the same tasks, the same runtime, dtype and device."""
     from quantkit.eval_tasks import task_hashes
+    from quantkit.kernels.backend import resolve_device
 
+    device = resolve_device(runtime_device(device))  # the report says where the scores were computed
     results, wall, per_example = {}, {}, {}
     for role, model in (("baseline", baseline), ("candidate", candidate)):
         echo(f"evaluating {role}: {model} ({', '.join(short_name(t) for t in tasks)}{'' if limit is None else f', limit {limit}'})")
         per_example[role] = {}
-        results[role], wall[role] = run_tasks(model, tasks, limit, dtype, per_example=per_example[role])
+        results[role], wall[role] = run_tasks(model, tasks, limit, dtype, per_example=per_example[role], device=device)
         echo(f"  {wall[role]:.0f} s")
-    return build_report(describe_model(baseline, dtype), describe_model(candidate, dtype), results, limit, wall, task_hashes(tasks), per_example)
+    return build_report(describe_model(baseline, dtype, device), describe_model(candidate, dtype, device), results, limit, wall, task_hashes(tasks), per_example)
 
 
-def describe_model(model: str | Path, dtype: str) -> dict:
+def describe_model(model: str | Path, dtype: str, device: str = "cpu") -> dict:
     """A model's entry in the report. A foreign AWQ checkpoint has no manifest pinning its files,
     so the report records its weights' sha256 and its AWQ settings instead."""
     from quantkit.autoawq import is_autoawq_checkpoint, read_awq_settings
     from quantkit.sources import weights_sha256
 
-    record = {"model": str(model), "dtype": dtype}
+    record = {"model": str(model), "dtype": dtype, "device": device}
     if is_autoawq_checkpoint(model):
         record.update(format="autoawq", weights_sha256=weights_sha256(Path(model)), quantization=read_awq_settings(model).quantization_config())
     return record
@@ -486,12 +407,14 @@ def write_report(report: dict, output: Path) -> tuple[Path, Path]:
     return output, markdown
 
 
-def run_plan(plan: EvaluationPlan, limit: int | None = None, dtype: str = "bfloat16", echo: Callable[[str], Any] = print) -> dict:
-    """Evaluate as planned, print the table, write the report (if the plan has a path) and record it
-    in the artifact's manifest (a foreign checkpoint is left untouched); returns the report."""
+def run_plan(plan: EvaluationPlan, limit: int | None = None, dtype: str = "bfloat16", echo: Callable[[str], Any] = print,
+             device: str = "auto") -> dict:
+    """Evaluate as planned on `device` ("cpu", "cuda", "auto": cuda where torch sees a GPU), print
+    the table, write the report (if the plan has a path) and record it in the artifact's manifest
+    (a foreign checkpoint is left untouched); returns the report."""
     from quantkit.gates import format_table
 
-    report = evaluate_pair(str(plan.candidate.path), plan.baseline, plan.tasks, limit, dtype, echo=echo)
+    report = evaluate_pair(str(plan.candidate.path), plan.baseline, plan.tasks, limit, dtype, echo=echo, device=device)
     echo(format_table(report))
     if plan.output is not None:
         write_report(report, plan.output)
@@ -509,6 +432,7 @@ def run_evaluation(
     baseline: str | Path | None = None,
     limit: int | None = None,
     dtype: str = "bfloat16",
+    device: str = "auto",
     gate: Any = False,
     output: str | Path | None = None,
     progress: bool = True,
@@ -517,7 +441,8 @@ def run_evaluation(
 
     As `quantkit eval`: baseline and artifact run through the same lm-eval tasks, runtime and dtype
     (`baseline` defaults to the source model the manifest names) and the report is recorded in the
-    artifact's manifest and model card. `limit`: the first N examples of each task. `output`: also
+    artifact's manifest and model card. `limit`: the first N examples of each task. `device`: where
+    both run ("cpu", "cuda", or "auto": cuda where torch sees a GPU). `output`: also
     write the report there as JSON and Markdown (nothing is written by default). `gate`: True checks
     the gates of the artifact's recorded recipe, a recipe path or Recipe checks that one's; a breach
     raises gates.GatesBreached (holding the verdict and the report, already recorded), and gates the
@@ -529,7 +454,7 @@ def run_evaluation(
     recipe = None if isinstance(gate, bool) or gate is None else gate
     echo = print if progress else (lambda _text: None)
     plan = plan_evaluation(artifact, tasks, baseline, recipe, gating, output)
-    report = run_plan(plan, limit, dtype, echo)
+    report = run_plan(plan, limit, dtype, echo, device=device)
     if gating:
         verdict = judge_gates(report, plan.gates)
         if not verdict.passed:

@@ -121,6 +121,10 @@ def inspect_artifact(path: Path, show_layers: bool = True, echo: Callable[[str],
     if timings:
         echo(f"time          {timings.get('total_s', 0):.1f} s total, {timings.get('quantize_s', 0):.1f} s quantizing; "
              f"peak RSS {_mib(manifest.get('peak_rss_bytes', 0))}")
+    ran_on = manifest.get("device")
+    if ran_on:
+        peak = ran_on.get("peak_memory_bytes")
+        echo(f"device        {ran_on.get('type')}" + (f", peak GPU memory {_mib(peak)}" if peak else ""))
 
     if report.tensors:
         echo("")

@@ -59,6 +59,7 @@ _LABELS = {
     "source_config": "source model config",
     "calibration_tokens_sha256": "calibration tokens",
     "quantkit_version": "quantkit version",
+    "device": "device (--device)",
 }
 
 
@@ -112,7 +113,7 @@ class PartialArtifact:
             if changed:
                 raise QuantkitError(
                     f"cannot resume {self.dir}: this run differs from the interrupted one in {', '.join(changed)}; "
-                    "source model weights and config, recipe, calibration and quantkit version must all be the same. "
+                    "source model weights and config, recipe, calibration, device and quantkit version must all be the same. "
                     "Run again with the original inputs, or pass --force instead of --resume to start over."
                 )
             self._check_files(num_blocks)

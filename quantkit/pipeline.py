@@ -3,6 +3,12 @@
 `run_quantize` is the entry point the Python API (`quantkit.quantize`) and the command line share:
 recipe file or Recipe, overrides checked by the recipe schema, a progress bar over blocks.
 `quantize` is the step beneath it, for callers holding a finished Recipe.
+`time_block_quantization` times that per-block work on one random block of any config (benchmarks).
+
+`device` ("auto", "cpu", "cuda"; kernels/backend.py's resolve_device decides) is where the
+calibration passes, the scale and clip searches and the rounding run; the model stays on the
+CPU and its blocks visit the device one at a time (quantkit/awq.py). It is a property of the
+run, not of the recipe, and the manifest records it.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import resource
 import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,7 @@ from .awq import (
 from .calibration import build_calibration_set, calibration_sha256, load_calibration_texts
 from .errors import QuantkitError
 from .kernels import cpu_ext
+from .kernels.backend import resolve_device
 from .models import get_adapter
 from .quantizer import SUPPORTED_BITS
 from .partial import PartialArtifact
@@ -109,6 +117,7 @@ def run_quantize(
     force: bool = False,
     resume: bool = False,
     progress: bool | ProgressFn = True,
+    device: str = "auto",
     **overrides: Any,
 ) -> Path:
     """Quantize `model` into the artifact directory `out`; returns `out`. This is `quantkit.quantize`.
@@ -118,7 +127,8 @@ def run_quantize(
     quantization and calibration settings (method="rtn", group_size=32, samples=64, source="x.txt",
     ...), checked by the recipe schema. `progress`: True draws a bar over blocks, False nothing, a
     callable gets (blocks done, blocks total, seconds of the last block). `force` replaces `out`;
-    `resume` continues an interrupted run from its last finished block.
+    `resume` continues an interrupted run from its last finished block. `device`: where the
+    blocks are quantized, "cpu", "cuda" or "auto" (cuda where a GPU is visible).
     """
     plan = plan_recipe(recipe, **overrides)
     model = model or plan.model
@@ -126,8 +136,8 @@ def run_quantize(
         raise QuantkitError("no model given; pass MODEL (a directory, a hub id or 'smollm2-135m') or a recipe with 'model:'.")
     if progress is True:
         with block_progress(f"{plan.quantization.method} g{plan.quantization.group_size}") as bar:
-            return quantize(model, Path(out), plan, force=force, progress=bar, resume=resume)
-    return quantize(model, Path(out), plan, force=force, progress=progress or None, resume=resume)
+            return quantize(model, Path(out), plan, force=force, progress=bar, resume=resume, device=device)
+    return quantize(model, Path(out), plan, force=force, progress=progress or None, resume=resume, device=device)
 
 
 def quantize(
@@ -137,19 +147,24 @@ def quantize(
     force: bool = False,
     progress: ProgressFn | None = None,
     resume: bool = False,
+    device: str = "auto",
 ) -> Path:
     """Quantize `model_spec` as `recipe` says and write the artifact to `out`.
 
     The source is streamed from its safetensors shards one block at a time and each finished
     block is written out at once (quantkit/shards.py, quantkit/partial.py), so peak memory does
     not grow with depth; with `resume`, an interrupted run continues from its last finished block.
+    Each block is quantized on `device` ("auto", "cpu", "cuda") and comes back to the CPU to be
+    written, so the artifact's format does not depend on it.
     """
+    run_on = torch.device(resolve_device(device))  # --device cuda without a GPU: refused before anything loads
     settings, calib = recipe.quantization, recipe.calibration
-    _check_settings(settings)
+    _check_settings(settings, run_on)
     out = Path(out)
     check_output_dir(out, force)
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    _reset_peak_device_memory(run_on)
 
     model_dir = resolve_model(model_spec)
     source_config = read_source_config(model_dir)
@@ -178,7 +193,7 @@ def quantize(
         timings["calibration_s"] = time.perf_counter() - t
 
     partial = PartialArtifact(out)
-    first = partial.begin(_identity(source_sha, source_config, recipe, calib_record), len(blocks), resume=resume, force=force)
+    first = partial.begin(_identity(source_sha, source_config, recipe, calib_record, run_on), len(blocks), resume=resume, force=force)
     hidden, block_kwargs = None, None
     if settings.method == "awq" and first < len(blocks):  # all done: a crashed finalize, nothing to calibrate
         hidden, block_kwargs = capture_block_inputs(model, blocks, calib_ids)
@@ -198,7 +213,7 @@ def quantize(
     if first < len(blocks):
         quantize_blocks(
             blocks, adapter, settings, hidden, block_kwargs, on_done=store, start=first,
-            load_block=lambda i, block: load_block(block, adapter.block_prefix(i), checkpoint),
+            load_block=lambda i, block: load_block(block, adapter.block_prefix(i), checkpoint), device=run_on,
         )
     timings["quantize_s"] = time.perf_counter() - t
 
@@ -213,15 +228,16 @@ def quantize(
     manifest = _manifest(model_spec, model_dir, source_sha, recipe, calib_record, records)
     manifest["timings"] = {**timings, "per_block_s": [r["seconds"] for r in records], "resumed_at_block": first or None}
     manifest["peak_rss_bytes"] = peak_rss_bytes()
+    manifest["device"] = _device_record(run_on)
     return partial.finalize(rest, config, manifest, model_dir, force=force)
 
 
-def _check_settings(settings) -> None:
+def _check_settings(settings, device: torch.device) -> None:
     if settings.method not in METHODS:
         raise QuantkitError(f"unknown method '{settings.method}'; use one of {', '.join(METHODS)}.")
     if settings.compute_dtype not in COMPUTE_DTYPES:
         raise QuantkitError(f"compute_dtype '{settings.compute_dtype}' is not supported; use one of {', '.join(COMPUTE_DTYPES)}.")
-    if settings.compute_dtype != "float32" and not torch.cuda.is_available() and not cpu_ext.cpu_has_bf16_instructions():
+    if settings.compute_dtype != "float32" and device.type == "cpu" and not cpu_ext.cpu_has_bf16_instructions():
         warnings.warn(
             f"compute_dtype {settings.compute_dtype}: this CPU has no AVX-512 BF16, so {settings.compute_dtype} matmuls are emulated "
             "(8.6x slower than fp32 at 256 rows on an AVX2 EPYC, benchmarks/dtype_paths.py); set compute_dtype: float32 in the "
@@ -233,11 +249,12 @@ def _check_settings(settings) -> None:
     check_rounding(settings)
 
 
-def _identity(source_sha: str, source_config: dict, recipe: Recipe, calib_record: dict | None) -> dict:
+def _identity(source_sha: str, source_config: dict, recipe: Recipe, calib_record: dict | None, device: torch.device) -> dict:
     """Everything the quantized tensors depend on: a resumed run must match the interrupted one in all of it.
 
     The config counts as much as the weights (depth, norm epsilon, rotary base, windows); of
-    the recipe only the sections that shape the tensors do (its name and gates do not).
+    the recipe only the sections that shape the tensors do (its name and gates do not). So does
+    the device: its sums run in another order, and a code at a rounding tie may fall either way.
     """
     return {
         "source_weights_sha256": source_sha,
@@ -245,7 +262,26 @@ def _identity(source_sha: str, source_config: dict, recipe: Recipe, calib_record
         "recipe": {k: v for k, v in recipe.to_dict().items() if k in ("quantization", "calibration")},
         "calibration_tokens_sha256": calib_record["tokens_sha256"] if calib_record else None,
         "quantkit_version": __version__,
+        "device": device.type,
     }
+
+
+def _reset_peak_device_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_device_memory(device: torch.device) -> int | None:
+    """Peak bytes torch allocated on a GPU since the last reset; None on the CPU (peak RSS covers it)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def _device_record(device: torch.device) -> dict:
+    """The manifest's record of where the blocks were quantized (a resumed run: this process's part of the peak)."""
+    record: dict[str, Any] = {"type": device.type}
+    if device.type == "cuda":
+        record["peak_memory_bytes"] = _peak_device_memory(device)
+    return record
 
 
 def _block_record(done: BlockDone) -> dict:
@@ -282,3 +318,70 @@ def _manifest(model_spec: str, model_dir: Path, source_sha: str, recipe: Recipe,
             "threads": torch.get_num_threads(),
         },
     }
+
+
+# --- timing one block (benchmarks) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockTiming:
+    """One random block quantized as the pipeline quantizes each block."""
+
+    seconds: float  # to the device, calibration pass, searches, rounding, next block's inputs, back on the CPU
+    peak_device_memory_bytes: int | None  # cuda: torch's peak allocation during the block; cpu: None (see _peak_device_memory)
+    device: str  # "cpu" | "cuda": where it ran
+    linears: int  # how many linears were quantized
+
+
+def time_block_quantization(
+    config: dict[str, Any],
+    device: str = "auto",
+    dtype: str | torch.dtype = "bfloat16",
+    num_samples: int = 128,
+    seqlen: int = 512,
+    settings: AWQSettings | None = None,
+    seed: int = 0,
+) -> BlockTiming:
+    """Time the pipeline's per-block work (awq.quantize_blocks) on one random decoder block.
+
+    `config` is a Hugging Face config dict naming its model_type (e.g. Llama-3-8B's: hidden 4096,
+    intermediate 14336, 32 heads, 8 kv heads); the block is built from it with random weights in
+    `dtype` (the checkpoint's storage dtype), without the rest of the model: one layer and a tiny
+    vocabulary, whose only use is to produce the block's kwargs (positions, rotary tables, masks)
+    as the pipeline captures them. The calibration inputs are random hidden states,
+    [num_samples, seqlen, hidden], fp32 as the pipeline keeps them. `settings` default to the
+    recipe defaults (AWQ, bf16 forward passes). The first call on a GPU also pays CUDA's start-up
+    (kernel loading, cuBLAS handles): time a second call for a steady-state figure.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if "model_type" not in config:
+        raise QuantkitError("the config has no model_type; pass a Hugging Face config dict (config.json's contents).")
+    adapter = get_adapter(config["model_type"])
+    run_on = torch.device(resolve_device(device))
+    settings = settings or AWQSettings()
+    _check_settings(settings, run_on)
+    storage = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(storage, torch.dtype) or not storage.is_floating_point:
+        raise QuantkitError(f"dtype {dtype!r} is not a floating-point torch dtype; use bfloat16, float16 or float32.")
+    vocab = 256  # only one sample of token ids ever runs through the embedding
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "quantization_config")}
+    # Special token ids would lie outside the tiny vocabulary, and no generation happens here.
+    fields.update(num_hidden_layers=1, vocab_size=vocab, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    if isinstance(fields.get("layer_types"), list):
+        fields["layer_types"] = fields["layer_types"][:1]  # the first layer's kind (sliding or full attention)
+    hf_config = AutoConfig.for_model(config["model_type"], **fields)
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=storage).eval()
+    blocks = adapter.blocks(model)
+    check_group_sizes(blocks, adapter, settings.group_size)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (1, seqlen), generator=generator)
+    _, block_kwargs = capture_block_inputs(model, blocks, ids)
+    hidden = torch.randn(num_samples, seqlen, hf_config.hidden_size, generator=generator)
+    done: list[BlockDone] = []
+    _reset_peak_device_memory(run_on)
+    quantize_blocks(blocks, adapter, settings, hidden if settings.method == "awq" else None, block_kwargs, on_done=done.append, device=run_on)
+    return BlockTiming(seconds=done[0].seconds, peak_device_memory_bytes=_peak_device_memory(run_on), device=run_on.type,
+                       linears=len(done[0].linears))

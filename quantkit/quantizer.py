@@ -122,9 +122,11 @@ def gptq_quantize(
     weights = w.float().clone()
     h = hessian.double().clone()
     dead = torch.diagonal(h) == 0  # inputs that were always zero: their weights do not matter
-    h[dead, dead] = 1.0
-    weights[:, dead] = 0.0
-    h += damp * torch.diagonal(h).mean() * torch.eye(len(h), dtype=h.dtype)
+    # Masked fills rather than boolean indexing: the same values, with no data-dependent shapes,
+    # so the function also runs on the meta device (tests check device hygiene with it).
+    torch.diagonal(h).masked_fill_(dead, 1.0)
+    weights.masked_fill_(dead[None, :], 0.0)
+    h += damp * torch.diagonal(h).mean() * torch.eye(len(h), dtype=h.dtype, device=h.device)
     scales = params.scales.repeat_interleave(gs, dim=1)  # [out, in]
     zeros = params.zeros.float().repeat_interleave(gs, dim=1)
     if act_order:
@@ -140,7 +142,7 @@ def _gptq_codes(
     """GPTQ's column loop over `weights` (updated in place) in the given column order."""
     # Upper Cholesky factor of H^-1: row i holds how column i's error spreads to later columns.
     h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    codes = torch.empty(weights.shape, dtype=torch.int32)
+    codes = torch.empty(weights.shape, dtype=torch.int32, device=weights.device)
     in_features = weights.shape[1]
     for start in range(0, in_features, block_size):
         stop = min(start + block_size, in_features)

@@ -8,7 +8,6 @@ quantized. Peak memory is then one block plus the calibration activations, whate
 from __future__ import annotations
 
 import ctypes
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path

@@ -8,6 +8,9 @@ block's hash, its token ids), so equal names mean equal whole prefixes and hence
 later sequence whose leading full blocks have known names shares those blocks (ref count + 1)
 instead of recomputing them. A freed named block keeps its name while it sits in the free list
 and is a cache hit until the free list hands it out for other use.
+
+Blocks can also be lent to no sequence (allocate_blocks / release_blocks): the scratch K/V of
+LLMEngine.score, anonymous, and counted by check_invariants like a sequence's.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class BlockManager:
         # The free list: handed out from the front. An OrderedDict rather than a deque because a
         # cache hit on a free block must take it out of the middle in O(1).
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # Blocks lent outside any sequence (allocate_blocks): scoring's scratch K/V.
+        self.lent_blocks: set[int] = set()
 
     @property
     def num_free_blocks(self) -> int:
@@ -88,15 +93,38 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_new_tokens)
         if needed > len(self.free_blocks):
             return False
-        for _ in range(needed):
-            block, _ = self.free_blocks.popitem(last=False)
-            h = self.hashes[block]
-            if h is not None:  # evict: the block is about to hold other tokens
-                del self.hash_to_block[h]
-                self.hashes[block] = None
-            self.ref_counts[block] = 1
-            seq.block_table.append(block)
+        seq.block_table.extend(self._take_free() for _ in range(needed))
         return True
+
+    def _take_free(self) -> int:
+        """The free list's front block, referenced once and anonymous."""
+        block, _ = self.free_blocks.popitem(last=False)
+        h = self.hashes[block]
+        if h is not None:  # evict: the block is about to hold other tokens
+            del self.hash_to_block[h]
+            self.hashes[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def allocate_blocks(self, n: int) -> list[int]:
+        """Lend n free blocks that no sequence owns (scratch K/V: LLMEngine.score); give them back
+        with release_blocks. Taken as ensure_slots takes them, so a free block still named for a
+        prefix loses its name (its K/V is about to be overwritten) and no owned block is touched."""
+        if n > len(self.free_blocks):
+            raise ValueError(f"{n} blocks asked for, {len(self.free_blocks)} free")
+        blocks = [self._take_free() for _ in range(n)]
+        self.lent_blocks.update(blocks)
+        return blocks
+
+    def release_blocks(self, blocks: Iterable[int]) -> None:
+        """Take back blocks lent by allocate_blocks: anonymous, so to the front of the free list."""
+        for block in blocks:
+            if block not in self.lent_blocks:
+                raise ValueError(f"block {block} was not lent by allocate_blocks")
+            self.lent_blocks.remove(block)
+            self.ref_counts[block] = 0
+            self.free_blocks[block] = None
+            self.free_blocks.move_to_end(block, last=False)
 
     def mark_computed(self, seq: Sequence) -> None:
         """Name the blocks that became full of computed tokens, so later sequences can share them."""
@@ -129,8 +157,11 @@ class BlockManager:
         seq.num_computed_tokens = 0
 
     def check_invariants(self, seqs: Iterable[Sequence]) -> None:
-        """Raise AssertionError unless the books balance for exactly these live sequences."""
+        """Raise AssertionError unless the books balance for exactly these live sequences and the lent blocks."""
         refs = [0] * self.num_blocks
+        for block in self.lent_blocks:
+            _check(self.hashes[block] is None, f"lent block {block} carries a prefix's name")
+            refs[block] += 1
         for seq in seqs:
             table = seq.block_table
             _check(len(set(table)) == len(table), f"a block appears twice in one table: {seq}")

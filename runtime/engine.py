@@ -1,7 +1,8 @@
 """The engine: requests in, tokens out. step() = schedule -> run -> postprocess.
 
 `LLMEngine` is what the server, `quantkit bench` and `quantkit eval` drive; `LLM` wraps it for
-offline batch jobs: LLM(path).generate(prompts, SamplingParams(...)).
+offline batch jobs: LLM(path).generate(prompts, SamplingParams(...)). `LLMEngine.score` computes
+log-likelihoods (lm-eval's) in the same KV cache, between steps (runtime/scoring.py).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ import torch
 
 from quantkit.sources import load_tokenizer
 
-from .model_runner import ModelRunner, RowLogprobs, StepInput
+from .model_runner import ModelRunner, RowLogprobs, RunnerLimits, StepInput
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import QueueFull, ScheduledBatch, Scheduler, SchedulerConfig
+from .scoring import Score, ScoreRequest, ScoringBusy, blocks_needed, lay_out, plan_batches
 from .sequence import Sequence
 from .weights import load_weights
 
-MiB = 1024**2
 
 
 @dataclass
@@ -29,8 +30,10 @@ class EngineConfig:
     model: str  # artifact directory, model directory, hub id or "smollm2-135m"
     dtype: str = "bfloat16"  # bfloat16: the fast CPU path; float32: exact comparisons
     block_size: int = 16
-    kv_cache_memory: int = 256 * MiB  # bytes of K/V cache; sets the number of blocks
+    kv_cache_memory: int | None = None  # bytes of K/V cache (sets the number of blocks); None: the device's default (ModelRunner)
     num_blocks: int | None = None  # overrides kv_cache_memory (tests)
+    gpu_memory_utilization: float = 0.9  # CUDA without kv_cache_memory: the share of the GPU's memory the engine may hold, KV cache included
+    enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying captured CUDA graphs
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_waiting: int = 256
@@ -75,7 +78,10 @@ class LLMEngine:
         weights = load_weights(config.model)
         self.tokenizer = load_tokenizer(weights.path)
         self.runner = ModelRunner(weights, _DTYPES[config.dtype], config.block_size, config.kv_cache_memory, config.num_blocks,
-                                  int8_head=config.int8_head, device=config.device)
+                                  int8_head=config.int8_head, device=config.device, limits=RunnerLimits(
+                                      max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                                      max_model_len=config.max_model_len, gpu_memory_utilization=config.gpu_memory_utilization,
+                                      enforce_eager=config.enforce_eager))
         self.quantized = weights.quantized
         self.model_name = str(config.model)
         self.max_model_len = min(config.max_model_len or self.runner.max_model_len, self.runner.max_model_len)
@@ -241,6 +247,70 @@ class LLMEngine:
             arrival_time=meta["arrival"],
             first_token_time=meta["first_token"],
         )
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, requests: list[ScoreRequest]) -> list[Score]:
+        """log p(continuation | context) of each request and whether every continuation token was
+        the argmax, in request order (lm-eval's log-likelihoods; runtime/scoring.py plans it).
+
+        Runs synchronously: call it between steps, from the thread that steps the engine. Its K/V
+        lives in blocks lent by the scheduler's block manager and given back after each batch, so
+        sequences running meanwhile keep their blocks and their outputs; prefix-cache blocks are
+        only taken from the free list, as a new sequence would take them. A batch is bounded by
+        max_num_batched_tokens and by the blocks free now (a single request larger than the token
+        budget runs alone). Raises ValueError for a request that cannot be scored here (empty,
+        out-of-vocabulary, longer than the context or the whole cache), ScoringBusy when one fits
+        the cache but not what running sequences leave free; nothing is computed then.
+        """
+        bm = self.scheduler.block_manager
+        block_size = bm.block_size
+        for i, req in enumerate(requests):
+            self._check_score_request(i, req)
+        need = max((blocks_needed([r], block_size) for r in requests), default=0)
+        if need > bm.num_free_blocks:
+            raise ScoringBusy(f"a score request needs {need} KV blocks but running sequences leave {bm.num_free_blocks} of "
+                              f"{bm.num_blocks} free: score when fewer requests are running, or raise kv_cache_memory")
+        budget = self.score_budget
+        results: list[Score | None] = [None] * len(requests)
+        for batch in plan_batches(requests, block_size, budget):
+            blocks = bm.allocate_blocks(sum(blocks_needed([requests[i] for i in g], block_size) for g in batch))
+            try:
+                passes = lay_out(requests, batch, blocks, block_size)
+                if passes.shared is not None:
+                    self.runner.fill_cache(passes.shared)
+                logprobs, greedy = self.runner.token_logprobs(passes.own, torch.tensor(passes.rows), torch.tensor(passes.targets))
+                logprobs, greedy = logprobs.cpu(), greedy.cpu()  # one transfer, not one per request
+            finally:
+                bm.release_blocks(blocks)
+            start = 0
+            for i, n in zip((i for g in batch for i in g), passes.counts):
+                results[i] = Score(float(logprobs[start : start + n].sum()), bool(greedy[start : start + n].all()))
+                start += n
+        return results  # type: ignore[return-value]
+
+    def _check_score_request(self, i: int, req: ScoreRequest) -> None:
+        if not req.context or not req.continuation:
+            raise ValueError(f"score request {i} has an empty {'context' if not req.context else 'continuation'}: the first "
+                             "continuation token needs a token before it (lm-eval puts BOS or EOS there) and an empty "
+                             "continuation has nothing to score")
+        vocab = self.runner.config.vocab_size
+        tokens = (*req.context, *req.continuation)
+        bad = next((t for t in tokens if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"score request {i}: token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if len(tokens) - 1 > self.max_model_len:
+            raise ValueError(f"score request {i} has {len(tokens)} tokens (context + continuation), more than the model's context "
+                             f"of {self.max_model_len} tokens (+ 1, the last token is only predicted): truncate its context")
+        bm = self.scheduler.block_manager
+        if (need := blocks_needed([req], bm.block_size)) > bm.num_blocks:
+            raise ValueError(f"score request {i} needs {need} KV blocks of {bm.block_size} tokens but the whole cache holds "
+                             f"{bm.num_blocks}: raise kv_cache_memory or shorten the request")
+
+    @property
+    def score_budget(self) -> int:
+        """Tokens of K/V one score() batch may hold now: max_num_batched_tokens, fewer when fewer blocks are free."""
+        bm = self.scheduler.block_manager
+        return min(self.config.max_num_batched_tokens, bm.num_free_blocks * bm.block_size)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, float]:

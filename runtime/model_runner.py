@@ -2,9 +2,12 @@
 (and, when asked, the logprobs of given tokens at other rows: prompt logprobs, scoring).
 
 Owns the network and the paged KV cache tensors. The cache size comes from a memory budget:
-one block holds K and V of `block_size` tokens for every layer. The KernelBackend it selects once
-(kernels/backend.py) puts weights, cache, step inputs and RoPE tables on its device and decides
-every kernel; the layers and the attention metadata carry it.
+one block holds K and V of `block_size` tokens for every layer. The budget is given in bytes, or
+is the device's default: DEFAULT_CPU_KV_CACHE_MEMORY on CPU; on CUDA what a share of the GPU's
+memory leaves after the weights and a measured peak step (vLLM's --gpu-memory-utilization). The
+KernelBackend it selects once (kernels/backend.py) puts weights, cache, step inputs and RoPE
+tables on its device and decides every kernel; the layers and the attention metadata carry it.
+On CUDA, decode steps replay CUDA graphs (runtime/cuda_graphs.py) unless limits.enforce_eager.
 """
 
 from __future__ import annotations
@@ -21,8 +24,24 @@ from quantkit.kernels.linear import QuantLinear
 from quantkit.kernels.logprobs import target_logprobs
 from quantkit.kernels.threads import cpu_threads, threads_for_tokens
 
+from .cuda_graphs import DecodeGraphs
 from .models import MODEL_CLASSES
 from .weights import ModelWeights
+
+MiB = 1024**2
+DEFAULT_CPU_KV_CACHE_MEMORY = 256 * MiB  # the KV budget of a CPU engine given none
+
+
+@dataclass(frozen=True)
+class RunnerLimits:
+    """What the engine will ask of the runner: sizes the CUDA graphs, the CUDA KV budget's peak step."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    decode_graphs: str = "cuda"  # "cuda": captured where the device is CUDA; "emulated": the same buffers, replayed eagerly (CPU tests)
 
 
 @dataclass(frozen=True)
@@ -51,6 +70,26 @@ def kv_block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim
     return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
+# Headroom outside the measured step: cuBLAS and Triton workspaces, the CUDA graphs' pool, the
+# allocator's fragmentation. vLLM keeps a similar margin outside its profile run.
+CUDA_HEADROOM = 512 * MiB
+
+
+def kv_budget_from_gpu_memory(free: int, total: int, utilization: float, peak_step: int) -> int:
+    """The KV bytes that keep everything this process and others hold (total - free: the weights
+    among it) plus the peak step and CUDA_HEADROOM within utilization x total; refused if none."""
+    if not 0 < utilization <= 1:
+        raise QuantkitError(f"--gpu-memory-utilization {utilization}: give a fraction in (0, 1], e.g. 0.9")
+    budget = int(utilization * total) - (total - free) - peak_step - CUDA_HEADROOM
+    if budget <= 0:
+        raise QuantkitError(
+            f"no GPU memory is left for the KV cache: {utilization:.0%} of {total / 2**30:.1f} GiB is "
+            f"{utilization * total / 2**30:.1f} GiB, and {(total - free) / 2**30:.1f} GiB is in use (the weights among it), "
+            f"{peak_step / 2**30:.2f} GiB is the largest step's peak and {CUDA_HEADROOM // MiB} MiB headroom: raise "
+            f"--gpu-memory-utilization, lower --max-num-batched-tokens, or give --kv-cache-memory")
+    return budget
+
+
 def _int8_head_usable(dtype: torch.dtype, asked: bool, backend: KernelBackend) -> bool:
     """The int8 output head runs on quantkit's int8 kernel with bf16 activations; where it cannot,
     a request for it (asked, not the automatic choice) is told why it is off."""
@@ -68,7 +107,7 @@ def _int8_head_usable(dtype: torch.dtype, asked: bool, backend: KernelBackend) -
 
 class ModelRunner:
     def __init__(self, weights: ModelWeights, dtype: torch.dtype, block_size: int, kv_cache_memory: int | None = None, num_blocks: int | None = None,
-                 int8_head: bool | None = None, device: str = "auto"):
+                 int8_head: bool | None = None, device: str = "auto", limits: RunnerLimits = RunnerLimits()):
         if weights.architecture not in MODEL_CLASSES:
             raise QuantkitError(
                 f"architecture {weights.architecture} is not supported by the runtime (supported: {', '.join(sorted(MODEL_CLASSES))})."
@@ -92,10 +131,11 @@ class ModelRunner:
         # dense bf16 linears take every thread even for small steps (kernels/threads.py)
         self.dense_bf16 = dtype == torch.bfloat16 and not any(isinstance(m, QuantLinear) for m in self.model.modules())
         c = self.config
+        self.decode_graphs: DecodeGraphs | None = None  # captured once the cache exists (below)
         self.block_bytes = kv_block_bytes(c.num_layers, block_size, c.num_kv_heads, c.head_dim, dtype)
         if num_blocks is None:
             if kv_cache_memory is None:
-                raise ValueError("give kv_cache_memory (bytes) or num_blocks")
+                kv_cache_memory = self._cuda_kv_budget(limits) if self.backend.device == "cuda" else DEFAULT_CPU_KV_CACHE_MEMORY
             num_blocks = kv_cache_memory // self.block_bytes
         if num_blocks < 1:
             raise QuantkitError(
@@ -104,6 +144,36 @@ class ModelRunner:
             )
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_cache(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, dtype, self.backend)
+        # graphs replay the Triton kernels' launches; the CPU kernels plan each step on the host
+        if self.backend.triton_attention and not limits.enforce_eager and (self.backend.device == "cuda" or limits.decode_graphs == "emulated"):
+            max_len = min(limits.max_model_len or self.max_model_len, self.max_model_len)
+            with torch.inference_mode():
+                self.decode_graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, block_size, min(limits.max_num_seqs, num_blocks),
+                                                  -(-max_len // block_size), max_len, emulated=limits.decode_graphs == "emulated")
+
+    def _cuda_kv_budget(self, limits: RunnerLimits) -> int:
+        """Bytes of KV cache that keep the engine within limits.gpu_memory_utilization of the GPU:
+        the weights are resident now; the peak of the largest step is measured by running one
+        (vLLM's profile run) over a throwaway cache just big enough for it."""
+        tokens = limits.max_num_batched_tokens
+        blocks = -(-tokens // self.block_size)
+        c = self.config
+        probe_cache = allocate_kv_cache(c.num_layers, blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype, self.backend)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step = StepInput([[0] * tokens], [0], [list(range(blocks))], [True])
+        self.kv_caches = probe_cache
+        try:
+            self.run(step)
+        finally:
+            del self.kv_caches
+        torch.cuda.synchronize()
+        peak_step = torch.cuda.max_memory_allocated() - before
+        del probe_cache
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        return kv_budget_from_gpu_memory(free, total, limits.gpu_memory_utilization, peak_step)
 
     @property
     def max_model_len(self) -> int:
@@ -122,6 +192,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, step: StepInput) -> torch.Tensor:
         """fp32 logits [number of sampling sequences, vocab], in the order of the batch."""
+        if self.decode_graphs is not None:
+            logits = self.decode_graphs.run(step.token_ids, step.starts, step.block_tables, step.sample)
+            if logits is not None:
+                return logits
         hidden, meta = self._forward(step)
         return self._sampling_logits(step, hidden, meta)
 
@@ -165,7 +239,7 @@ class ModelRunner:
                     top_ids.append(ids)
                     chosen, is_greedy = row_logprobs.gather(-1, target[:, None]).squeeze(-1), row_logprobs.argmax(-1) == target
                 else:
-                    chosen, is_greedy = target_logprobs(logits, target)
+                    chosen, is_greedy = target_logprobs(logits, target, self.backend.cpu_kernels)
                 logprobs.append(chosen)
                 greedy.append(is_greedy)
         tops = (torch.cat(top_ids), torch.cat(top_logprobs)) if top_k else (None, None)

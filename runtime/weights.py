@@ -17,7 +17,6 @@ import torch
 
 from quantkit.artifact import MANIFEST_NAME, load_artifact, read_json_object, read_tensors
 from quantkit.autoawq import declares_quantization, load_autoawq_checkpoint
-from quantkit.errors import QuantkitError
 from quantkit.shards import weight_map
 from quantkit.sources import check_model_dir, resolve_model
 

@@ -8,8 +8,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# No GPU here: Triton kernels run in its interpreter (set before triton is imported).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# QUANTKIT_TEST_DEVICE=cuda runs the Triton kernel, runner and engine tests on the GPU against the
+# same float64 references (see kernels_on_test_device); the default, cpu, runs the Triton kernels in
+# Triton's interpreter on CPU tensors (set before triton is imported).
+TEST_DEVICE = os.environ.get("QUANTKIT_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise RuntimeError(f"QUANTKIT_TEST_DEVICE={TEST_DEVICE}: choose cpu (the default) or cuda")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import contextlib
 import threading
@@ -21,6 +27,47 @@ import pytest
 import torch
 
 TINY_VOCAB = 512
+
+
+def _on_device(kernel, device: str):
+    """kernel run with its CPU tensor arguments moved to `device`: results come back, and
+    arguments it wrote in place (outputs, caches) are copied back, so a test stays as written."""
+
+    def call(*args, **kwargs):
+        moved = {}
+
+        def to_device(value):
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                moved[id(value)] = (value, value.to(device))
+                return moved[id(value)][1]
+            return value
+
+        result = kernel(*map(to_device, args), **{k: to_device(v) for k, v in kwargs.items()})
+        for original, on_device in moved.values():
+            original.copy_(on_device)
+        for original, on_device in moved.values():  # a kernel that returns its `out` returns the caller's tensor
+            if result is on_device:
+                return original
+        return result.cpu() if isinstance(result, torch.Tensor) else result
+
+    return call
+
+
+@pytest.fixture(scope="session")
+def test_device() -> str:
+    """Where runner and engine tests put the model: QUANTKIT_TEST_DEVICE (cpu by default)."""
+    return TEST_DEVICE
+
+
+@pytest.fixture(autouse=True)
+def kernels_on_test_device(request, monkeypatch):
+    """With QUANTKIT_TEST_DEVICE=cuda, the kernels a test module lists in KERNELS_UNDER_TEST
+    (names it imported) run on the GPU; its inputs and float64 references stay on the CPU."""
+    names = getattr(request.module, "KERNELS_UNDER_TEST", ())
+    if TEST_DEVICE == "cpu" or not names:
+        return
+    for name in names:
+        monkeypatch.setattr(request.module, name, _on_device(getattr(request.module, name), TEST_DEVICE))
 
 
 def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:

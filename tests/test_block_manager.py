@@ -1,5 +1,6 @@
 """The block manager: paged-KV allocation, reference counting and prefix caching."""
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -128,6 +129,29 @@ def test_disabled_prefix_caching_never_shares():
     bm.check_invariants([a, b])
 
 
+def test_lent_blocks_come_only_from_the_free_list_lose_their_names_and_balance_the_books():
+    bm = BlockManager(num_blocks=6, block_size=BS)
+    live = admitted(bm, list(range(9)))  # 3 blocks, 2 of them named
+    done = admitted(bm, [7] * 9)
+    bm.free(done)  # its 2 named blocks stay cache hits in the free list
+    lent = bm.allocate_blocks(3)
+    assert sorted(lent) == [3, 4, 5] and not set(lent) & set(live.block_table)  # done's blocks; live holds 0-2
+    assert all(bm.hashes[b] is None for b in lent) and len(bm.hash_to_block) == 2  # only the live sequence's names remain
+    bm.check_invariants([live])
+    bm.lent_blocks.discard(lent[0])  # the books count lent blocks like a sequence's: one unaccounted for is caught
+    with pytest.raises(AssertionError, match="ref counts"):
+        bm.check_invariants([live])
+    bm.lent_blocks.add(lent[0])
+    with pytest.raises(ValueError, match="1 blocks asked for, 0 free"):
+        bm.allocate_blocks(1)
+    bm.release_blocks(lent)
+    assert sorted(bm.free_blocks) == sorted(lent) and not bm.lent_blocks
+    with pytest.raises(ValueError, match="was not lent"):
+        bm.release_blocks(lent[:1])
+    bm.check_invariants([live])
+    assert bm.allocate_prompt(Sequence([7] * 9)) == 0  # the overwritten prefix is no longer a hit
+
+
 class FakeKV:
     """The cache as the model runner fills it: slot -> the prefix whose last token's K/V it holds."""
 
@@ -159,6 +183,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm = BlockManager(num_blocks=10, block_size=2)
         self.kv = FakeKV(self.bm)
         self.live: list[Sequence] = []
+        self.lent: list[list[int]] = []  # scratch blocks out on loan (LLMEngine.score)
 
     @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=9))
     def admit(self, tokens):
@@ -193,11 +218,31 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.live.remove(seq)
         self.bm.free(seq)
 
+    @rule(n=st.integers(1, 4))
+    def lend(self, n):
+        if n > self.bm.num_free_blocks:
+            return
+        blocks = self.bm.allocate_blocks(n)
+        for block in blocks:  # scoring writes its own K/V there: no sequence may read it as theirs
+            assert self.bm.ref_counts[block] == 1 and self.bm.hashes[block] is None
+            for slot in range(block * self.bm.block_size, (block + 1) * self.bm.block_size):
+                self.kv.slots[slot] = ("scratch",)
+        for seq in self.live:
+            self.kv.check(seq)
+        self.lent.append(blocks)
+
+    @rule(data=st.data())
+    def give_back(self, data):
+        if self.lent:
+            self.bm.release_blocks(self.lent.pop(data.draw(st.integers(0, len(self.lent) - 1))))
+
     @invariant()
     def books_balance(self):
         self.bm.check_invariants(self.live)
 
     def teardown(self):
+        for blocks in self.lent:
+            self.bm.release_blocks(blocks)
         for seq in self.live:
             self.bm.free(seq)
         self.bm.check_invariants([])

@@ -164,6 +164,24 @@ def test_serve_on_cuda_without_a_gpu_is_a_clear_error_before_loading_anything(tm
     assert_clean_error(*run("serve", tmp_path / "nope", "--device", "cuda"), "no CUDA device is visible")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("command", [["eval"], ["bench", "offline"], ["bench", "online", "--slo", "1", "--serve"]],
+                         ids=["eval", "bench-offline", "bench-online"])
+def test_every_command_that_runs_a_model_takes_device_and_refuses_cuda_without_a_gpu(tiny_model_dir, tmp_path, command):
+    """--device is on eval and both benches as on serve and quantize; cuda without a GPU is named
+    before anything runs (no evaluation, no workload, no server) and --device cpu is offered."""
+    artifact = tmp_path / "rtn"
+    assert run("quantize", tiny_model_dir, "-o", artifact, "--method", "rtn", "--group-size", "32")[0] == 0
+    assert_clean_error(*run(*command, artifact, "--device", "cuda"), "use --device cpu")
+
+
+def test_the_cuda_serving_options_are_documented_on_serve():
+    code, output = run("serve", "--help")
+    assert code == 0
+    for option in ("--device", "--gpu-memory-utilization", "--enforce-eager", "--kv-cache-memory"):
+        assert option in output
+
+
 def test_export_writes_compressed_tensors_beside_the_artifact(tiny_model_dir, tmp_path):
     out = tmp_path / "rtn"
     assert run("quantize", tiny_model_dir, "-o", out, "--method", "rtn", "--group-size", "32")[0] == 0

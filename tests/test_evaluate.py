@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from quantkit.evaluate import QuantkitLM, ScoreRequest, primary_metric
+from quantkit.evaluate import QuantkitLM, primary_metric
+from quantkit.runtime import scoring
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +54,17 @@ def test_loglikelihoods_equal_a_direct_computation_with_the_same_weights(lm, hf)
 
 def test_continuations_of_one_context_share_its_blocks_and_score_as_if_alone(lm, hf):
     """Multiple-choice requests compute their shared context once; the results must not change."""
-    block = lm.runner.block_size
-    vocab = lm.runner.config.vocab_size
+    block = lm.engine.config.block_size
+    vocab = lm.engine.runner.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     reqs = []
     for context_len in (1, block - 1, block, block + 1, 2 * block + 5):  # around block edges
         context = torch.randint(0, vocab, (context_len,), generator=gen).tolist()
         for cont_len in (1, 3, 7):
             reqs.append((None, context, torch.randint(0, vocab, (cont_len,), generator=gen).tolist()))
-    groups = list(lm._context_groups([ScoreRequest(i, c, t) for i, (_, c, t) in enumerate(reqs)]))
-    assert [lm._shared_len(g) for g in groups] == [0, 0, 0, block, 2 * block]  # the context's whole blocks, less its last token
+    planned = [scoring.ScoreRequest(c, t) for _, c, t in reqs]
+    groups = [[planned[i] for i in g] for g in scoring.context_groups(planned, block, lm.engine.score_budget)]
+    assert [scoring.shared_len(g, block) for g in groups] == [0, 0, 0, block, 2 * block]  # the context's whole blocks, less its last token
     got = lm._loglikelihood_tokens(reqs)
     for (_, context, continuation), (logprob, greedy) in zip(reqs, got):
         expected, expected_greedy = direct_logprob(hf, context, continuation)
@@ -209,4 +211,41 @@ def test_registering_quantkit_keeps_lm_evals_own_models():
 def test_evaluation_scores_with_the_dense_head_even_where_serving_would_take_the_int8_one(smollm2_dir):
     # The default model's head gets an int8 copy by default when served; scores must not depend
     # on it (nor on how many rows a scoring batch had), so the evaluation keeps the dense head.
-    assert QuantkitLM(str(smollm2_dir), kv_cache_memory=32 * 1024**2).runner.model.lm_head.int8 is None
+    assert QuantkitLM(str(smollm2_dir), kv_cache_memory=32 * 1024**2).engine.runner.model.lm_head.int8 is None
+
+
+def test_the_device_reaches_the_engine_through_every_step_of_an_evaluation(tiny_model_dir, tiny_artifact, monkeypatch):
+    import quantkit.evaluate as evaluate
+
+    assert QuantkitLM(str(tiny_model_dir), dtype="float32", device="cpu").engine.config.device == "cpu"
+
+    class Reached(Exception):
+        pass
+
+    def recording_lm(model, **options):  # stands in for the model: run_evaluation -> run_plan -> evaluate_pair -> run_tasks
+        raise Reached(model, options)
+
+    monkeypatch.setattr(evaluate, "QuantkitLM", recording_lm)
+    with pytest.raises(Reached) as reached:
+        evaluate.run_evaluation(tiny_artifact, "piqa", baseline=tiny_model_dir, dtype="float32", device="cpu", progress=False)
+    assert reached.value.args == (str(tiny_model_dir), {"dtype": "float32", "device": "cpu"})  # the baseline runs first
+
+
+def test_lm_evals_device_names_map_onto_the_runtimes_as_its_hf_backend_reads_them(monkeypatch):
+    from quantkit.errors import QuantkitError
+    from quantkit.evaluate import runtime_device
+
+    assert [runtime_device(d) for d in ("auto", "cpu", "cuda", None)] == ["auto", "cpu", "cuda", "auto"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert runtime_device("cuda:0") == "auto"  # lm-eval's default --device on a machine without a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runtime_device("cuda:0") == "cuda"
+    with pytest.raises(QuantkitError, match="CUDA_VISIBLE_DEVICES=1"):
+        runtime_device("cuda:1")
+    assert runtime_device("mps") == "mps"  # left to the runtime, which refuses it naming the choices
+
+
+def test_lm_evals_command_line_default_device_still_runs_on_a_machine_without_a_gpu(tiny_model_dir):
+    # lm-eval's CLI hands every model device="cuda:0" unless told otherwise (create_from_arg_string).
+    lm = QuantkitLM.create_from_arg_string(f"pretrained={tiny_model_dir},dtype=float32", {"device": "cuda:0", "batch_size": None})
+    assert lm.engine.runner.backend.device == ("cuda" if torch.cuda.is_available() else "cpu")

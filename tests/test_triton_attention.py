@@ -16,6 +16,8 @@ import torch
 from quantkit.kernels.reference import paged_attention_ref, paged_decode_ref, store_kv_ref
 from quantkit.kernels.triton_attention import paged_decode, paged_prefill, store_kv
 
+KERNELS_UNDER_TEST = ("paged_decode", "paged_prefill", "store_kv")  # run on the GPU with QUANTKIT_TEST_DEVICE=cuda (tests/conftest.py)
+
 # Relative/absolute tolerance against float64: fp32 accumulates in fp32 (ieee dot); 16-bit
 # inputs also round P to the input dtype for P @ V and round the output.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}

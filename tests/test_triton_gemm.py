@@ -7,9 +7,11 @@ import torch
 
 import quantkit.kernels.triton_gemm as tg
 from quantkit.kernels.reference import w4a16_matmul_ref
-from quantkit.kernels.triton_gemm import SMALL_M_MAX, w4a16_gemm
+from quantkit.kernels.triton_gemm import SMALL_M_MAX, awq_dequantize, w4a16_gemm
 from quantkit.pack import pack_awq, pack_int4, unpack_int4
 from quantkit.quantizer import compute_qparams, quantize
+
+KERNELS_UNDER_TEST = ("w4a16_gemm", "awq_dequantize")  # run on the GPU with QUANTKIT_TEST_DEVICE=cuda (tests/conftest.py)
 
 # Relative-norm tolerance per activation dtype: bf16 keeps 8 mantissa bits, fp16 11.
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -176,3 +178,43 @@ def test_validation_of_group_256_and_options() -> None:
         w4a16_gemm(x, w["qweight"], w["qzeros"], w["scales"], split_k=0)
     with pytest.raises(ValueError, match="out must be"):
         w4a16_gemm(x, w["qweight"], w["qzeros"], w["scales"], out=torch.empty(2, 64, dtype=torch.bfloat16))
+
+
+# ---------------------------------------------------------------------------- dequantize + dense matmul (large batches)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("groups, n", [(5, 136), (2, 64)])  # N = 136: not a multiple of the 128-column tile
+def test_dequantize_kernel_equals_the_float64_weight_rounded_once(groups: int, n: int, group_size: int, dtype: torch.dtype) -> None:
+    k = groups * group_size
+    w = random_awq(k, n, group_size, seed=k + n + group_size)
+    exact = tg_dequantize_ref(w)  # [K, N] float64
+    got = awq_dequantize(w["qweight"], w["qzeros"], w["scales"], dtype)
+    assert got.shape == (k, n) and got.dtype == dtype
+    # (q - z) is exact and s is fp16; the product is rounded to dtype once, so it equals the
+    # float64 product rounded to dtype except where the scale itself is not exact in bf16.
+    if dtype == torch.float16:
+        assert torch.equal(got, exact.to(dtype))
+    else:
+        assert torch.allclose(got.double(), exact, rtol=2 ** -7, atol=0)
+
+
+def tg_dequantize_ref(w: dict[str, torch.Tensor]) -> torch.Tensor:
+    from quantkit.pack import dequantize_awq
+
+    return dequantize_awq(w["qweight"], w["qzeros"], w["scales"], torch.float64).t()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_a_triton_linear_takes_dequantize_and_matmul_from_its_backends_row_threshold(monkeypatch, test_device, dtype: torch.dtype) -> None:
+    from quantkit.kernels.linear import QuantLinear
+
+    w = random_awq(128, 64, 32, seed=7)
+    packed = [w[name].to(test_device) for name in ("qweight", "qzeros", "scales")]
+    linear = QuantLinear(*packed, triton=True, dense_from_rows=24)
+    calls = []
+    monkeypatch.setattr(tg, "w4a16_gemm", lambda *a, _f=tg.w4a16_gemm, **kw: calls.append("gemm") or _f(*a, **kw))
+    monkeypatch.setattr(tg, "awq_dequantize", lambda *a, _f=tg.awq_dequantize, **kw: calls.append("dense") or _f(*a, **kw))
+    for m, path in ((23, "gemm"), (24, "dense"), (40, "dense")):
+        x = random_x(m, 128, dtype, seed=m)
+        assert_close(linear(x.to(test_device)).cpu(), w4a16_matmul_ref(x, w["qweight"], w["qzeros"], w["scales"]), dtype)
+        assert calls.pop() == path and not calls

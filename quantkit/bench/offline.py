@@ -37,6 +37,7 @@ class OfflineConfig:
     kv_cache_memory: int = 512 * MiB
     threads: int | None = None  # default: every core
     int8_head: bool | None = None  # the engine's modes read an int8 copy of the output head; None: where lossless (as serve)
+    device: str = "auto"  # every mode's device: the engine's (kernels/backend.py) and Hugging Face's
 
 
 class KVWasteMeter:
@@ -64,7 +65,8 @@ def run_engine(model: str, workload: list[BenchRequest], max_num_seqs: int, conf
     from quantkit.runtime.sampling import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=model, dtype="bfloat16", kv_cache_memory=config.kv_cache_memory, max_num_seqs=max_num_seqs,
-                                    max_num_batched_tokens=config.max_num_batched_tokens, max_waiting=len(workload), int8_head=config.int8_head))
+                                    max_num_batched_tokens=config.max_num_batched_tokens, max_waiting=len(workload), int8_head=config.int8_head,
+                                    device=config.device))
     prompts = [list(r.prompt_ids) if r.prompt_ids else engine.tokenize(r.prompt) for r in workload]
     start = time.perf_counter()
     timings, ids = {}, []
@@ -93,6 +95,7 @@ def run_engine(model: str, workload: list[BenchRequest], max_num_seqs: int, conf
     result["kv"] = {"blocks": engine.runner.num_blocks, "block_size": block, "peak_blocks_used": peak_blocks,
                     "bytes_per_token": engine.runner.block_bytes // block, "preemptions": engine.scheduler.num_preemptions}
     result["int8_head"] = engine.runner.int8_head  # what ran: the option can be refused (no kernel here)
+    result["device"] = engine.runner.backend.device
     return result
 
 
@@ -107,21 +110,25 @@ class _TokenClock:
         if not self._prompt_seen:  # generate() first hands over the prompt
             self._prompt_seen = True
             return
+        value.cpu()  # on a GPU the token exists once it can be read back
         self.times.append(time.perf_counter())
 
     def end(self) -> None:
         pass
 
 
-def run_hf(model: str, workload: list[BenchRequest], batch_size: int) -> dict:
+def run_hf(model: str, workload: list[BenchRequest], batch_size: int, device: str = "auto") -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from quantkit.kernels.backend import resolve_device
     from quantkit.sources import load_tokenizer, resolve_model
+
+    device = resolve_device(device)
 
     model_dir = resolve_model(model)
     tokenizer = load_tokenizer(model_dir)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval().to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     prompts = [list(r.prompt_ids) if r.prompt_ids else tokenizer.encode(r.prompt, add_special_tokens=True) for r in workload]
     start = time.perf_counter()
@@ -130,8 +137,8 @@ def run_hf(model: str, workload: list[BenchRequest], batch_size: int) -> dict:
         batch_prompts = prompts[first : first + batch_size]
         batch_requests = workload[first : first + batch_size]
         width = max(map(len, batch_prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch_prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch_prompts])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch_prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch_prompts], device=device)
         steps = max(r.max_tokens for r in batch_requests)  # padded: the batch runs as long as its longest
         clock = _TokenClock()
         with torch.inference_mode():
@@ -140,7 +147,9 @@ def run_hf(model: str, workload: list[BenchRequest], batch_size: int) -> dict:
         done = time.perf_counter()
         for prompt, request in zip(batch_prompts, batch_requests):
             timings.append(RequestTiming(sent=start, prompt_tokens=len(prompt), token_times=clock.times[: request.max_tokens], done=done))
-    return summarize(timings, time.perf_counter() - start)
+    result = summarize(timings, time.perf_counter() - start)
+    result["device"] = device
+    return result
 
 
 def _run_mode(mode: str, workload: list[BenchRequest], config: OfflineConfig) -> dict:
@@ -149,9 +158,9 @@ def _run_mode(mode: str, workload: list[BenchRequest], config: OfflineConfig) ->
     if config.threads:
         torch.set_num_threads(config.threads)
     if mode == "hf-one-at-a-time":
-        result = run_hf(config.baseline, workload, 1)
+        result = run_hf(config.baseline, workload, 1, config.device)
     elif mode == "hf-static":
-        result = run_hf(config.baseline, workload, config.static_batch)
+        result = run_hf(config.baseline, workload, config.static_batch, config.device)
     else:
         model = config.artifact if mode.endswith("int4") else config.baseline
         result = run_engine(model, workload, 1 if "one-at-a-time" in mode else config.max_num_seqs, config)

@@ -128,7 +128,7 @@ class Gemma3ForCausalLM(nn.Module):
             DecoderLayer(config, tensors, f"model.layers.{i}", dtype, i, backend) for i in range(config.num_layers)
         )
         self.norm = GemmaRMSNorm(tensors["model.norm.weight"], config.rms_norm_eps)
-        self.lm_head = output_head(tensors, self.embed_tokens, False, dtype, int8_head)  # tied checkpoints omit lm_head.weight
+        self.lm_head = output_head(tensors, self.embed_tokens, False, dtype, int8_head, backend)  # tied checkpoints omit lm_head.weight
         self.global_rotary = RotaryEmbedding(config.head_dim, *config.global_rope, device=self.embed_tokens.device)
         self.local_rotary = RotaryEmbedding(config.head_dim, *config.local_rope, device=self.embed_tokens.device)
 

@@ -170,16 +170,16 @@ class RotaryEmbedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    def __init__(self, weight: torch.Tensor, eps: float, backend: KernelBackend = CPU):
         super().__init__()
-        self.weight, self.eps = weight, eps
+        self.weight, self.eps, self.cpu_kernels = weight, eps, backend.cpu_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, self.cpu_kernels)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual): the pre-norm residual step in one pass (kernels/norm.py)."""
-        return add_rms_norm(x, residual, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps, self.cpu_kernels)
 
 
 def qk_norm_weight(config, tensors: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor:
@@ -190,7 +190,7 @@ def qk_norm_weight(config, tensors: Mapping[str, torch.Tensor], prefix: str) -> 
 
 
 def output_head(tensors: Mapping[str, torch.Tensor], embed_tokens: torch.Tensor, tied: bool, dtype: torch.dtype,
-                int8: bool | None = False) -> OutputHead:
+                int8: bool | None = False, backend: KernelBackend = CPU) -> OutputHead:
     """The logits matrix: the embeddings when tied (or the checkpoint stores no head), else lm_head.
 
     int8: also keep an int8 copy for decode (kernels/linear.py, OutputHead), quantized from the
@@ -212,7 +212,7 @@ def output_head(tensors: Mapping[str, torch.Tensor], embed_tokens: torch.Tensor,
         except ValueError as e:  # a width not divisible by 32, or values fp16 scales cannot hold
             if int8:
                 warnings.warn(f"no int8 output head ({e}); using the dense head", RuntimeWarning, stacklevel=2)
-    return OutputHead(weight, int8_copy)
+    return OutputHead(weight, int8_copy, backend.cpu_kernels)
 
 
 class HeadRMSNorm(nn.Module):
@@ -259,11 +259,12 @@ class MLP(nn.Module):
         self.gate_up_proj = build_fused_linear(tensors, [f"{prefix}.gate_proj", f"{prefix}.up_proj"], dtype, backend)
         self.down_proj = build_fused_linear(tensors, [f"{prefix}.down_proj"], dtype, backend)
         self.act = act
+        self.cpu_kernels = backend.cpu_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.act is F.silu:  # SwiGLU: one fused pass (kernels/norm.py)
-            return self.down_proj(silu_and_mul(gate_up))
+            return self.down_proj(silu_and_mul(gate_up, self.cpu_kernels))
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
@@ -277,9 +278,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         eps = config.rms_norm_eps
         qk_norm = HeadRMSNorm(qk_norm_weight(config, tensors, f"{prefix}.self_attn").to(dtype), eps) if config.qk_norm else None
-        self.input_layernorm = RMSNorm(tensors[f"{prefix}.input_layernorm.weight"].to(dtype), eps)
+        self.input_layernorm = RMSNorm(tensors[f"{prefix}.input_layernorm.weight"].to(dtype), eps, backend)
         self.self_attn = Attention(config, tensors, f"{prefix}.self_attn", dtype, window=window, qk_norm=qk_norm, backend=backend)
-        self.post_attention_layernorm = RMSNorm(tensors[f"{prefix}.post_attention_layernorm.weight"].to(dtype), eps)
+        self.post_attention_layernorm = RMSNorm(tensors[f"{prefix}.post_attention_layernorm.weight"].to(dtype), eps, backend)
         self.mlp = MLP(tensors, f"{prefix}.mlp", dtype, backend=backend)
 
     def forward(self, x, residual, rope, kv_cache, meta):
@@ -297,8 +298,8 @@ class LlamaForCausalLM(nn.Module):
         windows = config.layer_windows or (None,) * config.num_layers
         self.embed_tokens = tensors["model.embed_tokens.weight"].to(dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, tensors, f"model.layers.{i}", dtype, windows[i], backend) for i in range(config.num_layers))
-        self.norm = RMSNorm(tensors["model.norm.weight"].to(dtype), config.rms_norm_eps)
-        self.lm_head = output_head(tensors, self.embed_tokens, config.tie_word_embeddings, dtype, int8_head)
+        self.norm = RMSNorm(tensors["model.norm.weight"].to(dtype), config.rms_norm_eps, backend)
+        self.lm_head = output_head(tensors, self.embed_tokens, config.tie_word_embeddings, dtype, int8_head, backend)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling, device=self.embed_tokens.device)
         # Decode steps run these same layers in one C++ call where it can (kernels/decoder.py);
         # None: always the modules.
