@@ -16,6 +16,7 @@ import torch
 
 from quantkit.sources import load_tokenizer
 
+from .detokenizer import IncrementalDetokenizer
 from .model_runner import ModelRunner, RowLogprobs, RunnerLimits, StepInput
 from .sampling import SamplingParams, make_generator, sample
 from .scheduler import QueueFull, ScheduledBatch, Scheduler, SchedulerConfig
@@ -152,6 +153,7 @@ class LLMEngine:
         request_id, self._next_id = self._next_id, self._next_id + 1
         seq = Sequence(token_ids, params, seq_id=request_id)
         seq.generator = None if params.greedy else make_generator(params.seed, self._rng, self.runner.backend.device)
+        seq.detokenizer = IncrementalDetokenizer(self.tokenizer)
         self.scheduler.add(seq)  # may raise QueueFull or ValueError (longer than the whole cache)
         self.sequences[request_id] = seq
         self._meta[request_id] = {"arrival": time.perf_counter(), "first_token": None}
@@ -220,8 +222,9 @@ class LLMEngine:
     def _finish_reason(self, seq: Sequence) -> str | None:
         p, token = seq.params, seq.last_token
         hit_stop_token = token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)
-        text = self.tokenizer.decode(seq.output_token_ids[:-1] if hit_stop_token else seq.output_token_ids, skip_special_tokens=True)
-        if seq.stops.update(text) or hit_stop_token:  # reads only the new text
+        if not hit_stop_token:  # a stop token's own text is never shown
+            seq.detokenizer.add([token])  # decodes a few tokens, not the whole output
+        if seq.stops.update(seq.detokenizer.full_text) or hit_stop_token:  # reads only the new text
             return "stop"
         if seq.num_generated >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"

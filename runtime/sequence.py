@@ -41,6 +41,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.params = params if params is not None else SamplingParams()
         self.generator = None  # torch.Generator set by the engine (sampling.make_generator)
+        self.detokenizer = None  # IncrementalDetokenizer set by the engine: the output's text, a few tokens decoded a step
         self.finish_reason: str | None = None
         self.output_logprobs: list[float] = []
         self.output_top_logprobs: list[dict[int, float]] = []  # per output token with top_logprobs > 0
