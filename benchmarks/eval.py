@@ -109,6 +109,8 @@ def main() -> None:
     parser.add_argument("--speed-tasks", default=",".join(DEFAULT_TASKS))
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="accuracy tasks (a subset screens quickly)")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--int8-activations", action="append", default=[], metavar="NAME",
+                        help="score candidate NAME with --activations int8 (W4A8, as serving runs it); repeatable")
     parser.add_argument("--skip-accuracy", action="store_true", help="only the speed comparison")
     parser.add_argument("--skip-speed", action="store_true", help="only the accuracy comparison")
     parser.add_argument("--out", type=Path, default=None,
@@ -132,7 +134,8 @@ def main() -> None:
         for name, model in models.items():
             print(f"{name}: {model} ...", flush=True)
             per_example[name] = {}
-            raw, wall[name] = run_tasks(model, tasks, limit, args.dtype, per_example=per_example[name])
+            activations = "int8" if name in args.int8_activations else "bf16"
+            raw, wall[name] = run_tasks(model, tasks, limit, args.dtype, per_example=per_example[name], activations=activations)
             results[name] = {short_name(t): dict(zip(("metric", "higher_is_better", "value"), primary_metric(t, raw[t]))) for t in tasks}
             print(f"  {wall[name]:.0f} s", flush=True)
         lines, means = accuracy_table(results)
@@ -158,7 +161,8 @@ def main() -> None:
         print(f"total: hf {speed_result['total_s']['hf']:.0f} s, quantkit {speed_result['total_s']['quantkit']:.0f} s: "
               f"{speed_result['speedup']:.2f}x (target >= 3x)")
 
-    write_results(args.out, {"limit": limit, "dtype": args.dtype, "models": models, "results": results, "wall_s": wall,
+    write_results(args.out, {"limit": limit, "dtype": args.dtype, "models": models, "int8_activations": args.int8_activations,
+                             "results": results, "wall_s": wall,
                              "mean_retention_pct": means, "paired": paired, "speed": speed_result})
 
 

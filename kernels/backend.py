@@ -12,6 +12,7 @@ under TRITON_INTERPRET=1 (tests/test_triton_engine.py, the wiring proof without 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,12 @@ from quantkit.errors import QuantkitError
 from . import cpu_ext
 
 DEVICES = ("auto", "cpu", "cuda")
+ACTIVATIONS = ("bf16", "int8")  # what the int4 linears multiply their weights with in batched steps (--activations)
+# From this many rows on, --activations int8 runs the W4A8 kernel (kernels/w4a8.py). Fewer rows
+# are bound by reading the weight: there the int4 kernels are about as fast (at 1-4 rows on two
+# threads, PyTorch's fused int4 op even wins; benchmarks/w4a8_speed.py) and exact in the
+# activations, so small decode batches keep them.
+W4A8_FROM_ROWS = 16
 TRITON_GEMM_DTYPES = (torch.float16, torch.bfloat16)  # what kernels/triton_gemm.py computes in (its _check_inputs)
 # From this many rows on, the Triton backend's int4 linears dequantize (a Triton kernel) and call
 # cuBLAS, which reuses each weight tile across many rows better than the W4A16 GEMM. vLLM's AWQ
@@ -36,6 +43,8 @@ class KernelBackend:
     cpu_kernels: bool  # build/load quantkit's C++ CPU kernels (norms, RoPE, int4, attention, int8 head, fused decode)
     int8_head: bool  # the int8 output head's kernel exists here (C++, AVX-512 BF16 + VNNI)
     int4_dense_from_rows: int | None = None  # Triton int4 linears: dequantize + dense matmul from this many rows (None: never)
+    activations: str = "bf16"  # "int8": CPU int4 linears quantize activations per row and run W4A8 from w4a8_from_rows rows
+    w4a8_from_rows: int = W4A8_FROM_ROWS
 
     def int4_linear(self, dtype: torch.dtype) -> str:
         """How an int4 linear computes in `dtype`: "cpu" (cpu_int4), "triton" (the W4A16 GEMM), or
@@ -71,14 +80,37 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def select_backend(device: str = "auto", triton: bool = False) -> KernelBackend:
-    """The kernels for `device` on this machine. triton=True: the Triton kernels even on CPU tensors (tests, under TRITON_INTERPRET=1)."""
+def resolve_activations(device: str, activations: str, triton: bool = False) -> tuple[str, str | None]:
+    """The activations the int4 linears will run with on `device` (resolved), and why an int8
+    request is refused (None if it is not): reports record the first, the runner warns the second."""
+    if activations not in ACTIVATIONS:
+        raise QuantkitError(f"--activations {activations}: choose one of {', '.join(ACTIVATIONS)}")
+    if activations == "bf16":
+        return activations, None
+    if device == "cuda" or triton:
+        return "bf16", "--activations int8 is a CPU path (W4A8 on AVX-512 VNNI); the Triton backend runs bf16 activations"
+    if not cpu_ext.w4a8_available():
+        return "bf16", ("--activations int8 needs quantkit's C++ kernels (built, not switched off) on a CPU with AVX-512 BW and VNNI; "
+                        "running bf16 activations")
+    return activations, None
+
+
+def select_backend(device: str = "auto", triton: bool = False, activations: str = "bf16") -> KernelBackend:
+    """The kernels for `device` on this machine. triton=True: the Triton kernels even on CPU tensors (tests, under TRITON_INTERPRET=1).
+
+    activations="int8" is a serving choice (W4A8 on VNNI); where its kernel cannot run (CUDA, a
+    CPU without AVX-512 BW and VNNI, no C++ kernels) the backend says "bf16" and a warning says why.
+    """
     device = resolve_device(device)
+    activations, refused = resolve_activations(device, activations, triton)
+    if refused:
+        warnings.warn(refused, RuntimeWarning, stacklevel=2)
     if device == "cuda" or triton:
         return KernelBackend(device, linear="triton", attention="triton", cpu_kernels=False, int8_head=False,
                              int4_dense_from_rows=TRITON_DENSE_FROM_ROWS)
     cpu_kernels = cpu_ext.available()  # builds or loads them now, not inside the first request
-    return KernelBackend(device, linear="cpu", attention="cpu", cpu_kernels=cpu_kernels, int8_head=cpu_kernels and cpu_ext.int8_available())
+    return KernelBackend(device, linear="cpu", attention="cpu", cpu_kernels=cpu_kernels, int8_head=cpu_kernels and cpu_ext.int8_available(),
+                         activations=activations)
 
 
 CPU = KernelBackend("cpu", linear="cpu", attention="cpu", cpu_kernels=cpu_ext.ENABLED, int8_head=False)

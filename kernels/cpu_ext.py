@@ -288,8 +288,20 @@ def _int8_compiled() -> bool:
     return bool(torch.ops.quantkit_cpu.int8_available())
 
 
+def w4a8_available() -> bool:
+    """True when the W4A8 linear (int4 weights, per-row int8 activations, kernels/w4a8.py) is there:
+    AVX-512 BW and VNNI, no BF16 needed."""
+    return available() and _w4a8_compiled()
+
+
+@functools.cache
+def _w4a8_compiled() -> bool:
+    return bool(torch.ops.quantkit_cpu.w4a8_available())
+
+
 BF16_CPU_FLAGS = ("avx512bw", "avx512_bf16")
 INT8_CPU_FLAGS = (*BF16_CPU_FLAGS, "avx512_vnni")  # the int8 GEMV also multiplies on VNNI
+W4A8_CPU_FLAGS = ("avx512bw", "avx512_vnni")  # the W4A8 linear: integer dot products only
 
 
 def cpu_has_bf16_instructions() -> bool:

@@ -60,7 +60,8 @@ class FusedDecoder:
     """The layers of a Llama-family model as decode_layers' operands, built once at load."""
 
     def __init__(self, layers: list[LayerWeights], final_norm: torch.Tensor, num_heads: int, head_dim: int, scale: float, eps: float,
-                 operands: list[tuple[list[torch.Tensor], int, int]]):
+                 operands: list[tuple[list[torch.Tensor], int, int]], int4_max_rows: int):
+        self.int4_max_rows = int4_max_rows  # steps with this many rows or more go to the modules (dequantize + matmul, or W4A8)
         self.norms = [w for layer in layers for w in (layer.input_norm, layer.post_attention_norm)] + [final_norm]
         self.linears = [t for tensors, _, _ in operands for t in tensors]
         self.groups = [group for _, group, _ in operands]
@@ -84,7 +85,10 @@ class FusedDecoder:
         operands = [linear_operands(module) for layer in layers for module in layer.linears]
         if any(o is None for o in operands):
             return None
-        return cls(layers, final_norm, num_heads, head_dim, scale, eps, operands)
+        # --activations int8: from w4a8_from_rows rows the modules run, whose int4 linears take W4A8
+        int4_max_rows = cpu_int4.NATIVE_DENSE_FROM_ROWS if backend.activations != "int8" else min(
+            cpu_int4.NATIVE_DENSE_FROM_ROWS, backend.w4a8_from_rows)
+        return cls(layers, final_norm, num_heads, head_dim, scale, eps, operands, int4_max_rows)
 
     def takes(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
         """True when this step is one the modules would run on exactly decode_layers' kernels:
@@ -93,7 +97,7 @@ class FusedDecoder:
         dense_gemv or the bf16 matmul (not the fp32 path of emulated bf16)."""
         rows = x.shape[0]
         return (meta.all_decode and meta.decode_seqs is not None and x.dtype == torch.bfloat16 and x.is_cpu
-                and not (self.int4 and rows >= cpu_int4.NATIVE_DENSE_FROM_ROWS)
+                and not (self.int4 and rows >= self.int4_max_rows)
                 and not (self.dense and rows >= linear.EMULATED_BF16_FP32_FROM_ROWS and not cpu_ext.bf16_matmuls_are_native()))
 
     def __call__(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_caches: list[tuple[torch.Tensor, torch.Tensor]],

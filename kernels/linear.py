@@ -27,6 +27,8 @@ from quantkit.pack import dequantize_awq
 
 from . import cpu_ext, cpu_int4
 from .backend import CPU, KernelBackend
+from .w4a8 import X_DTYPES as W4A8_X_DTYPES
+from .w4a8 import W4A8Weight, prepare_w4a8, w4a8_linear
 
 # bf16 calls with at most this many rows use quantkit's C++ GEMV on CPU: it streams the weight
 # at 28-32 GB/s where oneDNN's matmul reaches 10-20 GB/s for 1-4 rows (2,048 rows of weights
@@ -72,7 +74,7 @@ class QuantLinear(nn.Module):
     """y = x @ W.T (+ bias) with W stored as AWQ int4 (qweight / qzeros / scales)."""
 
     def __init__(self, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-                 triton: bool = False, dense_from_rows: int | None = None):
+                 triton: bool = False, dense_from_rows: int | None = None, w4a8_from_rows: int | None = None):
         super().__init__()
         self.in_features = qweight.shape[0]
         self.out_features = scales.shape[1]
@@ -81,14 +83,22 @@ class QuantLinear(nn.Module):
         self.cpu_weight: cpu_int4.CpuInt4Weight | cpu_int4.NativeInt4Weight | None = None
         self.awq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.dense_from_rows = dense_from_rows  # Triton: rows from which a call dequantizes and runs a dense matmul
+        # --activations int8: calls of this many rows or more run W4A8 (kernels/w4a8.py) on a copy
+        # of the codes in its layout (as many bytes as the int4 weight); None: never
+        self.w4a8_from_rows = w4a8_from_rows
+        self.w4a8: W4A8Weight | None = None
         if triton:
             self.awq = (qweight, qzeros, scales)  # the Triton kernels read the AWQ layout directly
         else:
             self.cpu_weight = cpu_int4.prepare_cpu_int4(qweight, qzeros, scales)
+            if w4a8_from_rows is not None:
+                self.w4a8 = prepare_w4a8(qweight, qzeros, scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:  # the runtime passes [tokens, in]; other callers may add leading dims
             return self.forward(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
+        if self.w4a8 is not None and x.shape[0] >= self.w4a8_from_rows and x.dtype in W4A8_X_DTYPES:
+            return w4a8_linear(x, self.w4a8, self.bias)
         if self.awq is None:
             return cpu_int4.int4_matmul(x, self.cpu_weight, self.bias)
         from .triton_gemm import awq_dequantize, w4a16_gemm
@@ -137,6 +147,12 @@ def int4_kernels(model: nn.Module, backend: KernelBackend, dtype: torch.dtype) -
         return "Triton W4A16 GEMM" + (dense if backend.int4_dense_from_rows is not None else "")
     if path == "torch":
         return f"dequantized once at load, {str(dtype).removeprefix('torch.')} matmuls"
+    if backend.activations == "int8" and any(isinstance(m, QuantLinear) and m.w4a8 is not None for m in model.modules()):
+        return f"{_cpu_int4_kernels(model, dtype)} below {backend.w4a8_from_rows} rows, W4A8 (int8 activations, VNNI) from there"
+    return _cpu_int4_kernels(model, dtype)
+
+
+def _cpu_int4_kernels(model: nn.Module, dtype: torch.dtype) -> str:
     if dtype != torch.bfloat16:
         return f"dequantize + {str(dtype).removeprefix('torch.')} matmul"
     if any(isinstance(m, QuantLinear) and isinstance(m.cpu_weight, cpu_int4.NativeInt4Weight) for m in model.modules()):
@@ -154,7 +170,8 @@ def build_linear(tensors: Mapping[str, torch.Tensor], prefix: str, dtype: torch.
         path = backend.int4_linear(dtype)
         if path == "torch":  # no int4 kernel computes in this dtype here: the weight dequantized once
             return DenseLinear(dequantize_awq(*packed, dtype), bias, backend.cpu_kernels)
-        return QuantLinear(*packed, bias, triton=path == "triton", dense_from_rows=backend.int4_dense_from_rows)
+        return QuantLinear(*packed, bias, triton=path == "triton", dense_from_rows=backend.int4_dense_from_rows,
+                           w4a8_from_rows=backend.w4a8_from_rows if backend.activations == "int8" and path == "cpu" else None)
     if f"{prefix}.weight" not in tensors:
         raise KeyError(f"checkpoint has neither {prefix}.qweight nor {prefix}.weight")
     return DenseLinear(tensors[f"{prefix}.weight"].to(dtype), bias, backend.cpu_kernels)

@@ -40,6 +40,13 @@ def main() -> None:
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
+def _activations_option(f):
+    # kernels/backend.py's ACTIVATIONS, spelled out for the same reason as DEVICE_CHOICES
+    return click.option("--activations", type=click.Choice(["bf16", "int8"]), default="bf16", show_default=True,
+                        help="Activations of the int4 linears in batched steps: int8 runs W4A8 (VNNI) where the CPU has it "
+                             "(the log says when it does not), bf16 the int4 kernels.")(f)
+
+
 def _device_option(what: str):
     return click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
                         help=f"{what}: cuda, cpu, or auto (cuda where a GPU is visible).")
@@ -101,7 +108,8 @@ def inspect(artifact, layers) -> None:
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Report path (.json; a .md is written beside it).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True)
 @_device_option("Where both models are scored (through the runtime's engine)")
-def eval_(artifact, baseline, tasks, limit, recipe, gate, output, dtype, device) -> None:
+@_activations_option
+def eval_(artifact, baseline, tasks, limit, recipe, gate, output, dtype, device, activations) -> None:
     """Evaluate ARTIFACT (a quantkit artifact or an AutoAWQ GEMM checkpoint) against its FP16 baseline.
 
     Runs lm-eval on both, reports the delta and, with --gate, exits 1 when a gate is breached.
@@ -113,7 +121,7 @@ def eval_(artifact, baseline, tasks, limit, recipe, gate, output, dtype, device)
 
     device = resolve_device(device)  # --device cuda without a GPU: refused before any evaluation time is spent
     plan = plan_evaluation(artifact, tasks, baseline, recipe, gate, output, default_output=True)  # every check before any evaluation
-    report = run_plan(plan, limit, dtype, echo=click.echo, device=device)
+    report = run_plan(plan, limit, dtype, echo=click.echo, device=device, activations=activations)
     if gate:
         _enforce(judge_gates(report, plan.gates))
 
@@ -176,6 +184,7 @@ def _parse_bytes(text: str) -> int:
 @click.option("--enforce-eager", is_flag=True, help="CUDA: run decode steps eagerly instead of replaying CUDA graphs.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
 @_device_option("Where the model runs (cuda: Triton kernels, cpu: quantkit's C++ kernels)")
+@_activations_option
 @click.option("--max-model-len", type=click.IntRange(min=1), help="Context length served (default: the model's max_position_embeddings).")
 @click.option("--max-num-seqs", default=64, show_default=True, type=int, help="Sequences per step.")
 @click.option("--max-num-batched-tokens", default=512, show_default=True, type=int, help="Token budget per step.")
@@ -190,7 +199,7 @@ def _parse_bytes(text: str) -> int:
               "Default: room for a max-context prompt, 32 bytes per context token, at least 1 MiB.")
 @click.option("--stats-log-interval", default=10.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between throughput lines on the log while there is work (0: none).")
-def serve(model, host, port, api_key, kv_cache_memory, gpu_memory_utilization, enforce_eager, dtype, device, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, block_size,
+def serve(model, host, port, api_key, kv_cache_memory, gpu_memory_utilization, enforce_eager, dtype, device, activations, max_model_len, max_num_seqs, max_num_batched_tokens, max_waiting, block_size,
           served_model_names, int8_head, max_request_bytes, stats_log_interval) -> None:
     """Serve MODEL (an artifact, a model directory or 'smollm2-135m') with an OpenAI-compatible API."""
     import logging
@@ -207,7 +216,7 @@ def serve(model, host, port, api_key, kv_cache_memory, gpu_memory_utilization, e
         raise QuantkitError(f"--max-request-bytes must be at least 1 byte, got {max_request_bytes!r}.")
     engine = LLMEngine(EngineConfig(
         model=model, dtype=dtype, block_size=block_size, kv_cache_memory=_parse_bytes(kv_cache_memory) if kv_cache_memory else None,
-        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, max_model_len=max_model_len,
+        gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, activations=activations, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_waiting=max_waiting, int8_head=int8_head,
         device=device,
     ))
@@ -261,9 +270,10 @@ def _workload_options(f):
 @click.option("--int8-head/--no-int8-head", default=None, help="The engine's modes read an int8 copy of the output head, or not "
               "(default: as serve decides, where lossless).")
 @_device_option("Where every mode runs (the engine's and Hugging Face's)")
+@_activations_option
 @_workload_options
 def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cache_memory, memory_budget, concurrency, context_tokens,
-                  int8_head, device, workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
+                  int8_head, device, activations, workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
     """One workload, all queued at t=0: HF one-at-a-time and static batching vs quantkit's engine, bf16 vs int4.
 
     ARTIFACT is a quantkit artifact or an AutoAWQ GEMM checkpoint (which needs --baseline).
@@ -284,7 +294,7 @@ def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cach
     workload = qb.make_workload(str(artifact), workload_file, requests, seed, parse_range(prompt_tokens), parse_range(output_tokens))
     data = qb.run_offline(artifact, baseline, workload, chosen, out_dir,
                           {"static_batch": static_batch, "max_num_seqs": max_num_seqs, "kv_cache_memory": _parse_bytes(kv_cache_memory),
-                           "int8_head": int8_head, "device": resolve_device(device)},
+                           "int8_head": int8_head, "device": resolve_device(device), "activations": activations},
                           price_per_hour, _parse_bytes(memory_budget), concurrency, context_tokens, progress=click.echo)
     console.print(runs_table(f"offline: {len(workload)} requests queued at t=0", data["results"]))
     console.print(ratios_table(data["ratios"]))
@@ -312,9 +322,10 @@ def bench_offline(artifact, baseline, modes, static_batch, max_num_seqs, kv_cach
 @click.option("--slo", "slo_s", type=float, required=True, help="p95 latency objective in seconds.")
 @click.option("--max-seconds-per-rate", default=600.0, show_default=True, type=float, help="Stop sending after this long at one rate.")
 @_device_option("Where spawned servers (--serve) run")
+@_activations_option
 @_workload_options
 def bench_online(urls, serve_artifact, serve_max_num_seqs, kv_cache_memory, model, api_key, tokenizer_model, rates, arrival, slo_metric,
-                 slo_s, max_seconds_per_rate, device, workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
+                 slo_s, max_seconds_per_rate, device, activations, workload_file, requests, seed, prompt_tokens, output_tokens, price_per_hour, out_dir) -> None:
     """Sweep request rates against servers; report the best throughput whose p95 latency meets --slo."""
     from quantkit.bench import run as qb
     from quantkit.bench.online import Target, check_url
@@ -346,7 +357,7 @@ def bench_online(urls, serve_artifact, serve_max_num_seqs, kv_cache_memory, mode
     tokenizer_model = tokenizer_model or (str(serve_artifact) if serve_artifact else "smollm2-135m")
     workload = qb.make_workload(tokenizer_model, workload_file, requests, seed, parse_range(prompt_tokens), parse_range(output_tokens))
     data = qb.run_online(targets, workload, rate_list, arrival, seed, f"{slo_metric}_s", slo_s, max_seconds_per_rate, price_per_hour,
-                         out_dir, progress=click.echo, device=device)
+                         out_dir, progress=click.echo, device=device, activations=activations)
     for name, points in data["sweeps"].items():
         console.print(runs_table(f"{name}: {arrival} arrivals", {f"{p['rate']:g} req/s": p for p in points}, label="rate"))
     for name, best in data["best_under_slo"].items():

@@ -68,14 +68,15 @@ class QuantkitLM(TemplateLM):
     """lm_eval --model quantkit --model_args pretrained=out/smollm2-awq,dtype=bfloat16"""
 
     def __init__(self, pretrained: str, dtype: str = "bfloat16", max_length: int = 2048, batch_tokens: int = 4096,
-                 kv_cache_memory: int = 512 * MiB, batch_size: int | str | None = None, device: str = "auto", **_ignored):
+                 kv_cache_memory: int = 512 * MiB, batch_size: int | str | None = None, device: str = "auto",
+                 activations: str = "bf16", **_ignored):
         super().__init__()
         # The dense output head, always: the measured difference is then only the artifact's own
         # quantization, and a score never depends on how many rows its batch had (the int8 head
         # serves calls of up to 64 rows only). batch_tokens bounds a scoring batch (engine.score)
         # as it bounds a step.
         self.llm = LLM(str(pretrained), dtype=dtype, kv_cache_memory=kv_cache_memory, enable_prefix_caching=False,
-                       max_num_batched_tokens=batch_tokens, int8_head=False, device=runtime_device(device))
+                       max_num_batched_tokens=batch_tokens, int8_head=False, device=runtime_device(device), activations=activations)
         self.engine = self.llm.engine
         self.tokenizer = self.engine.tokenizer
         self._max_length = min(max_length, self.engine.max_model_len)
@@ -141,9 +142,10 @@ class QuantkitLM(TemplateLM):
 # ---------------------------------------------------------------------------- baseline vs candidate
 def run_tasks(
     model: str, tasks: list[str], limit: int | None, dtype: str, per_example: dict[str, dict[int, float]] | None = None,
-    device: str = "auto",
+    device: str = "auto", activations: str = "bf16",
 ) -> tuple[dict, float]:
-    """lm-eval's per-task metrics for one model on `device` ("cpu", "cuda", "auto"), and the wall time.
+    """lm-eval's per-task metrics for one model on `device` ("cpu", "cuda", "auto") with `activations`
+    ("bf16", or "int8": W4A8 as serving runs it), and the wall time.
 
     With `per_example` (a dict to fill), each accuracy task's primary metric is also recorded per
     document ({task: {doc_id: 0.0 | 1.0}}), so that two models can be compared example by example.
@@ -153,7 +155,7 @@ def run_tasks(
     from quantkit.eval_tasks import task_manager_for
 
     start = time.perf_counter()
-    lm = QuantkitLM(model, dtype=dtype, device=device)
+    lm = QuantkitLM(model, dtype=dtype, device=device, activations=activations)
     out = simple_evaluate(
         model=lm, tasks=tasks, limit=limit, task_manager=task_manager_for(tasks), log_samples=per_example is not None, bootstrap_iters=0
     )
@@ -248,28 +250,31 @@ def build_report(baseline: dict, candidate: dict, results: dict[str, dict[str, d
 
 
 def evaluate_pair(candidate: str, baseline: str, tasks: list[str], limit: int | None, dtype: str, echo=print,
-                  device: str = "auto") -> dict:
-    """Run baseline then candidate through the same tasks, the same runtime, dtype and device."""
+                  device: str = "auto", activations: str = "bf16") -> dict:
+    """Run baseline then candidate through the same tasks, the same runtime, dtype, device and
+    activations (which change only int4 linears: the dense baseline computes the same either way)."""
     from quantkit.eval_tasks import task_hashes
-    from quantkit.kernels.backend import resolve_device
+    from quantkit.kernels.backend import resolve_activations, resolve_device
 
     device = resolve_device(runtime_device(device))  # the report says where the scores were computed
+    ran = resolve_activations(device, activations)[0]  # and with which activations (int8 can be refused: the runtime warns)
     results, wall, per_example = {}, {}, {}
     for role, model in (("baseline", baseline), ("candidate", candidate)):
         echo(f"evaluating {role}: {model} ({', '.join(short_name(t) for t in tasks)}{'' if limit is None else f', limit {limit}'})")
         per_example[role] = {}
-        results[role], wall[role] = run_tasks(model, tasks, limit, dtype, per_example=per_example[role], device=device)
+        results[role], wall[role] = run_tasks(model, tasks, limit, dtype, per_example=per_example[role], device=device,
+                                               activations=activations)
         echo(f"  {wall[role]:.0f} s")
-    return build_report(describe_model(baseline, dtype, device), describe_model(candidate, dtype, device), results, limit, wall, task_hashes(tasks), per_example)
+    return build_report(describe_model(baseline, dtype, device, ran), describe_model(candidate, dtype, device, ran), results, limit, wall, task_hashes(tasks), per_example)
 
 
-def describe_model(model: str | Path, dtype: str, device: str = "cpu") -> dict:
+def describe_model(model: str | Path, dtype: str, device: str = "cpu", activations: str = "bf16") -> dict:
     """A model's entry in the report. A foreign AWQ checkpoint has no manifest pinning its files,
     so the report records its weights' sha256 and its AWQ settings instead."""
     from quantkit.autoawq import is_autoawq_checkpoint, read_awq_settings
     from quantkit.sources import weights_sha256
 
-    record = {"model": str(model), "dtype": dtype, "device": device}
+    record = {"model": str(model), "dtype": dtype, "device": device, "activations": activations}
     if is_autoawq_checkpoint(model):
         record.update(format="autoawq", weights_sha256=weights_sha256(Path(model)), quantization=read_awq_settings(model).quantization_config())
     return record
@@ -408,13 +413,14 @@ def write_report(report: dict, output: Path) -> tuple[Path, Path]:
 
 
 def run_plan(plan: EvaluationPlan, limit: int | None = None, dtype: str = "bfloat16", echo: Callable[[str], Any] = print,
-             device: str = "auto") -> dict:
+             device: str = "auto", activations: str = "bf16") -> dict:
     """Evaluate as planned on `device` ("cpu", "cuda", "auto": cuda where torch sees a GPU), print
     the table, write the report (if the plan has a path) and record it in the artifact's manifest
     (a foreign checkpoint is left untouched); returns the report."""
     from quantkit.gates import format_table
 
-    report = evaluate_pair(str(plan.candidate.path), plan.baseline, plan.tasks, limit, dtype, echo=echo, device=device)
+    report = evaluate_pair(str(plan.candidate.path), plan.baseline, plan.tasks, limit, dtype, echo=echo, device=device,
+                           activations=activations)
     echo(format_table(report))
     if plan.output is not None:
         write_report(report, plan.output)
@@ -433,6 +439,7 @@ def run_evaluation(
     limit: int | None = None,
     dtype: str = "bfloat16",
     device: str = "auto",
+    activations: str = "bf16",
     gate: Any = False,
     output: str | Path | None = None,
     progress: bool = True,
@@ -442,7 +449,8 @@ def run_evaluation(
     As `quantkit eval`: baseline and artifact run through the same lm-eval tasks, runtime and dtype
     (`baseline` defaults to the source model the manifest names) and the report is recorded in the
     artifact's manifest and model card. `limit`: the first N examples of each task. `device`: where
-    both run ("cpu", "cuda", or "auto": cuda where torch sees a GPU). `output`: also
+    both run ("cpu", "cuda", or "auto": cuda where torch sees a GPU). `activations`: "int8" scores
+    the W4A8 path serving runs with --activations int8. `output`: also
     write the report there as JSON and Markdown (nothing is written by default). `gate`: True checks
     the gates of the artifact's recorded recipe, a recipe path or Recipe checks that one's; a breach
     raises gates.GatesBreached (holding the verdict and the report, already recorded), and gates the
@@ -454,7 +462,7 @@ def run_evaluation(
     recipe = None if isinstance(gate, bool) or gate is None else gate
     echo = print if progress else (lambda _text: None)
     plan = plan_evaluation(artifact, tasks, baseline, recipe, gating, output)
-    report = run_plan(plan, limit, dtype, echo, device=device)
+    report = run_plan(plan, limit, dtype, echo, device=device, activations=activations)
     if gating:
         verdict = judge_gates(report, plan.gates)
         if not verdict.passed:

@@ -35,6 +35,7 @@ class EngineConfig:
     num_blocks: int | None = None  # overrides kv_cache_memory (tests)
     gpu_memory_utilization: float = 0.9  # CUDA without kv_cache_memory: the share of the GPU's memory the engine may hold, KV cache included
     enforce_eager: bool = False  # CUDA: run decode steps eagerly instead of replaying captured CUDA graphs
+    activations: str = "bf16"  # "int8": W4A8 for batched CPU steps (a serving choice; kernels/backend.py says what ran)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_waiting: int = 256
@@ -82,7 +83,7 @@ class LLMEngine:
                                   int8_head=config.int8_head, device=config.device, limits=RunnerLimits(
                                       max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                                       max_model_len=config.max_model_len, gpu_memory_utilization=config.gpu_memory_utilization,
-                                      enforce_eager=config.enforce_eager))
+                                      enforce_eager=config.enforce_eager, activations=config.activations))
         self.quantized = weights.quantized
         self.model_name = str(config.model)
         self.max_model_len = min(config.max_model_len or self.runner.max_model_len, self.runner.max_model_len)

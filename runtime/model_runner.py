@@ -41,6 +41,7 @@ class RunnerLimits:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
+    activations: str = "bf16"  # "int8": batched steps' int4 linears run W4A8 where the CPU can (kernels/backend.py)
     decode_graphs: str = "cuda"  # "cuda": captured where the device is CUDA; "emulated": the same buffers, replayed eagerly (CPU tests)
 
 
@@ -119,7 +120,7 @@ class ModelRunner:
             raise QuantkitError(f"{weights.path}/config.json: {e}") from None
         self.dtype, self.block_size = dtype, block_size
         self.max_threads = torch.get_num_threads()
-        self.backend = select_backend(device)  # on CPU: builds or loads the C++ kernels now, not inside the first request
+        self.backend = select_backend(device, activations=limits.activations)  # on CPU: builds or loads the C++ kernels now, not inside the first request
         tensors = weights.tensors
         if self.backend.device != "cpu":
             tensors = {name: t.to(self.backend.device) for name, t in tensors.items()}

@@ -64,7 +64,7 @@ def test_the_engine_on_the_triton_kernels_gives_the_cpu_backends_greedy_tokens(t
     for module, name in ((triton_gemm, "w4a16_gemm"), (triton_attention, "paged_prefill"), (triton_attention, "paged_decode")):
         kernel = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _k=kernel, _n=name, **kw: calls.__setitem__(_n, calls[_n] + 1) or _k(*a, **kw))
-    monkeypatch.setattr(model_runner, "select_backend", lambda device: select_backend(device, triton=True))
+    monkeypatch.setattr(model_runner, "select_backend", lambda device, **options: select_backend(device, triton=True, **options))
     triton_tokens = generate(tiny_int4, dtype, test_device)
 
     # every Triton kernel meant for this dtype ran: the wiring, not a fallback, made these tokens
@@ -100,7 +100,7 @@ def test_decode_steps_through_the_graph_buffers_give_the_eager_steps_greedy_toke
     import quantkit.runtime.cuda_graphs as cuda_graphs
     import quantkit.runtime.engine as engine
 
-    monkeypatch.setattr(model_runner, "select_backend", lambda device: select_backend(device, triton=True))
+    monkeypatch.setattr(model_runner, "select_backend", lambda device, **options: select_backend(device, triton=True, **options))
     eager_limits = functools.partial(model_runner.RunnerLimits, enforce_eager=True)  # on a GPU too: no graphs for the reference
     monkeypatch.setattr(engine, "RunnerLimits", eager_limits)
     eager = generate(tiny_int4, "float16", test_device)
@@ -147,7 +147,7 @@ def test_the_triton_backend_never_builds_or_asks_for_the_cpu_kernels(tiny_int4, 
     def refuse(*_args):
         raise AssertionError("the Triton backend asked for the CPU kernels")
 
-    monkeypatch.setattr(model_runner, "select_backend", lambda device: select_backend(device, triton=True))
+    monkeypatch.setattr(model_runner, "select_backend", lambda device, **options: select_backend(device, triton=True, **options))
     for probe in ("available", "bf16_available", "int8_available", "bf16_matmuls_are_native"):
         monkeypatch.setattr(cpu_ext, probe, refuse)
     assert all(len(tokens) == GREEDY.max_tokens for tokens in generate(tiny_int4, "float16", test_device))

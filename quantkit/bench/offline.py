@@ -38,6 +38,7 @@ class OfflineConfig:
     threads: int | None = None  # default: every core
     int8_head: bool | None = None  # the engine's modes read an int8 copy of the output head; None: where lossless (as serve)
     device: str = "auto"  # every mode's device: the engine's (kernels/backend.py) and Hugging Face's
+    activations: str = "bf16"  # the engine's modes: "int8" runs W4A8 in batched steps where the CPU can
 
 
 class KVWasteMeter:
@@ -66,7 +67,7 @@ def run_engine(model: str, workload: list[BenchRequest], max_num_seqs: int, conf
 
     engine = LLMEngine(EngineConfig(model=model, dtype="bfloat16", kv_cache_memory=config.kv_cache_memory, max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=config.max_num_batched_tokens, max_waiting=len(workload), int8_head=config.int8_head,
-                                    device=config.device))
+                                    device=config.device, activations=config.activations))
     prompts = [list(r.prompt_ids) if r.prompt_ids else engine.tokenize(r.prompt) for r in workload]
     start = time.perf_counter()
     timings, ids = {}, []
@@ -96,6 +97,7 @@ def run_engine(model: str, workload: list[BenchRequest], max_num_seqs: int, conf
                     "bytes_per_token": engine.runner.block_bytes // block, "preemptions": engine.scheduler.num_preemptions}
     result["int8_head"] = engine.runner.int8_head  # what ran: the option can be refused (no kernel here)
     result["device"] = engine.runner.backend.device
+    result["activations"] = engine.runner.backend.activations  # what ran: int8 falls back to bf16 where W4A8 cannot run
     return result
 
 

@@ -84,14 +84,16 @@ def free_loopback_port() -> int:
 
 
 @contextlib.contextmanager
-def spawned_server(artifact: Path, max_num_seqs: int, kv_cache_memory: str, startup_timeout: float = 300.0, device: str = "auto") -> Iterator[str]:
+def spawned_server(artifact: Path, max_num_seqs: int, kv_cache_memory: str, startup_timeout: float = 300.0, device: str = "auto",
+                   activations: str = "bf16") -> Iterator[str]:
     """`quantkit serve` in a child process on a free loopback port; yields its URL, stops it after."""
     import httpx
 
     port = free_loopback_port()
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"quantkit-bench-serve-{port}.log", "w")
     child = subprocess.Popen([sys.executable, "-m", "quantkit.cli", "serve", str(artifact), "--host", "127.0.0.1", "--port", str(port),
-                              "--max-num-seqs", str(max_num_seqs), "--kv-cache-memory", kv_cache_memory, "--max-waiting", "4096", "--device", device],
+                              "--max-num-seqs", str(max_num_seqs), "--kv-cache-memory", kv_cache_memory, "--max-waiting", "4096", "--device", device,
+                              "--activations", activations],
                              stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -119,7 +121,7 @@ def spawned_server(artifact: Path, max_num_seqs: int, kv_cache_memory: str, star
 
 def run_online(targets: dict[str, online.Target | tuple[Path, int, str]], workload: list[BenchRequest], rates: list[float],
                arrival: str, seed: int, slo_metric: str, slo_s: float, max_seconds: float, price_per_hour: float | None,
-               out_dir: Path, progress=print, device: str = "auto") -> dict:
+               out_dir: Path, progress=print, device: str = "auto", activations: str = "bf16") -> dict:
     """Sweep every target; a target is a Target (a URL) or (artifact, max_num_seqs, kv_cache_memory) to spawn."""
     sweeps: dict[str, list[dict]] = {}
     for name, target in targets.items():
@@ -132,7 +134,7 @@ def run_online(targets: dict[str, online.Target | tuple[Path, int, str]], worklo
             sweeps[name] = online.sweep(target, workload, rates, arrival, seed, max_seconds, show)
         else:
             artifact, seqs, kv = target
-            with spawned_server(artifact, seqs, kv, device=device) as url:
+            with spawned_server(artifact, seqs, kv, device=device, activations=activations) as url:
                 sweeps[name] = online.sweep(online.Target(url), workload, rates, arrival, seed, max_seconds, show)
     best = {name: best_under_slo(points, slo_metric, slo_s) for name, points in sweeps.items()}
     summary = {}
