@@ -8,7 +8,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -116,3 +116,25 @@ def decode_threads(setting: str) -> Iterator[None]:
         yield
     finally:
         thread_policy.SINGLE_THREAD_MAX_TOKENS, thread_policy.DENSE_BF16_SMALL_STEPS_ON_ALL_THREADS = old
+
+
+# Each timed call reads a different copy of the weight, cycling through at least this many bytes:
+# more than the 32 MB L3 cache, as a real model's 30 layers are. Timing one copy over and over
+# would measure cache bandwidth, not memory bandwidth.
+COLD_BYTES = 96 * 1024**2
+
+
+def cold_copies(tensors_bytes: int) -> int:
+    """Copies of a weight of this size that together exceed COLD_BYTES: a rotation through them reads memory."""
+    return max(1, -(-COLD_BYTES // tensors_bytes))
+
+
+def rotating(fns: list[Callable[[], object]]) -> Callable[[], object]:
+    """A call that runs the next of fns each time (each on its own copy of the weight)."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+
+    return call

@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import decode_step_input, decode_threads, linear_weight_bytes, write_results  # noqa: E402
+from common import cold_copies, decode_step_input, decode_threads, linear_weight_bytes, rotating, write_results  # noqa: E402
 from quantkit.kernels import cpu_ext, cpu_int4  # noqa: E402
 from quantkit.kernels.attention import AttentionMetadata, cpu_layout, paged_attention  # noqa: E402
 from quantkit.kernels.linear import GEMV_MAX_ROWS, dense_linear  # noqa: E402
@@ -106,27 +106,6 @@ def plain_torch(fallback: bool) -> Iterator[None]:
         cpu_ext.ENABLED = old
 
 
-# Each timed call reads a different copy of the weight, cycling through at least this many bytes:
-# more than the 32 MB L3 cache, as a real model's 30 layers are. Timing one copy over and over
-# would measure cache bandwidth, not memory bandwidth.
-COLD_BYTES = 96 * 1024**2
-
-
-def _copies(tensors_bytes: int) -> int:
-    return max(1, -(-COLD_BYTES // tensors_bytes))
-
-
-def rotating(fns: list[Callable[[], object]]) -> Callable[[], object]:
-    """A call that runs the next of fns each time (each on its own copy of the weight)."""
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(fns)
-        return fns[state["i"]]()
-
-    return call
-
-
 def _clone_weight(weight):
     return dataclasses.replace(weight, **{f.name: getattr(weight, f.name).clone() for f in dataclasses.fields(weight)
                                           if isinstance(getattr(weight, f.name), torch.Tensor)})
@@ -139,11 +118,11 @@ def matmul_table(min_seconds: float) -> list[dict]:
         awq = random_awq(k, n, seed=k + n)
         torch_int4 = cpu_int4.prepare_torch_int4(*awq)
         native = cpu_int4.prepare_native_int4(*awq)
-        natives = [native] + [_clone_weight(native) for _ in range(_copies(int4_bytes(k, n, 3)) - 1)]
-        torch_int4s = [torch_int4] + [_clone_weight(torch_int4) for _ in range(_copies(int4_bytes(k, n)) - 1)]
+        natives = [native] + [_clone_weight(native) for _ in range(cold_copies(int4_bytes(k, n, 3)) - 1)]
+        torch_int4s = [torch_int4] + [_clone_weight(torch_int4) for _ in range(cold_copies(int4_bytes(k, n)) - 1)]
         w_bf16 = torch.randn(n, k).to(torch.bfloat16)
-        bf16s = [w_bf16] + [w_bf16.clone() for _ in range(_copies(2 * k * n) - 1)]
-        fp32s = [w.float() for w in bf16s[: _copies(4 * k * n)]]
+        bf16s = [w_bf16] + [w_bf16.clone() for _ in range(cold_copies(2 * k * n) - 1)]
+        fp32s = [w.float() for w in bf16s[: cold_copies(4 * k * n)]]
         for m in ROWS:
             x = torch.randn(m, k).to(torch.bfloat16)
             x32 = x.float()
@@ -176,9 +155,9 @@ def fused_block(min_seconds: float) -> dict:
     total = {"int4_s": 0.0, "bf16_s": 0.0, "bf16_gemv_s": 0.0, "int4_bytes": 0, "threads": threads, "layers": []}
     for name, k, n in FUSED_LAYER_SHAPES:
         native = cpu_int4.prepare_native_int4(*random_awq(k, n, seed=k + n))
-        natives = [native] + [_clone_weight(native) for _ in range(_copies(int4_bytes(k, n, 3)) - 1)]
+        natives = [native] + [_clone_weight(native) for _ in range(cold_copies(int4_bytes(k, n, 3)) - 1)]
         w_bf16 = torch.randn(n, k).to(torch.bfloat16)
-        bf16s = [w_bf16] + [w_bf16.clone() for _ in range(_copies(2 * k * n) - 1)]
+        bf16s = [w_bf16] + [w_bf16.clone() for _ in range(cold_copies(2 * k * n) - 1)]
         x = torch.randn(1, k).to(torch.bfloat16)
         with cpu_threads(threads):
             row = {"layer": name, "in": k, "out": n,

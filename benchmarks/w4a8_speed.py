@@ -12,7 +12,7 @@ threads: microseconds per call and GOP/s (2 M K N / time) of
                memory), the bound of what dequantizing per call could reach
   today        what kernels/cpu_int4.int4_matmul runs on this machine at that M and dtype (one of the above)
 and each one's time over w4a8's (> 1: W4A8 is faster). The methods alternate round by round and each
-keeps its median round; every call reads a weight copy not in cache (COLD_BYTES, as
+keeps its median round; every call reads a weight copy not in cache (common.COLD_BYTES, as
 benchmarks/kernel_speed.py does), so small M sees memory, not cache, bandwidth. The 1-minute load
 average before and after each shape is recorded: on a shared machine, ratios (interleaved) hold up
 better than absolute times and the 1- against 2-thread comparison.
@@ -34,7 +34,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from common import write_results  # noqa: E402
+from common import COLD_BYTES, cold_copies, rotating, write_results  # noqa: E402
 from quantkit.kernels import cpu_ext, cpu_int4, w4a8  # noqa: E402
 from quantkit.pack import pack_int4  # noqa: E402
 
@@ -49,24 +49,6 @@ ROWS = [1, 4, 16, 64, 256]
 THREADS = [1, 2]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 METHODS = ["w4a8", "deq_fp32", "fused_int4", "fp32_cached"]
-COLD_BYTES = 96 * 1024**2  # more than the 48 MB L3 here: each call's weight comes from memory
-
-
-def copies(nbytes: int) -> int:
-    return max(1, -(-COLD_BYTES // nbytes))
-
-
-def rotating(fns: list[Callable[[], object]]) -> Callable[[], object]:
-    """A call that runs the next of fns each time (each on its own copy of the weight)."""
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(fns)
-        return fns[state["i"]]()
-
-    return call
-
-
 def seconds_per_call(fn: Callable[[], object], budget: float, min_calls: int = 2) -> float:
     fn()
     calls, start = 0, time.perf_counter()
@@ -100,11 +82,11 @@ def measure_shape(name: str, k: int, n: int, g: int, rounds: int, budget: float)
     w4 = w4a8.prepare_w4a8(qweight, qzeros, scales)
     tw = cpu_int4.prepare_torch_int4(qweight, qzeros, scales)
     int4_bytes = k * n // 2 + (k // g) * n * 3
-    w4s = [w4] + [w4a8.W4A8Weight(w4.codes.clone(), w4.scales.clone(), w4.zeros.clone(), g, k, n) for _ in range(copies(w4.nbytes()) - 1)]
+    w4s = [w4] + [w4a8.W4A8Weight(w4.codes.clone(), w4.scales.clone(), w4.zeros.clone(), g, k, n) for _ in range(cold_copies(w4.nbytes()) - 1)]
     tws = [tw] + [cpu_int4.CpuInt4Weight(*(t.clone() for t in (tw.packed, tw.scales_and_zeros, tw.qweight, tw.zeros, tw.scales)), g)
-                  for _ in range(copies(int4_bytes) - 1)]
+                  for _ in range(cold_copies(int4_bytes) - 1)]
     w32 = cpu_int4.dequantize_cpu_int4(tw, torch.float32).t().contiguous()  # W.T [K, N]
-    w32s = [w32] + [w32.clone() for _ in range(copies(4 * k * n) - 1)]
+    w32s = [w32] + [w32.clone() for _ in range(cold_copies(4 * k * n) - 1)]
     out = []
     for threads in THREADS:
         torch.set_num_threads(threads)

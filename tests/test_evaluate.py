@@ -214,7 +214,7 @@ def test_evaluation_scores_with_the_dense_head_even_where_serving_would_take_the
     assert QuantkitLM(str(smollm2_dir), kv_cache_memory=32 * 1024**2).engine.runner.model.lm_head.int8 is None
 
 
-def test_the_device_reaches_the_engine_through_every_step_of_an_evaluation(tiny_model_dir, tiny_artifact, monkeypatch):
+def test_the_device_and_activations_reach_the_engine_through_every_step_of_an_evaluation(tiny_model_dir, tiny_artifact, monkeypatch):
     import quantkit.evaluate as evaluate
 
     assert QuantkitLM(str(tiny_model_dir), dtype="float32", device="cpu").engine.config.device == "cpu"
@@ -227,8 +227,10 @@ def test_the_device_reaches_the_engine_through_every_step_of_an_evaluation(tiny_
 
     monkeypatch.setattr(evaluate, "QuantkitLM", recording_lm)
     with pytest.raises(Reached) as reached:
-        evaluate.run_evaluation(tiny_artifact, "piqa", baseline=tiny_model_dir, dtype="float32", device="cpu", progress=False)
-    assert reached.value.args == (str(tiny_model_dir), {"dtype": "float32", "device": "cpu"})  # the baseline runs first
+        evaluate.run_evaluation(tiny_artifact, "piqa", baseline=tiny_model_dir, dtype="float32", device="cpu", activations="int8",
+                                progress=False)
+    # the baseline runs first, with the same activations (they change only int4 linears: none in a dense model)
+    assert reached.value.args == (str(tiny_model_dir), {"dtype": "float32", "device": "cpu", "activations": "int8"})
 
 
 def test_lm_evals_device_names_map_onto_the_runtimes_as_its_hf_backend_reads_them(monkeypatch):
